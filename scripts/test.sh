@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every C++ and Python test of lspo. Non-zero exit on any failure.
+#   ./scripts/test.sh             set-up, build, GoogleTest, find_package consumer, pytest
+#   ./scripts/test.sh --sanitize  C++ tests under ASan+UBSan (separate build dir, CPU only)
+#   ./scripts/test.sh --tsan      C++ tests under ThreadSanitizer
+set -euo pipefail
+mode=${1:-}
+if [ "$mode" = "--sanitize" ] || [ "$mode" = "--tsan" ]; then
+  san=address; [ "$mode" = "--tsan" ] && san=thread
+  export LSPO_BUILD_DIR="$(cd "$(dirname "$0")/.." && pwd)/build-$san"
+  export LSPO_CMAKE_ARGS="-DLSPO_SANITIZE=$san -DLSPO_BUILD_PYTHON=OFF -DLSPO_BUILD_BENCHMARKS=OFF -DLSPO_WITH_CUDA=OFF -DLSPO_INPLACE_EXT=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo"
+  source "$(dirname "$0")/_setup.sh"
+  export ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0 UBSAN_OPTIONS=print_stacktrace=1
+  ctest --test-dir "$LSPO_BUILD_DIR" --output-on-failure -j2 -L '' -E 'Torch|Python'
+  exit 0
+fi
+source "$(dirname "$0")/_setup.sh"
+export LSPO_NUM_THREADS=${LSPO_NUM_THREADS:-2}
+
+log "C++ tests (GoogleTest)"
+ctest --test-dir "$LSPO_BUILD_DIR" --output-on-failure -j2
+
+log "C++ package: cmake --install + find_package(lspo) consumer"
+bash "$ROOT/tests/consumer/run.sh" "$LSPO_BUILD_DIR"
+
+log "Python tests (pytest)"
+"$PY" -m pytest -q "$ROOT/tests/python" "$@"
