@@ -46,4 +46,5 @@ cmake --build "$LSPO_BUILD_DIR" -j "$(nproc)" | grep -v '^\[' || true
 [ "${PIPESTATUS[0]}" = 0 ] || { log "build failed"; exit 1; }
 site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$ROOT/python" > "$site/lspo-dev.pth"
+export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 export PY LSPO_BUILD_DIR ROOT
