@@ -51,14 +51,11 @@ set_target_properties(lspo PROPERTIES VERSION ${PROJECT_VERSION} SOVERSION ${PRO
 
 # ---------------------------------------------------------------- python extension
 if(LSPO_BUILD_PYTHON)
-  execute_process(COMMAND ${Python3_EXECUTABLE} -c "import pybind11; print(pybind11.get_include())"
-                  OUTPUT_VARIABLE LSPO_PYBIND11_INCLUDE OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _rc)
-  if(NOT _rc EQUAL 0)
-    message(FATAL_ERROR "the pybind11 Python package is needed to build lspo._C (pip install pybind11)")
-  endif()
+  # pybind11: the copy bundled with LibTorch (torch/include/pybind11), as torch's own extensions
+  # do. A different pybind11 would not share torch's internals (type casters, exception
+  # translators) and crashes at run time.
   file(GLOB LSPO_PY_SOURCES CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/python/src/*.cpp)
   Python3_add_library(_C MODULE WITH_SOABI ${LSPO_PY_SOURCES} $<TARGET_OBJECTS:lspo_objs>)
-  target_include_directories(_C PRIVATE ${LSPO_PYBIND11_INCLUDE})
   set_target_properties(_C PROPERTIES CXX_VISIBILITY_PRESET hidden)
   find_library(TORCH_PYTHON_LIBRARY torch_python PATHS "${TORCH_INSTALL_PREFIX}/lib" REQUIRED)
   target_link_libraries(_C PRIVATE lspo_objs ${TORCH_PYTHON_LIBRARY})
@@ -70,6 +67,8 @@ if(LSPO_BUILD_PYTHON)
   if(SKBUILD)
     set_target_properties(_C PROPERTIES INSTALL_RPATH "${TORCH_INSTALL_PREFIX}/lib")
     install(TARGETS _C LIBRARY DESTINATION lspo)
+    install(DIRECTORY ${PROJECT_SOURCE_DIR}/python/lspo/ DESTINATION lspo
+            FILES_MATCHING PATTERN "*.py" PATTERN "__pycache__" EXCLUDE)
   endif()
 endif()
 

@@ -23,5 +23,8 @@ ctest --test-dir "$LSPO_BUILD_DIR" --output-on-failure -j2
 log "C++ package: cmake --install + find_package(lspo) consumer"
 bash "$ROOT/tests/consumer/run.sh" "$LSPO_BUILD_DIR"
 
+log "Python package: pip wheel + install + import"
+PYTHONPATH= bash "$ROOT/tests/packaging/run.sh"
+
 log "Python tests (pytest)"
 "$PY" -m pytest -q "$ROOT/tests/python" "$@"
