@@ -42,8 +42,11 @@ if [ ! -f "$LSPO_BUILD_DIR/build.ninja" ]; then
     -DPython3_EXECUTABLE="$PY" -DLSPO_INPLACE_EXT=ON ${LSPO_CMAKE_ARGS:-} >/dev/null
 fi
 log "building ($LSPO_BUILD_DIR)"
-cmake --build "$LSPO_BUILD_DIR" -j "$(nproc)" | grep -v '^\[' || true
-[ "${PIPESTATUS[0]}" = 0 ] || { log "build failed"; exit 1; }
+if ! cmake --build "$LSPO_BUILD_DIR" -j "$(nproc)" > "$LSPO_BUILD_DIR/build.log" 2>&1; then
+  grep -v '^\[' "$LSPO_BUILD_DIR/build.log" | tail -80
+  log "build failed (full log: $LSPO_BUILD_DIR/build.log)"
+  exit 1
+fi
 site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$ROOT/python" > "$site/lspo-dev.pth"
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
