@@ -3,6 +3,7 @@
 #   ./scripts/test.sh             set-up, build, GoogleTest, find_package consumer, pytest
 #   ./scripts/test.sh --sanitize  C++ tests under ASan+UBSan (separate build dir, CPU only)
 #   ./scripts/test.sh --tsan      C++ tests under ThreadSanitizer
+#   LSPO_QUICK=1 ./scripts/test.sh [pytest args]   skip the packaging checks (development loop)
 set -euo pipefail
 mode=${1:-}
 if [ "$mode" = "--sanitize" ] || [ "$mode" = "--tsan" ]; then
@@ -20,11 +21,13 @@ export LSPO_NUM_THREADS=${LSPO_NUM_THREADS:-2}
 log "C++ tests (GoogleTest)"
 ctest --test-dir "$LSPO_BUILD_DIR" --output-on-failure -j2
 
-log "C++ package: cmake --install + find_package(lspo) consumer"
-bash "$ROOT/tests/consumer/run.sh" "$LSPO_BUILD_DIR"
+if [ "${LSPO_QUICK:-0}" != 1 ]; then   # LSPO_QUICK=1: skip the two packaging checks (development loop)
+  log "C++ package: cmake --install + find_package(lspo) consumer"
+  bash "$ROOT/tests/consumer/run.sh" "$LSPO_BUILD_DIR"
 
-log "Python package: pip wheel + install + import"
-PYTHONPATH= bash "$ROOT/tests/packaging/run.sh"
+  log "Python package: pip wheel + install + import"
+  PYTHONPATH= bash "$ROOT/tests/packaging/run.sh"
+fi
 
 log "Python tests (pytest)"
 "$PY" -m pytest -q "$ROOT/tests/python" "$@"

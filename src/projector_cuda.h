@@ -1,0 +1,31 @@
+// src/projector_cuda.h -- internal: the CUDA primitives under the projector operations.
+//
+// src/projector.cpp composes every public operation of include/lspo/projector.h from these four
+// primitives (and their CPU twins). They are implemented in src/projector_cuda.cpp (Torch edge:
+// checks, allocation, current-stream lookup) over torch-free kernels in cuda/*.cu that take raw
+// pointers, sizes and an explicit cudaStream_t. Without LSPO_WITH_CUDA they throw lspo::Error.
+//
+// Notation: P is an n x d ELL matrix (indices int32 [n, r], values fp32 [n, r]).
+// Inputs may be fp32 or bf16 and must be contiguous; outputs are fp32 unless stated; everything
+// runs on at::cuda::getCurrentCUDAStream() of the inputs' device.
+#pragma once
+#include <torch/torch.h>
+
+#include "lspo/projector.h"
+
+namespace lspo::detail {
+
+bool projector_cuda_compiled();  // true when built with LSPO_WITH_CUDA
+
+// Y [k, n] -> Y P  [k, d]            (the sparse factor on the right: X P, dY Q)
+torch::Tensor cuda_right_project(const torch::Tensor& Y, const SparseProjector& P, ProjectorBackend b);
+// Y [n, k] -> P^T Y  [d, k]
+torch::Tensor cuda_left_project(const SparseProjector& P, const torch::Tensor& Y, ProjectorBackend b);
+// D [d, k] -> P D  [n, k]
+torch::Tensor cuda_expand(const SparseProjector& P, const torch::Tensor& D, ProjectorBackend b);
+// W [n, k] (fp32 or bf16, in place): W += alpha * P T, T [d, k] fp32; no fp32 [n, k] temporary.
+// (apply_(W, P, Q, Delta, alpha) = cuda_apply_rows_(W, P, Delta Q^T, alpha) with Delta Q^T [dP, n].)
+void cuda_apply_rows_(torch::Tensor& W, const SparseProjector& P, const torch::Tensor& T, double alpha,
+                      ProjectorBackend b);
+
+}  // namespace lspo::detail
