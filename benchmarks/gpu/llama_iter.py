@@ -29,7 +29,7 @@ MODELS = {
 }
 
 
-def build_model(name, seq):
+def build_model(name, seq, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     h, i, l, heads = MODELS[name]
@@ -38,7 +38,7 @@ def build_model(name, seq):
                       tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     return model
 
@@ -46,7 +46,7 @@ def build_model(name, seq):
 def make_optimizer(args, model):
     lr = 1e-5
     if args.opt == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, fused=True), None
+        return torch.optim.AdamW(model.parameters(), lr=lr, fused=args.device == "cuda"), None
     if args.opt == "lsp":
         import lspo
 
@@ -95,26 +95,31 @@ def main():
     ap.add_argument("--nnz", type=int, default=4)
     ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
     ap.add_argument("--mem-cap-gb", type=float, default=None, help="emulate a smaller card")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                    help="cpu: smoke test of this script with the tiny model (no timing value)")
+    ap.add_argument("--trace", default=None, help="lsp/offload: write the engine timeline (Chrome trace)")
     args = ap.parse_args()
     res = {"model": args.model, "opt": args.opt, "batch": args.batch, "seq": args.seq, "ckpt": args.ckpt,
-           "mem_cap_gb": args.mem_cap_gb, "device": torch.cuda.get_device_name()}
+           "mem_cap_gb": args.mem_cap_gb,
+           "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
     if args.opt == "lsp":
         res.update(subspace=args.subspace, nnz=args.nnz)
     try:
-        if args.mem_cap_gb:
+        if args.mem_cap_gb and args.device == "cuda":
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(args.mem_cap_gb * 2**30 / total)
-        model = build_model(args.model, args.seq)
+        model = build_model(args.model, args.seq, args.device)
         res["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
         if args.ckpt:
             model.gradient_checkpointing_enable()
         model.train()
         opt, engine = make_optimizer(args, model)
-        g = torch.Generator(device="cuda").manual_seed(1)
+        g = torch.Generator(device=args.device).manual_seed(1)
+        sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
         times, losses = [], []
         for it in range(args.warmup + args.steps):
-            ids = torch.randint(0, 32000, (args.batch, args.seq), device="cuda", generator=g)
-            torch.cuda.synchronize()
+            ids = torch.randint(0, 32000, (args.batch, args.seq), device=args.device, generator=g)
+            sync()
             t0 = time.perf_counter()
             if engine is not None:
                 loss = engine(input_ids=ids, labels=ids).loss
@@ -125,18 +130,23 @@ def main():
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            sync()
             dt = time.perf_counter() - t0
             losses.append(loss.item())
             if it >= args.warmup:
                 times.append(dt)
-            if it == 0:
+            if it == 0 and args.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
         res["iter_s"] = statistics.median(times)
         res["iter_s_min"] = min(times)
         res["tokens_per_s"] = args.batch * args.seq / res["iter_s"]
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        if args.device == "cuda":
+            res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        import resource
+        res["peak_cpu_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        if args.trace and hasattr(opt, "export_trace"):
+            opt.export_trace(args.trace)
         res["loss_first_last"] = [losses[0], losses[-1]]
         res["ok"] = True
     except Exception as e:  # report, don't hide: the table shows the failure and its reason

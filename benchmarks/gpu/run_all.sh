@@ -13,6 +13,11 @@ PY=${PY:-python3}
 STAGES=${LSPO_GPU_STAGES:-build tests bench}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 BUILD=$ROOT/build-gpu
+# optional peers (torchao, DeepSpeed) travel as wheels in .whl/ (benchmarks/gpu/prepare_carry.sh)
+if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$ROOT"/.whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 summary=()
 note() { echo "== $*"; summary+=("$*"); }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -72,6 +77,8 @@ if has bench; then
   [ -f "$ROOT/benchmarks/gpu/benches.sh" ] && source "$ROOT/benchmarks/gpu/benches.sh"
 fi
 
+[ -f "$OUT/bench.jsonl" ] && "$PY" "$ROOT/benchmarks/gpu/collect.py" "$OUT" > "$OUT/table.md"
 echo
 echo "================ summary"; cat "$OUT/env.json"
 printf '%s\n' "${summary[@]}"
+[ -f "$OUT/table.md" ] && cat "$OUT/table.md"
