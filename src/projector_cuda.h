@@ -28,4 +28,17 @@ torch::Tensor cuda_expand(const SparseProjector& P, const torch::Tensor& D, Proj
 void cuda_apply_rows_(torch::Tensor& W, const SparseProjector& P, const torch::Tensor& T, double alpha,
                       ProjectorBackend b);
 
+// The backend a primitive runs for this shape: `requested` unless it is kAuto, which resolves
+// through the table in src/projector_cuda.cpp (kGather until benchmarks/projector.py calibrates it
+// on a GPU). Exposed so that benchmarks and tests can report the choice.
+enum class CudaPrimitive { kRightProject, kLeftProject, kExpand, kApplyRows };
+ProjectorBackend cuda_resolve_backend(CudaPrimitive op, int64_t n, int64_t d, int64_t r, int64_t k,
+                                      ProjectorBackend requested);
+
+// The CUDA primitives build a column index of P (its columns as sorted lists) on first use and
+// cache it per indices tensor (device memory ~ 8 * n * r + 4 * d * (n / 1024 + 2) bytes; the first
+// call per projector copies the indices to the host and synchronises). Entries die with their
+// projector's indices tensor (dropped at the next build). Number of entries, for tests:
+size_t projector_cuda_cache_entries();
+
 }  // namespace lspo::detail

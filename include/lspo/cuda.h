@@ -1,8 +1,9 @@
-// lspo/cuda.h -- CUDA plumbing: LSPO_CUDA_CHECK, and move-only RAII handles for streams, events
-// and pinned host buffers. Only available in builds with LSPO_WITH_CUDA.
+// lspo/cuda.h -- CUDA plumbing: LSPO_CUDA_CHECK, LSPO_CUSPARSE_CHECK, and move-only RAII handles
+// for streams, events and pinned host buffers. Only available in builds with LSPO_WITH_CUDA.
 #pragma once
 #ifdef LSPO_WITH_CUDA
 #include <cuda_runtime.h>
+#include <cusparse.h>
 
 #include <cstddef>
 #include <utility>
@@ -23,6 +24,17 @@
 
 // After a kernel launch: checks the launch itself (not its completion).
 #define LSPO_CUDA_CHECK_LAUNCH() LSPO_CUDA_CHECK(cudaPeekAtLastError())
+
+// Throws lspo::Error naming the file, line, expression and cuSPARSE's status name and message.
+#define LSPO_CUSPARSE_CHECK(expr)                                                                  \
+  do {                                                                                             \
+    cusparseStatus_t lspo_st_ = (expr);                                                            \
+    if (lspo_st_ != CUSPARSE_STATUS_SUCCESS) {                                                     \
+      ::lspo::detail::throw_error(__FILE__, __LINE__, #expr,                                       \
+                                  ::lspo::detail::concat("cuSPARSE error ", cusparseGetErrorName(lspo_st_), \
+                                                         ": ", cusparseGetErrorString(lspo_st_))); \
+    }                                                                                              \
+  } while (0)
 
 namespace lspo {
 namespace cuda {

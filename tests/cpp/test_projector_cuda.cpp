@@ -1,0 +1,353 @@
+// CUDA projector primitives (src/projector_cuda.h) against a dense fp64 reference, both backends,
+// fp32 and bf16, awkward sizes; determinism of the gather kernels. Tests that need a device skip
+// cleanly without one. The host-side column-index builder is tested everywhere.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../../src/projector_cuda.h"
+#include "../../src/projector_kernels.h"
+#include "lspo/common.h"
+
+#ifdef LSPO_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace {
+
+using lspo::ProjectorBackend;
+using lspo::SparseProjector;
+namespace ld = lspo::detail;
+
+bool have_gpu() { return ld::projector_cuda_compiled() && torch::cuda::is_available(); }
+
+#define REQUIRE_GPU()                                                        \
+  do {                                                                       \
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device (or built without CUDA)"; \
+  } while (0)
+
+// Random (d, r)-sparse pattern on the CPU: distinct columns per row, optionally sorted per row.
+torch::Tensor random_indices(int64_t n, int64_t d, int64_t r, bool sorted) {
+  torch::Tensor idx = torch::rand({n, d}).argsort(int64_t(1), false).slice(1, 0, r).to(torch::kInt32).contiguous();
+  if (sorted) idx = std::get<0>(idx.sort(1)).contiguous();
+  return idx;
+}
+
+// ------------------------------------------------------------------ host column index (no GPU needed)
+TEST(ProjectorColumnIndex, MatchesDefinition) {
+  torch::manual_seed(1);
+  for (auto [n, d, r, chunk] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
+           {1, 1, 1, 1024}, {7, 3, 3, 2}, {33, 1, 1, 4}, {4097, 64, 8, 1024}, {300, 300, 300, 7}, {0, 5, 2, 16}}) {
+    SCOPED_TRACE(::testing::Message() << "n=" << n << " d=" << d << " r=" << r << " chunk=" << chunk);
+    const torch::Tensor idx = random_indices(n, d, r, false);
+    const int32_t* I = idx.data_ptr<int32_t>();
+    const ld::ColumnIndexHost h = ld::build_column_index(I, n, r, d, chunk);
+    ASSERT_EQ(h.nchunks, (n + chunk - 1) / chunk);
+    ASSERT_EQ(h.colptr.size(), size_t(d + 1));
+    ASSERT_EQ(h.colptr.front(), 0);
+    ASSERT_EQ(h.colptr.back(), n * r);
+    std::vector<int64_t> count(size_t(d), 0);
+    for (int64_t p = 0; p < n * r; ++p) ++count[size_t(I[p])];
+    for (int64_t c = 0; c < d; ++c) {
+      ASSERT_EQ(h.colptr[size_t(c + 1)] - h.colptr[size_t(c)], count[size_t(c)]);
+      for (int32_t q = h.colptr[size_t(c)]; q < h.colptr[size_t(c + 1)]; ++q) {
+        ASSERT_EQ(I[h.pos[size_t(q)]], c);                     // entry belongs to column c
+        ASSERT_EQ(h.rows[size_t(q)], h.pos[size_t(q)] / r);    // row of its slot
+        if (q > h.colptr[size_t(c)]) ASSERT_LT(h.rows[size_t(q - 1)], h.rows[size_t(q)]);  // ascending
+      }
+      const int64_t stride = h.nchunks + 1;
+      ASSERT_EQ(h.segptr[size_t(c * stride)], h.colptr[size_t(c)]);
+      ASSERT_EQ(h.segptr[size_t(c * stride + h.nchunks)], h.colptr[size_t(c + 1)]);
+      for (int64_t s = 0; s < h.nchunks; ++s) {
+        for (int32_t q = h.segptr[size_t(c * stride + s)]; q < h.segptr[size_t(c * stride + s + 1)]; ++q) {
+          ASSERT_GE(h.rows[size_t(q)], s * chunk);
+          ASSERT_LT(h.rows[size_t(q)], (s + 1) * chunk);
+        }
+      }
+    }
+    // cuSPARSE's CSR of P: every row's columns ascending, same entries as the ELL row.
+    if (!h.rows_sorted) {
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t t = 0; t < r; ++t) {
+          const int32_t p = h.csr_pos[size_t(j * r + t)];
+          ASSERT_EQ(p / r, j);
+          ASSERT_EQ(h.csr_col[size_t(j * r + t)], I[p]);
+          if (t > 0) ASSERT_LT(h.csr_col[size_t(j * r + t - 1)], h.csr_col[size_t(j * r + t)]);
+        }
+      }
+    }
+  }
+}
+
+TEST(ProjectorColumnIndex, SortedRowsNeedNoPermutation) {
+  torch::manual_seed(2);
+  const torch::Tensor idx = random_indices(50, 40, 6, true);
+  const ld::ColumnIndexHost h = ld::build_column_index(idx.data_ptr<int32_t>(), 50, 6, 40, 16);
+  EXPECT_TRUE(h.rows_sorted);
+  EXPECT_TRUE(h.csr_pos.empty());
+  EXPECT_TRUE(h.csr_col.empty());
+}
+
+TEST(ProjectorColumnIndex, RejectsBadPatterns) {
+  const std::vector<int32_t> out_of_range = {0, 1, 2, 5};  // n=2, r=2, d=5: 5 is outside [0, 5)
+  EXPECT_THROW(ld::build_column_index(out_of_range.data(), 2, 2, 5, 16), lspo::Error);
+  const std::vector<int32_t> negative = {0, -1};
+  EXPECT_THROW(ld::build_column_index(negative.data(), 1, 2, 5, 16), lspo::Error);
+  const std::vector<int32_t> repeated = {0, 1, 3, 3};
+  EXPECT_THROW(ld::build_column_index(repeated.data(), 2, 2, 5, 16), lspo::Error);
+  const std::vector<int32_t> ok = {0, 1};
+  EXPECT_THROW(ld::build_column_index(ok.data(), 1, 2, 1, 16), lspo::Error);  // r > d
+  EXPECT_NO_THROW(ld::build_column_index(ok.data(), 1, 2, 2, 16));
+}
+
+TEST(ProjectorCuda, AutoResolvesToGatherUntilCalibrated) {
+  for (auto op : {ld::CudaPrimitive::kRightProject, ld::CudaPrimitive::kLeftProject, ld::CudaPrimitive::kExpand,
+                  ld::CudaPrimitive::kApplyRows}) {
+    EXPECT_EQ(ld::cuda_resolve_backend(op, 4096, 1024, 8, 2048, ProjectorBackend::kAuto), ProjectorBackend::kGather);
+    EXPECT_EQ(ld::cuda_resolve_backend(op, 4096, 1024, 8, 2048, ProjectorBackend::kCuSparse),
+              ProjectorBackend::kCuSparse);
+  }
+}
+
+// CPU tensors are refused with a named error (without CUDA: "built without CUDA"); runs everywhere.
+TEST(ProjectorCuda, RejectsCpuTensors) {
+  SparseProjector P;
+  P.indices = torch::zeros({4, 1}, torch::kInt32);
+  P.values = torch::ones({4, 1});
+  P.d = 2;
+  const torch::Tensor Y = torch::randn({3, 4});
+  try {
+    ld::cuda_right_project(Y, P, ProjectorBackend::kGather);
+    FAIL() << "expected lspo::Error";
+  } catch (const lspo::Error& e) {
+    const std::string msg = e.what();
+    EXPECT_TRUE(msg.find(ld::projector_cuda_compiled() ? "must be a CUDA tensor" : "built without CUDA") !=
+                std::string::npos)
+        << msg;
+  }
+  torch::Tensor W = torch::zeros({4, 3});
+  EXPECT_THROW(ld::cuda_apply_rows_(W, P, torch::zeros({2, 3}), 1.0, ProjectorBackend::kGather), lspo::Error);
+  EXPECT_THROW(ld::cuda_expand(P, torch::zeros({2, 3}), ProjectorBackend::kGather), lspo::Error);
+  EXPECT_THROW(ld::cuda_left_project(P, torch::zeros({4, 3}), ProjectorBackend::kGather), lspo::Error);
+}
+
+// ------------------------------------------------------------------ device tests
+struct TestProjector {
+  SparseProjector P;       // on the GPU
+  torch::Tensor dense64;   // [n, d] fp64 on the GPU
+};
+
+TestProjector make_projector(int64_t n, int64_t d, int64_t r, bool sorted) {
+  const torch::Tensor idx = random_indices(n, d, r, sorted);
+  const torch::Tensor val = torch::randn({n, r}) / std::sqrt(double(r));
+  TestProjector t;
+  t.P.indices = idx.to(torch::kCUDA);
+  t.P.values = val.to(torch::kCUDA);
+  t.P.d = d;
+  t.dense64 = torch::zeros({n, d}, torch::kFloat64).scatter_(1, idx.to(torch::kLong), val.to(torch::kFloat64));
+  t.dense64 = t.dense64.to(torch::kCUDA);
+  return t;
+}
+
+double max_err(const torch::Tensor& x, const torch::Tensor& ref) {
+  if (ref.numel() == 0) return 0.0;
+  return (x.to(torch::kFloat64) - ref).abs().max().item<double>();
+}
+double max_abs(const torch::Tensor& ref) { return ref.numel() ? ref.abs().max().item<double>() : 0.0; }
+
+// Flash-attention rule: our error vs fp64 at most 2x that of the same computation done by plain
+// PyTorch in the input precision (dense cuBLAS matmul; bf16 in -> bf16 out), plus a floor of
+// 8 fp32 ulps of the result scale for cases where the PyTorch baseline happens to be exact.
+void expect_within_rule(const torch::Tensor& ours, const torch::Tensor& baseline, const torch::Tensor& ref,
+                        const std::string& what) {
+  const double e = max_err(ours, ref), b = max_err(baseline, ref);
+  const double floor = 8 * 1.19e-7 * std::max(1.0, max_abs(ref));
+  EXPECT_LE(e, 2 * b + floor) << what << ": error " << e << " vs PyTorch baseline " << b;
+}
+
+struct Shape {
+  int64_t n, d, r, k;
+};
+const std::vector<Shape>& shapes() {
+  static const std::vector<Shape> s = {
+      {1, 1, 1, 1},      // everything 1
+      {7, 3, 3, 5},      // r = d, odd
+      {33, 1, 1, 17},    // d = 1
+      {4097, 64, 8, 33}, // n = 4097: five 1024-row chunks in the right projection
+      {1000, 256, 16, 1},// k = 1
+      {2500, 128, 4, 4097},
+      {64, 64, 64, 12},  // r = d, vectorised (k % 4 == 0)
+  };
+  return s;
+}
+
+std::string name_of(ProjectorBackend b) { return b == ProjectorBackend::kGather ? "gather" : "cusparse"; }
+
+class ProjectorCudaOps : public ::testing::TestWithParam<std::tuple<ProjectorBackend, torch::ScalarType, bool>> {};
+
+TEST_P(ProjectorCudaOps, MatchDenseFp64) {
+  REQUIRE_GPU();
+  const auto [backend, dtype, sorted] = GetParam();
+  torch::manual_seed(3);
+  const bool bf = dtype == torch::kBFloat16;
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  for (const Shape& s : shapes()) {
+    const std::string tag = name_of(backend) + (bf ? " bf16" : " fp32") + " n=" + std::to_string(s.n) +
+                            " d=" + std::to_string(s.d) + " r=" + std::to_string(s.r) + " k=" + std::to_string(s.k);
+    SCOPED_TRACE(tag);
+    const TestProjector t = make_projector(s.n, s.d, s.r, sorted);
+    const torch::Tensor Pd = t.dense64.to(dtype);  // baseline's projector in the input precision
+
+    // Y P
+    const torch::Tensor Y = torch::randn({s.k, s.n}, cuda);
+    torch::Tensor out = ld::cuda_right_project(Y.to(dtype), t.P, backend);
+    ASSERT_EQ(out.sizes(), (std::vector<int64_t>{s.k, s.d}));
+    ASSERT_EQ(out.scalar_type(), torch::kFloat32);
+    expect_within_rule(out, torch::matmul(Y.to(dtype), Pd), torch::matmul(Y.to(torch::kFloat64), t.dense64),
+                       "right_project " + tag);
+
+    // P^T Y
+    const torch::Tensor Z = torch::randn({s.n, s.k}, cuda);
+    out = ld::cuda_left_project(t.P, Z.to(dtype), backend);
+    ASSERT_EQ(out.sizes(), (std::vector<int64_t>{s.d, s.k}));
+    expect_within_rule(out, torch::matmul(Pd.t(), Z.to(dtype)), torch::matmul(t.dense64.t(), Z.to(torch::kFloat64)),
+                       "left_project " + tag);
+
+    // P D
+    const torch::Tensor D = torch::randn({s.d, s.k}, cuda);
+    out = ld::cuda_expand(t.P, D.to(dtype), backend);
+    ASSERT_EQ(out.sizes(), (std::vector<int64_t>{s.n, s.k}));
+    expect_within_rule(out, torch::matmul(Pd, D.to(dtype)), torch::matmul(t.dense64, D.to(torch::kFloat64)),
+                       "expand " + tag);
+
+    // W += alpha P T, in W's dtype (T is fp32)
+    const double alpha = -0.37;
+    const torch::Tensor W0 = torch::randn({s.n, s.k}, cuda), T = torch::randn({s.d, s.k}, cuda);
+    torch::Tensor W = W0.to(dtype).clone();
+    ld::cuda_apply_rows_(W, t.P, T, alpha, backend);
+    ASSERT_EQ(W.scalar_type(), dtype);
+    const torch::Tensor base = W0.to(dtype) + alpha * torch::matmul(Pd, T.to(dtype));
+    expect_within_rule(W, base, W0.to(torch::kFloat64) + alpha * torch::matmul(t.dense64, T.to(torch::kFloat64)),
+                       "apply_rows " + tag);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    All, ProjectorCudaOps,
+    ::testing::Combine(::testing::Values(ProjectorBackend::kGather, ProjectorBackend::kCuSparse, ProjectorBackend::kAuto),
+                       ::testing::Values(torch::kFloat32, torch::kBFloat16), ::testing::Values(false, true)));
+
+TEST(ProjectorCuda, EmptyOperands) {
+  REQUIRE_GPU();
+  const TestProjector t = make_projector(10, 4, 2, false);
+  for (auto b : {ProjectorBackend::kGather, ProjectorBackend::kCuSparse}) {
+    const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+    EXPECT_EQ(ld::cuda_right_project(torch::zeros({0, 10}, cuda), t.P, b).sizes(), (std::vector<int64_t>{0, 4}));
+    EXPECT_EQ(ld::cuda_left_project(t.P, torch::zeros({10, 0}, cuda), b).sizes(), (std::vector<int64_t>{4, 0}));
+    EXPECT_EQ(ld::cuda_expand(t.P, torch::zeros({4, 0}, cuda), b).sizes(), (std::vector<int64_t>{10, 0}));
+    torch::Tensor W = torch::zeros({10, 0}, cuda);
+    EXPECT_NO_THROW(ld::cuda_apply_rows_(W, t.P, torch::zeros({4, 0}, cuda), 1.0, b));
+  }
+}
+
+// Misaligned (storage offset 1) inputs take the scalar path and still match.
+TEST(ProjectorCuda, MisalignedInputs) {
+  REQUIRE_GPU();
+  torch::manual_seed(4);
+  const TestProjector t = make_projector(300, 32, 4, false);
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  const int64_t k = 64;
+  const torch::Tensor Z = torch::randn({300 * k + 1}, cuda).slice(0, 1).view({300, k});
+  ASSERT_TRUE(Z.is_contiguous());
+  const torch::Tensor ref = torch::matmul(t.dense64.t(), Z.to(torch::kFloat64));
+  EXPECT_LT(max_err(ld::cuda_left_project(t.P, Z, ProjectorBackend::kGather), ref), 1e-4);
+  const torch::Tensor D = torch::randn({32 * k + 1}, cuda).slice(0, 1).view({32, k});
+  EXPECT_LT(max_err(ld::cuda_expand(t.P, D, ProjectorBackend::kGather), torch::matmul(t.dense64, D.to(torch::kFloat64))),
+            1e-4);
+}
+
+// Gather kernels: bitwise equal on repeated runs and on another stream.
+TEST(ProjectorCuda, GatherIsDeterministic) {
+  REQUIRE_GPU();
+  torch::manual_seed(5);
+  const TestProjector t = make_projector(4097, 512, 8, false);
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    const torch::Tensor Y = torch::randn({257, 4097}, cuda).to(dtype), Z = torch::randn({4097, 257}, cuda).to(dtype);
+    const torch::Tensor D = torch::randn({512, 257}, cuda).to(dtype), T = torch::randn({512, 257}, cuda);
+    const torch::Tensor W0 = torch::randn({4097, 257}, cuda).to(dtype);
+    auto run = [&] {
+      torch::Tensor W = W0.clone();
+      ld::cuda_apply_rows_(W, t.P, T, 0.5, ProjectorBackend::kGather);
+      return std::vector<torch::Tensor>{ld::cuda_right_project(Y, t.P, ProjectorBackend::kGather),
+                                        ld::cuda_left_project(t.P, Z, ProjectorBackend::kGather),
+                                        ld::cuda_expand(t.P, D, ProjectorBackend::kGather), W};
+    };
+    const auto a = run(), b = run();
+    std::vector<torch::Tensor> c;
+    {
+      c10::cuda::CUDAStreamGuard g(c10::cuda::getStreamFromPool());
+      c = run();
+      c10::cuda::getCurrentCUDAStream().synchronize();
+    }
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_TRUE(torch::equal(a[i], b[i])) << "output " << i << " differs between two runs";
+      EXPECT_TRUE(torch::equal(a[i], c[i])) << "output " << i << " differs on another stream";
+    }
+  }
+}
+
+// The column-index cache: one entry per live projector, rebuilt when the indices change in place.
+TEST(ProjectorCuda, ColumnIndexCache) {
+  REQUIRE_GPU();
+  torch::manual_seed(6);
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  const torch::Tensor Y = torch::randn({9, 200}, cuda);
+  {
+    TestProjector t = make_projector(200, 16, 2, false);
+    ld::cuda_right_project(Y, t.P, ProjectorBackend::kGather);
+    EXPECT_EQ(ld::projector_cuda_cache_entries(), 1u);  // earlier tests' projectors are gone
+    // In-place change of the pattern: the next call must see it.
+    const torch::Tensor idx2 = random_indices(200, 16, 2, false);
+    t.P.indices.copy_(idx2.to(torch::kCUDA));
+    const torch::Tensor dense2 = torch::zeros({200, 16}, torch::kFloat64)
+                                     .scatter_(1, idx2.to(torch::kLong), t.P.values.cpu().to(torch::kFloat64))
+                                     .to(torch::kCUDA);
+    EXPECT_LT(max_err(ld::cuda_right_project(Y, t.P, ProjectorBackend::kGather),
+                      torch::matmul(Y.to(torch::kFloat64), dense2)),
+              1e-4);
+    EXPECT_EQ(ld::projector_cuda_cache_entries(), 1u);
+  }
+  TestProjector u = make_projector(200, 16, 2, false);
+  ld::cuda_right_project(Y, u.P, ProjectorBackend::kGather);
+  EXPECT_EQ(ld::projector_cuda_cache_entries(), 1u);  // the dead projector's entry was dropped
+}
+
+TEST(ProjectorCuda, RejectsBadInput) {
+  REQUIRE_GPU();
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  TestProjector t = make_projector(20, 8, 2, false);
+  EXPECT_THROW(ld::cuda_right_project(torch::randn({3, 19}, cuda), t.P, ProjectorBackend::kGather), lspo::Error);
+  EXPECT_THROW(ld::cuda_right_project(torch::randn({3, 20}, cuda).to(torch::kFloat64), t.P, ProjectorBackend::kGather),
+               lspo::Error);
+  EXPECT_THROW(ld::cuda_right_project(torch::randn({20, 3}, cuda).t(), t.P, ProjectorBackend::kGather), lspo::Error);
+  EXPECT_THROW(ld::cuda_left_project(t.P, torch::randn({20, 3}), ProjectorBackend::kGather), lspo::Error);  // CPU
+  torch::Tensor W = torch::zeros({20, 5}, cuda);
+  EXPECT_THROW(ld::cuda_apply_rows_(W, t.P, torch::zeros({8, 5}, cuda).to(torch::kBFloat16), 1.0,
+                                    ProjectorBackend::kGather),
+               lspo::Error);  // T must be fp32
+  EXPECT_THROW(ld::cuda_apply_rows_(W, t.P, torch::zeros({8, 4}, cuda), 1.0, ProjectorBackend::kGather), lspo::Error);
+  SparseProjector bad = t.P;
+  bad.indices = t.P.indices.clone();
+  bad.indices.index_put_({0, 0}, 8);  // == d: out of range
+  EXPECT_THROW(ld::cuda_expand(bad, torch::zeros({8, 5}, cuda), ProjectorBackend::kGather), lspo::Error);
+}
+
+}  // namespace

@@ -1,0 +1,77 @@
+"""CUDA projector primitives through lspo._C (internal bindings), against a dense fp64 reference.
+
+Device cases skip without a GPU; the input-check cases run everywhere. The C++ suite
+(tests/cpp/test_projector_cuda.cpp) covers more shapes; this file checks the Python path.
+"""
+import pytest
+import torch
+
+import lspo
+from lspo import _C
+
+need_gpu = pytest.mark.skipif(not (lspo.with_cuda and torch.cuda.is_available()), reason="no CUDA device")
+
+
+def make_projector(n, d, r, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(n, d, generator=g).argsort(dim=1)[:, :r].to(torch.int32).contiguous()
+    val = torch.randn(n, r, generator=g) / r**0.5
+    dense = torch.zeros(n, d, dtype=torch.float64).scatter_(1, idx.long(), val.double())
+    return idx.to(device), val.to(device), dense.to(device)
+
+
+def err(x, ref):
+    return (x.double() - ref).abs().max().item() if ref.numel() else 0.0
+
+
+def check_rule(ours, baseline, ref, what):
+    # flash-attention rule: at most 2x the error of plain PyTorch in the input precision (+ 8 fp32 ulps)
+    floor = 8 * 1.19e-7 * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    e, b = err(ours, ref), err(baseline, ref)
+    assert e <= 2 * b + floor, f"{what}: error {e:.3g} vs PyTorch {b:.3g}"
+
+
+@need_gpu
+@pytest.mark.parametrize("backend", ["gather", "cusparse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d,r,k", [(1, 1, 1, 1), (33, 1, 1, 7), (4097, 96, 8, 65), (257, 16, 16, 4)])
+def test_primitives_match_fp64(backend, dtype, n, d, r, k):
+    dev = torch.device("cuda")
+    idx, val, P64 = make_projector(n, d, r, dev, seed=n + k)
+    Pd = P64.to(dtype)
+    torch.manual_seed(0)
+    Y = torch.randn(k, n, device=dev)
+    check_rule(_C._cuda_right_project(Y.to(dtype), idx, val, d, backend), Y.to(dtype) @ Pd, Y.double() @ P64, "right")
+    Z = torch.randn(n, k, device=dev)
+    check_rule(_C._cuda_left_project(idx, val, d, Z.to(dtype), backend), Pd.t() @ Z.to(dtype), P64.t() @ Z.double(),
+               "left")
+    D = torch.randn(d, k, device=dev)
+    check_rule(_C._cuda_expand(idx, val, d, D.to(dtype), backend), Pd @ D.to(dtype), P64 @ D.double(), "expand")
+    W0, T = torch.randn(n, k, device=dev), torch.randn(d, k, device=dev)
+    W = W0.to(dtype).clone()
+    _C._cuda_apply_rows_(W, idx, val, d, T, 0.25, backend)
+    assert W.dtype == dtype
+    check_rule(W, W0.to(dtype) + 0.25 * (Pd @ T.to(dtype)), W0.double() + 0.25 * (P64 @ T.double()), "apply")
+
+
+@need_gpu
+def test_gather_is_bitwise_deterministic():
+    dev = torch.device("cuda")
+    idx, val, _ = make_projector(3000, 256, 8, dev, seed=7)
+    Y = torch.randn(300, 3000, device=dev, dtype=torch.bfloat16)
+    a = _C._cuda_right_project(Y, idx, val, 256, "gather")
+    b = _C._cuda_right_project(Y, idx, val, 256, "gather")
+    assert torch.equal(a, b)
+
+
+def test_cpu_tensors_are_refused():
+    idx = torch.zeros(4, 1, dtype=torch.int32)
+    val = torch.ones(4, 1)
+    with pytest.raises(lspo.LspoError, match="CUDA"):
+        _C._cuda_right_project(torch.randn(3, 4), idx, val, 2, "gather")
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(lspo.LspoError, match="unknown projector backend"):
+        _C._cuda_resolve_backend("expand", 10, 4, 2, 8, "fast")
+    assert _C._cuda_resolve_backend("expand", 4096, 1024, 8, 2048, "auto") == "gather"
