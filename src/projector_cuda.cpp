@@ -23,6 +23,36 @@
 
 namespace lspo::detail {
 
+// ------------------------------------------------------------------ backend choice
+// kAuto resolves per shape with the table below, first matching rule wins, default kGather.
+// TO BE CALIBRATED by benchmarks/projector.py on a GPU: these kernels were written in a session
+// without a GPU, so no rule routes to cuSPARSE yet. The gather kernels are the default because they
+// are deterministic (the engine needs an overlapped schedule to be bitwise equal to the serial one)
+// and do not convert bf16 inputs to fp32 copies. A calibrated rule looks like
+//   {CudaPrimitive::kExpand, /*min_k=*/8192, /*min_rows_per_col=*/0, ProjectorBackend::kCuSparse}.
+namespace {
+struct AutoRule {
+  CudaPrimitive op;
+  int64_t min_k;            // k (tokens / columns of the dense operand) at least this
+  int64_t min_rows_per_col; // n * r / d (average column length of P) at least this
+  ProjectorBackend backend;
+};
+constexpr AutoRule kAutoRules[] = {
+    // no calibrated rules yet (see above); a sentinel that can never match keeps the array non-empty
+    {CudaPrimitive::kRightProject, INT64_MAX, INT64_MAX, ProjectorBackend::kGather},
+};
+}  // namespace
+
+ProjectorBackend cuda_resolve_backend(CudaPrimitive op, int64_t n, int64_t d, int64_t r, int64_t k,
+                                      ProjectorBackend requested) {
+  if (requested != ProjectorBackend::kAuto) return requested;
+  const int64_t per_col = d > 0 ? n * r / d : 0;
+  for (const AutoRule& rule : kAutoRules) {
+    if (rule.op == op && k >= rule.min_k && per_col >= rule.min_rows_per_col) return rule.backend;
+  }
+  return ProjectorBackend::kGather;
+}
+
 #ifndef LSPO_WITH_CUDA
 
 bool projector_cuda_compiled() { return false; }
@@ -34,9 +64,6 @@ torch::Tensor cuda_left_project(const SparseProjector&, const torch::Tensor&, Pr
 torch::Tensor cuda_expand(const SparseProjector&, const torch::Tensor&, ProjectorBackend) { no_cuda(); }
 void cuda_apply_rows_(torch::Tensor&, const SparseProjector&, const torch::Tensor&, double, ProjectorBackend) {
   no_cuda();
-}
-ProjectorBackend cuda_resolve_backend(CudaPrimitive, int64_t, int64_t, int64_t, int64_t, ProjectorBackend b) {
-  return b;
 }
 size_t projector_cuda_cache_entries() { return 0; }
 
@@ -296,36 +323,6 @@ SpmmParams csr_of_PT(const SparseProjector& P, const GpuColumnIndex& g, torch::T
 constexpr int64_t kApplyWorkspaceBytes = int64_t(64) << 20;
 
 }  // namespace
-
-// ------------------------------------------------------------------ backend choice
-// kAuto resolves per shape with the table below, first matching rule wins, default kGather.
-// TO BE CALIBRATED by benchmarks/projector.py on a GPU: these kernels were written in a session
-// without a GPU, so no rule routes to cuSPARSE yet. The gather kernels are the default because they
-// are deterministic (the engine needs an overlapped schedule to be bitwise equal to the serial one)
-// and do not convert bf16 inputs to fp32 copies. A calibrated rule looks like
-//   {CudaPrimitive::kExpand, /*min_k=*/8192, /*min_rows_per_col=*/0, ProjectorBackend::kCuSparse}.
-namespace {
-struct AutoRule {
-  CudaPrimitive op;
-  int64_t min_k;            // k (tokens / columns of the dense operand) at least this
-  int64_t min_rows_per_col; // n * r / d (average column length of P) at least this
-  ProjectorBackend backend;
-};
-constexpr AutoRule kAutoRules[] = {
-    // no calibrated rules yet (see above); a sentinel that can never match keeps the array non-empty
-    {CudaPrimitive::kRightProject, INT64_MAX, INT64_MAX, ProjectorBackend::kGather},
-};
-}  // namespace
-
-ProjectorBackend cuda_resolve_backend(CudaPrimitive op, int64_t n, int64_t d, int64_t r, int64_t k,
-                                      ProjectorBackend requested) {
-  if (requested != ProjectorBackend::kAuto) return requested;
-  const int64_t per_col = d > 0 ? n * r / d : 0;
-  for (const AutoRule& rule : kAutoRules) {
-    if (rule.op == op && k >= rule.min_k && per_col >= rule.min_rows_per_col) return rule.backend;
-  }
-  return ProjectorBackend::kGather;
-}
 
 size_t projector_cuda_cache_entries() {
   IndexCache& c = cache();

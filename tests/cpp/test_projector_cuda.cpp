@@ -242,7 +242,13 @@ TEST_P(ProjectorCudaOps, MatchDenseFp64) {
 INSTANTIATE_TEST_SUITE_P(
     All, ProjectorCudaOps,
     ::testing::Combine(::testing::Values(ProjectorBackend::kGather, ProjectorBackend::kCuSparse, ProjectorBackend::kAuto),
-                       ::testing::Values(torch::kFloat32, torch::kBFloat16), ::testing::Values(false, true)));
+                       ::testing::Values(torch::kFloat32, torch::kBFloat16), ::testing::Values(false, true)),
+    [](const ::testing::TestParamInfo<ProjectorCudaOps::ParamType>& info) {
+      const auto b = std::get<0>(info.param);
+      const std::string backend = b == ProjectorBackend::kAuto ? "auto" : name_of(b);
+      return backend + (std::get<1>(info.param) == torch::kBFloat16 ? "_bf16" : "_fp32") +
+             (std::get<2>(info.param) ? "_sortedrows" : "_unsortedrows");
+    });
 
 TEST(ProjectorCuda, EmptyOperands) {
   REQUIRE_GPU();
@@ -291,6 +297,10 @@ TEST(ProjectorCuda, GatherIsDeterministic) {
                                         ld::cuda_expand(t.P, D, ProjectorBackend::kGather), W};
     };
     const auto a = run(), b = run();
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_TRUE(torch::equal(a[i], b[i])) << "output " << i << " differs between two runs";
+    }
+#ifdef LSPO_WITH_CUDA
     std::vector<torch::Tensor> c;
     {
       c10::cuda::CUDAStreamGuard g(c10::cuda::getStreamFromPool());
@@ -298,9 +308,9 @@ TEST(ProjectorCuda, GatherIsDeterministic) {
       c10::cuda::getCurrentCUDAStream().synchronize();
     }
     for (size_t i = 0; i < a.size(); ++i) {
-      EXPECT_TRUE(torch::equal(a[i], b[i])) << "output " << i << " differs between two runs";
       EXPECT_TRUE(torch::equal(a[i], c[i])) << "output " << i << " differs on another stream";
     }
+#endif
   }
 }
 
