@@ -3,6 +3,11 @@
 Device cases skip without a GPU; the input-check cases run everywhere. The C++ suite
 (tests/cpp/test_projector_cuda.cpp) covers more shapes; this file checks the Python path.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -75,3 +80,17 @@ def test_unknown_backend_is_refused():
     with pytest.raises(lspo.LspoError, match="unknown projector backend"):
         _C._cuda_resolve_backend("expand", 10, 4, 2, 8, "fast")
     assert _C._cuda_resolve_backend("expand", 4096, 1024, 8, 2048, "auto") == "gather"
+
+
+BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks", "gpu", "projector_gpu.py")
+
+
+def test_gpu_benchmark_parses_and_fails_clearly_without_gpu():
+    assert subprocess.run([sys.executable, "-m", "py_compile", BENCH]).returncode == 0
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark itself runs in benchmarks/gpu/run_all.sh")
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(BENCH), "..", "..", "python"))
+    p = subprocess.run([sys.executable, BENCH, "--quick"], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 1
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert last["ok"] is False and "GPU" in last["error"]
