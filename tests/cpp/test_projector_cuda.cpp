@@ -138,6 +138,189 @@ TEST(ProjectorCuda, RejectsCpuTensors) {
   EXPECT_THROW(ld::cuda_left_project(P, torch::zeros({4, 3}), ProjectorBackend::kGather), lspo::Error);
 }
 
+// ------------------------------------------------------------------ host emulation of the kernels
+// The kernel bodies are __host__ __device__; emulate_*() runs them serially on the host over the
+// grid the launcher would use. This checks the kernels' index math and arithmetic without a GPU
+// (not the CUDA launch itself, the memory model or speed).
+#ifdef LSPO_WITH_CUDA
+struct HostProjector {
+  torch::Tensor idx, val, dense64;  // CPU
+  ld::ColumnIndexHost h;
+  ld::EllView ell() const {
+    ld::EllView v;
+    v.idx = idx.data_ptr<int32_t>();
+    v.val = val.data_ptr<float>();
+    v.n = idx.size(0);
+    v.r = int32_t(idx.size(1));
+    v.d = h.d;
+    return v;
+  }
+  ld::ColumnIndexView cols() const {
+    ld::ColumnIndexView c;
+    c.colptr = h.colptr.data();
+    c.rows = h.rows.data();
+    c.pos = h.pos.data();
+    c.segptr = h.segptr.data();
+    c.nchunks = int32_t(h.nchunks);
+    return c;
+  }
+};
+HostProjector host_projector(int64_t n, int64_t d, int64_t r) {
+  HostProjector p;
+  p.idx = random_indices(n, d, r, false);
+  p.val = torch::randn({n, r}) / std::sqrt(double(r));
+  p.dense64 = torch::zeros({n, d}, torch::kFloat64).scatter_(1, p.idx.to(torch::kLong), p.val.to(torch::kFloat64));
+  p.h = ld::build_column_index(p.idx.data_ptr<int32_t>(), n, r, d, ld::kRightProjectChunk);
+  return p;
+}
+lspo::DType dt(torch::ScalarType t) { return t == torch::kBFloat16 ? lspo::DType::kBFloat16 : lspo::DType::kFloat32; }
+
+torch::Tensor emu_right(const HostProjector& P, const torch::Tensor& Y, int64_t max_gy) {
+  torch::Tensor out = torch::full({Y.size(0), P.h.d}, std::nan(""));
+  ld::RightProjectParams p;
+  p.P = P.ell();
+  p.cols = P.cols();
+  p.y = Y.data_ptr();
+  p.y_dtype = dt(Y.scalar_type());
+  p.k = Y.size(0);
+  p.out = out.data_ptr<float>();
+  ld::emulate_right_project(p, max_gy);
+  return out;
+}
+torch::Tensor emu_left(const HostProjector& P, const torch::Tensor& Y, int64_t max_gy) {
+  torch::Tensor out = torch::full({P.h.d, Y.size(1)}, std::nan(""));
+  ld::LeftProjectParams p;
+  p.P = P.ell();
+  p.cols = P.cols();
+  p.y = Y.data_ptr();
+  p.y_dtype = dt(Y.scalar_type());
+  p.k = Y.size(1);
+  p.out = out.data_ptr<float>();
+  ld::emulate_left_project(p, max_gy);
+  return out;
+}
+torch::Tensor emu_expand(const HostProjector& P, const torch::Tensor& D, int64_t max_gy) {
+  torch::Tensor out = torch::full({P.idx.size(0), D.size(1)}, std::nan(""));
+  ld::ExpandParams p;
+  p.P = P.ell();
+  p.dmat = D.data_ptr();
+  p.d_dtype = dt(D.scalar_type());
+  p.k = D.size(1);
+  p.out = out.data_ptr<float>();
+  ld::emulate_expand(p, max_gy);
+  return out;
+}
+void emu_apply(const HostProjector& P, torch::Tensor& W, const torch::Tensor& T, float alpha, int64_t max_gy) {
+  ld::ApplyRowsParams p;
+  p.P = P.ell();
+  p.t = T.data_ptr<float>();
+  p.k = W.size(1);
+  p.w = W.data_ptr();
+  p.w_dtype = dt(W.scalar_type());
+  p.alpha = alpha;
+  ld::emulate_apply_rows(p, max_gy);
+}
+// A contiguous copy of t whose data starts one element past an aligned address (scalar path).
+torch::Tensor misaligned(const torch::Tensor& t) {
+  torch::Tensor buf = torch::empty({t.numel() + 1}, t.options());
+  torch::Tensor v = buf.slice(0, 1).view(t.sizes());
+  v.copy_(t);
+  return v;
+}
+#endif
+
+// Accuracy against the fp64 reference (same device as `ref`):
+//  * fp32 inputs: the worst-case bound of recursive fp32 summation (Higham, with one rounding per
+//    FMA step): |ours - exact| <= m * u * sum_i |term_i| elementwise, u = 2^-24, m = the number of
+//    terms of the longest sum (inputs are exact in fp32). Any summation order satisfies it.
+//  * bf16 inputs, flash-attention rule: our max error at most 2x that of plain PyTorch in bf16
+//    (dense matmul, bf16 in -> bf16 out), plus a floor for single-product cases where the baseline's
+//    roundings can cancel by luck: bf16's unit roundoff 2^-9 times the result scale.
+double max_err(const torch::Tensor& x, const torch::Tensor& ref) {
+  if (ref.numel() == 0) return 0.0;
+  return (x.to(torch::kFloat64).to(ref.device()) - ref).abs().max().item<double>();
+}
+double max_abs(const torch::Tensor& ref) { return ref.numel() ? ref.abs().max().item<double>() : 0.0; }
+void expect_accurate(const torch::Tensor& ours, torch::ScalarType in_dtype, const torch::Tensor& baseline,
+                     const torch::Tensor& ref, const torch::Tensor& ref_abs, int64_t terms, const std::string& what) {
+  if (ref.numel() == 0) return;
+  const double e = max_err(ours, ref);
+  if (in_dtype == torch::kFloat32) {
+    const double gamma = double(terms) * std::ldexp(1.0, -24) * 1.001;
+    const double excess = ((ours.to(torch::kFloat64).to(ref.device()) - ref).abs() - gamma * ref_abs).max().item<double>();
+    EXPECT_LE(excess, 1e-300) << what << ": error " << e << " exceeds the fp32 summation bound (" << terms << " terms)";
+    return;
+  }
+  const double b = max_err(baseline, ref);
+  const double floor = std::ldexp(1.0, -9) * std::max(1.0, max_abs(ref));
+  EXPECT_LE(e, 2 * b + floor) << what << ": error " << e << " vs PyTorch bf16 baseline " << b;
+}
+
+// Checks the four primitives' outputs for one projector (dense64 on the inputs' device).
+struct PrimInputs {
+  torch::Tensor Y, Z, D, T, W0;  // fp32: Y [k, n], Z [n, k], D [d, k], T [d, k], W0 [n, k]
+  double alpha = 0.3;
+};
+struct PrimOutputs {
+  torch::Tensor right, left, expand, W;
+};
+PrimInputs random_inputs(int64_t n, int64_t d, int64_t k, const torch::Device& dev) {
+  const auto o = torch::TensorOptions().device(dev);
+  return {torch::randn({k, n}, o), torch::randn({n, k}, o), torch::randn({d, k}, o), torch::randn({d, k}, o),
+          torch::randn({n, k}, o), 0.3};
+}
+void check_outputs(const PrimOutputs& out, const PrimInputs& in, const torch::Tensor& dense64, int64_t r,
+                   torch::ScalarType dtype, const std::string& tag) {
+  const auto f64 = [](const torch::Tensor& t) { return t.to(torch::kFloat64); };
+  const torch::Tensor Pa = dense64.abs(), Pd = dense64.to(dtype);
+  const int64_t col_terms = (dense64 != 0).sum(0).max().item<int64_t>();
+  expect_accurate(out.right, dtype, torch::matmul(in.Y.to(dtype), Pd), torch::matmul(f64(in.Y), dense64),
+                  torch::matmul(f64(in.Y).abs(), Pa), col_terms, "right_project " + tag);
+  expect_accurate(out.left, dtype, torch::matmul(Pd.t(), in.Z.to(dtype)), torch::matmul(dense64.t(), f64(in.Z)),
+                  torch::matmul(Pa.t(), f64(in.Z).abs()), col_terms, "left_project " + tag);
+  expect_accurate(out.expand, dtype, torch::matmul(Pd, in.D.to(dtype)), torch::matmul(dense64, f64(in.D)),
+                  torch::matmul(Pa, f64(in.D).abs()), r, "expand " + tag);
+  expect_accurate(out.W, dtype, in.W0.to(dtype) + in.alpha * torch::matmul(Pd, in.T.to(dtype)),
+                  f64(in.W0) + in.alpha * torch::matmul(dense64, f64(in.T)),
+                  f64(in.W0).abs() + std::abs(in.alpha) * torch::matmul(Pa, f64(in.T).abs()), r + 2, "apply_rows " + tag);
+}
+
+#ifdef LSPO_WITH_CUDA
+TEST(ProjectorKernelEmulation, MatchDenseFp64) {
+  torch::manual_seed(11);
+  const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> cases = {
+      {1, 1, 1, 1}, {7, 3, 3, 5}, {33, 1, 1, 17}, {4097, 64, 8, 33}, {1000, 300, 16, 1}, {700, 96, 4, 260},
+      {64, 64, 64, 12}, {2100, 40, 5, 9}};
+  for (auto [n, d, r, k] : cases) {
+    const HostProjector P = host_projector(n, d, r);
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+      const std::string tag = std::string(dtype == torch::kBFloat16 ? "bf16" : "fp32") + " n=" + std::to_string(n) +
+                              " d=" + std::to_string(d) + " r=" + std::to_string(r) + " k=" + std::to_string(k);
+      SCOPED_TRACE(tag);
+      const PrimInputs in = random_inputs(n, d, k, torch::kCPU);
+      const torch::Tensor &Y = in.Y, &Z = in.Z, &D = in.D, &T = in.T, &W0 = in.W0;
+      const torch::Tensor right = emu_right(P, Y.to(dtype), 65535), left = emu_left(P, Z.to(dtype), 65535);
+      const torch::Tensor expand = emu_expand(P, D.to(dtype), 65535);
+      torch::Tensor W = W0.to(dtype).clone();
+      emu_apply(P, W, T, float(in.alpha), 65535);
+      check_outputs({right, left, expand, W}, in, P.dense64, r, dtype, tag);
+
+      // Determinism by construction: a capped grid (grid-stride loops) and the scalar path of
+      // misaligned inputs give bitwise the same result.
+      if (n * k <= 300000) {
+        EXPECT_TRUE(torch::equal(right, emu_right(P, Y.to(dtype), 2)));
+        EXPECT_TRUE(torch::equal(left, emu_left(P, Z.to(dtype), 1)));
+        EXPECT_TRUE(torch::equal(left, emu_left(P, misaligned(Z.to(dtype)), 3)));
+        EXPECT_TRUE(torch::equal(expand, emu_expand(P, misaligned(D.to(dtype)), 1)));
+        torch::Tensor W2 = misaligned(W0.to(dtype));
+        emu_apply(P, W2, T, float(in.alpha), 1);
+        EXPECT_TRUE(torch::equal(W, W2));
+      }
+    }
+  }
+}
+#endif
+
 // ------------------------------------------------------------------ device tests
 struct TestProjector {
   SparseProjector P;       // on the GPU
@@ -154,22 +337,6 @@ TestProjector make_projector(int64_t n, int64_t d, int64_t r, bool sorted) {
   t.dense64 = torch::zeros({n, d}, torch::kFloat64).scatter_(1, idx.to(torch::kLong), val.to(torch::kFloat64));
   t.dense64 = t.dense64.to(torch::kCUDA);
   return t;
-}
-
-double max_err(const torch::Tensor& x, const torch::Tensor& ref) {
-  if (ref.numel() == 0) return 0.0;
-  return (x.to(torch::kFloat64) - ref).abs().max().item<double>();
-}
-double max_abs(const torch::Tensor& ref) { return ref.numel() ? ref.abs().max().item<double>() : 0.0; }
-
-// Flash-attention rule: our error vs fp64 at most 2x that of the same computation done by plain
-// PyTorch in the input precision (dense cuBLAS matmul; bf16 in -> bf16 out), plus a floor of
-// 8 fp32 ulps of the result scale for cases where the PyTorch baseline happens to be exact.
-void expect_within_rule(const torch::Tensor& ours, const torch::Tensor& baseline, const torch::Tensor& ref,
-                        const std::string& what) {
-  const double e = max_err(ours, ref), b = max_err(baseline, ref);
-  const double floor = 8 * 1.19e-7 * std::max(1.0, max_abs(ref));
-  EXPECT_LE(e, 2 * b + floor) << what << ": error " << e << " vs PyTorch baseline " << b;
 }
 
 struct Shape {
@@ -197,45 +364,25 @@ TEST_P(ProjectorCudaOps, MatchDenseFp64) {
   const auto [backend, dtype, sorted] = GetParam();
   torch::manual_seed(3);
   const bool bf = dtype == torch::kBFloat16;
-  const auto cuda = torch::TensorOptions().device(torch::kCUDA);
   for (const Shape& s : shapes()) {
     const std::string tag = name_of(backend) + (bf ? " bf16" : " fp32") + " n=" + std::to_string(s.n) +
                             " d=" + std::to_string(s.d) + " r=" + std::to_string(s.r) + " k=" + std::to_string(s.k);
     SCOPED_TRACE(tag);
     const TestProjector t = make_projector(s.n, s.d, s.r, sorted);
-    const torch::Tensor Pd = t.dense64.to(dtype);  // baseline's projector in the input precision
-
-    // Y P
-    const torch::Tensor Y = torch::randn({s.k, s.n}, cuda);
-    torch::Tensor out = ld::cuda_right_project(Y.to(dtype), t.P, backend);
-    ASSERT_EQ(out.sizes(), (std::vector<int64_t>{s.k, s.d}));
-    ASSERT_EQ(out.scalar_type(), torch::kFloat32);
-    expect_within_rule(out, torch::matmul(Y.to(dtype), Pd), torch::matmul(Y.to(torch::kFloat64), t.dense64),
-                       "right_project " + tag);
-
-    // P^T Y
-    const torch::Tensor Z = torch::randn({s.n, s.k}, cuda);
-    out = ld::cuda_left_project(t.P, Z.to(dtype), backend);
-    ASSERT_EQ(out.sizes(), (std::vector<int64_t>{s.d, s.k}));
-    expect_within_rule(out, torch::matmul(Pd.t(), Z.to(dtype)), torch::matmul(t.dense64.t(), Z.to(torch::kFloat64)),
-                       "left_project " + tag);
-
-    // P D
-    const torch::Tensor D = torch::randn({s.d, s.k}, cuda);
-    out = ld::cuda_expand(t.P, D.to(dtype), backend);
-    ASSERT_EQ(out.sizes(), (std::vector<int64_t>{s.n, s.k}));
-    expect_within_rule(out, torch::matmul(Pd, D.to(dtype)), torch::matmul(t.dense64, D.to(torch::kFloat64)),
-                       "expand " + tag);
-
-    // W += alpha P T, in W's dtype (T is fp32)
-    const double alpha = -0.37;
-    const torch::Tensor W0 = torch::randn({s.n, s.k}, cuda), T = torch::randn({s.d, s.k}, cuda);
-    torch::Tensor W = W0.to(dtype).clone();
-    ld::cuda_apply_rows_(W, t.P, T, alpha, backend);
-    ASSERT_EQ(W.scalar_type(), dtype);
-    const torch::Tensor base = W0.to(dtype) + alpha * torch::matmul(Pd, T.to(dtype));
-    expect_within_rule(W, base, W0.to(torch::kFloat64) + alpha * torch::matmul(t.dense64, T.to(torch::kFloat64)),
-                       "apply_rows " + tag);
+    PrimInputs in = random_inputs(s.n, s.d, s.k, torch::kCUDA);
+    in.alpha = -0.37;
+    PrimOutputs out;
+    out.right = ld::cuda_right_project(in.Y.to(dtype), t.P, backend);
+    out.left = ld::cuda_left_project(t.P, in.Z.to(dtype), backend);
+    out.expand = ld::cuda_expand(t.P, in.D.to(dtype), backend);
+    out.W = in.W0.to(dtype).clone();
+    ld::cuda_apply_rows_(out.W, t.P, in.T, in.alpha, backend);
+    ASSERT_EQ(out.right.sizes(), (std::vector<int64_t>{s.k, s.d}));
+    ASSERT_EQ(out.left.sizes(), (std::vector<int64_t>{s.d, s.k}));
+    ASSERT_EQ(out.expand.sizes(), (std::vector<int64_t>{s.n, s.k}));
+    ASSERT_EQ(out.right.scalar_type(), torch::kFloat32);
+    ASSERT_EQ(out.W.scalar_type(), dtype);
+    check_outputs(out, in, t.dense64, s.r, dtype, tag);
   }
 }
 
