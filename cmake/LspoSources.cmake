@@ -18,6 +18,13 @@ foreach(src ${LSPO_CPP_SOURCES})
     set_source_files_properties(${src} PROPERTIES COMPILE_OPTIONS "${LSPO_AVX2_FLAGS}")
   endif()
 endforeach()
+# Fused Adam (src/cpu_adam*.cpp): no FMA contraction, so that every ISA path performs exactly the
+# fp32 operations of the scalar reference and the tests can demand bit-identical results.
+foreach(src ${LSPO_CPP_SOURCES})
+  if(src MATCHES "/cpu_adam[^/]*\\.cpp$")
+    set_property(SOURCE ${src} APPEND PROPERTY COMPILE_OPTIONS -ffp-contract=off)
+  endif()
+endforeach()
 
 set(_lspo_srcs ${LSPO_CPP_SOURCES})
 if(LSPO_WITH_CUDA)
