@@ -175,7 +175,20 @@ def main():
         "dense_gemm_ms_4096x4096": ref["dense_gemm_ms"] if ref else None,
         "cusparse_faster_in": faster,
     }
+    print(markdown(rows), file=sys.stderr)  # for docs/benchmarks.md; stdout's last line stays the JSON
     print(json.dumps(summary))
+
+
+def markdown(rows):
+    out = ["| layer | d | r | dense X^T dY ms | gather compress ms | gather apply ms (order) | gather / GEMM | "
+           "cuSPARSE compress ms | cuSPARSE apply ms | cuSPARSE / GEMM | bytes floor / GEMM |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        out.append(f"| {x['layer']} | {x['d']} | {x['r']} | {x['dense_gemm_ms']:.3f} | {x['gather_compress_ms']:.3f} | "
+                   f"{x['gather_apply_ms']:.3f} ({x['gather_apply_order']}) | {x['gather_over_gemm']:.3f} | "
+                   f"{x['cusparse_compress_ms']:.3f} | {x['cusparse_apply_ms']:.3f} | {x['cusparse_over_gemm']:.3f} | "
+                   f"{x['hbm_floor_ms'] / x['dense_gemm_ms']:.3f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
