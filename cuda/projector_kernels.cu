@@ -3,12 +3,14 @@
 // docs/architecture.md, "CUDA projector kernels".
 //
 // Kernels (bodies shared with the host emulation, see emulate_*):
-//   right_project_kernel   out[k, d] = Y[k, n] P        tile of 8 tokens x a 1024-row chunk of Y's
+//   right_project (tiled)  out[k, d] = Y[k, n] P        tile of 8 tokens x a 1024-row chunk of Y's
 //                          columns staged in shared memory (fp32, swizzled); one thread per output
 //                          column walks that column's entries of the chunk (column index, segptr)
 //   col_gather_kernel      out[d, k] = P^T Y             one output row per thread row; its terms
 //                          come from the column index (rows of Y gathered, vectorised along k)
 //   ell_gather_kernel      out[n, k] = P D  and  W += alpha P T   (terms straight from the ELL)
+//   apply_cols (tiled)     W[m, n] += alpha U Q^T       as the right projection, with Q's ELL rows as
+//                          the columns of Q^T; 8 rows of U per tile in shared memory
 // No atomics: each output element is one thread's fixed-order sum.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -101,6 +103,9 @@ LSPO_HD int rp_slot(int jj, int h) { return 2 * jj + (h ^ ((jj >> 2) & 1)); }
 template <typename TIn>
 struct RightProject {
   RightProjectParams p;
+  LSPO_HD int64_t rows() const { return p.k; }    // tokens: tiled 8 at a time
+  LSPO_HD int64_t cols() const { return p.P.d; }  // output columns: one per thread
+  LSPO_HD int nchunks() const { return p.cols.nchunks; }
 
   LSPO_HD void stage(float4* tile, int64_t t0, int nt, int s, int tid) const {
     const TIn* __restrict__ y = static_cast<const TIn*>(p.y);
@@ -143,18 +148,74 @@ struct RightProject {
   }
 };
 
-template <typename TIn>
-__global__ void __launch_bounds__(kThreads) right_project_kernel(RightProject<TIn> body) {
+// W [m, n] += alpha * U [m, d] Q^T for an ELL Q over n (column `col` of Q^T = row `col` of Q):
+// the same tiling as RightProject with 8 rows of W per tile, U's row tile staged in shared memory
+// chunk by chunk (d in 1024-column chunks), one thread per column of W, which walks its r ELL
+// entries per chunk and keeps those inside it. The result is added to W in W's dtype.
+template <typename TW>
+struct ApplyCols {
+  ApplyColsParams p;
+  LSPO_HD int64_t rows() const { return p.m; }
+  LSPO_HD int64_t cols() const { return p.Q.n; }
+  LSPO_HD int nchunks() const { return int((p.Q.d + kRpChunk - 1) / kRpChunk); }
+
+  LSPO_HD void stage(float4* tile, int64_t j0, int nt, int s, int tid) const {
+    const int64_t d = p.Q.d, c0 = int64_t(s) * kRpChunk;
+    const int nc = int(std::min<int64_t>(kRpChunk, d - c0));
+    for (int cc = tid; cc < kRpChunk; cc += kThreads) {
+      float v[kRpTokens];
+#pragma unroll
+      for (int i = 0; i < kRpTokens; ++i) v[i] = (i < nt && cc < nc) ? p.u[(j0 + i) * d + c0 + cc] : 0.f;
+      tile[rp_slot(cc, 0)] = make_float4(v[0], v[1], v[2], v[3]);
+      tile[rp_slot(cc, 1)] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+  }
+  LSPO_HD void accumulate(const float4* tile, int64_t col, int s, float (&acc)[kRpTokens]) const {
+    const int32_t* __restrict__ idx = p.Q.idx + col * p.Q.r;
+    const float* __restrict__ val = p.Q.val + col * p.Q.r;
+    const int c0 = s * kRpChunk;
+    for (int t = 0; t < p.Q.r; ++t) {
+      const unsigned cc = unsigned(idx[t] - c0);
+      if (cc >= unsigned(kRpChunk)) continue;  // entry lives in another chunk
+      const float w = val[t];
+      const float4 a = tile[rp_slot(int(cc), 0)], b = tile[rp_slot(int(cc), 1)];
+      acc[0] = fmaf(w, a.x, acc[0]);
+      acc[1] = fmaf(w, a.y, acc[1]);
+      acc[2] = fmaf(w, a.z, acc[2]);
+      acc[3] = fmaf(w, a.w, acc[3]);
+      acc[4] = fmaf(w, b.x, acc[4]);
+      acc[5] = fmaf(w, b.y, acc[5]);
+      acc[6] = fmaf(w, b.z, acc[6]);
+      acc[7] = fmaf(w, b.w, acc[7]);
+    }
+  }
+  LSPO_HD void store(int64_t col, int64_t j0, int nt, const float (&acc)[kRpTokens]) const {
+    TW* w = static_cast<TW*>(p.w);
+#pragma unroll
+    for (int i = 0; i < kRpTokens; ++i) {
+      if (i < nt) {
+        TW* o = w + (j0 + i) * p.Q.n + col;
+        store1(o, fmaf(p.alpha, acc[i], to_f32(*o)));
+      }
+    }
+  }
+};
+
+// Block (bx, by) of 256 threads: columns c = bx * 256 + tid; row tiles t0 = by * 8, stepping by
+// gridDim.y * 8; per tile and chunk: stage (all threads), barrier, accumulate (active threads).
+template <class Body>
+__global__ void __launch_bounds__(kThreads) tiled_kernel(Body body) {
   __shared__ float4 tile[2 * kRpChunk];  // 32 KiB
-  const RightProjectParams& p = body.p;
-  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;  // output column
-  const bool active = c < p.P.d;
-  for (int64_t t0 = int64_t(blockIdx.y) * kRpTokens; t0 < p.k; t0 += int64_t(gridDim.y) * kRpTokens) {
-    const int nt = int(std::min<int64_t>(kRpTokens, p.k - t0));
+  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const bool active = c < body.cols();
+  const int64_t rows = body.rows();
+  const int nch = body.nchunks();
+  for (int64_t t0 = int64_t(blockIdx.y) * kRpTokens; t0 < rows; t0 += int64_t(gridDim.y) * kRpTokens) {
+    const int nt = int(std::min<int64_t>(kRpTokens, rows - t0));
     float acc[kRpTokens];
 #pragma unroll
     for (int i = 0; i < kRpTokens; ++i) acc[i] = 0.f;
-    for (int s = 0; s < p.cols.nchunks; ++s) {
+    for (int s = 0; s < nch; ++s) {
       __syncthreads();  // everyone is done reading the previous chunk / tile
       body.stage(tile, t0, nt, s, int(threadIdx.x));
       __syncthreads();
@@ -309,39 +370,48 @@ void run_rows(const HostExec&, const RowLaunch& l, const Body& body) {
         for (int64_t tx = 0; tx < l.tx; ++tx) body(ThreadIdx{bx, by, tx, ty, l.tx, l.ty, l.gy});
 }
 
-template <typename TIn>
-void run_right(const GpuExec& e, int64_t gx, int64_t gy, const RightProject<TIn>& body) {
-  right_project_kernel<TIn><<<dim3(unsigned(gx), unsigned(gy), 1), kThreads, 0, e.stream>>>(body);
+template <class Body>
+void run_tiled(const GpuExec& e, int64_t gx, int64_t gy, const Body& body) {
+  tiled_kernel<Body><<<dim3(unsigned(gx), unsigned(gy), 1), kThreads, 0, e.stream>>>(body);
   LSPO_CUDA_CHECK_LAUNCH();
 }
 // The kernel's two phases per chunk, separated as the barriers separate them.
-template <typename TIn>
-void run_right(const HostExec&, int64_t gx, int64_t gy, const RightProject<TIn>& body) {
-  const RightProjectParams& p = body.p;
+template <class Body>
+void run_tiled(const HostExec&, int64_t gx, int64_t gy, const Body& body) {
   std::vector<float4> tile(2 * kRpChunk);
   std::vector<float> accs(size_t(kThreads) * kRpTokens);
   auto acc_of = [&](int tid) -> float(&)[kRpTokens] {
     return *reinterpret_cast<float(*)[kRpTokens]>(accs.data() + size_t(tid) * kRpTokens);
   };
+  const int64_t rows = body.rows(), cols = body.cols();
   for (int64_t by = 0; by < gy; ++by) {
     for (int64_t bx = 0; bx < gx; ++bx) {
-      for (int64_t t0 = by * kRpTokens; t0 < p.k; t0 += gy * kRpTokens) {
-        const int nt = int(std::min<int64_t>(kRpTokens, p.k - t0));
+      for (int64_t t0 = by * kRpTokens; t0 < rows; t0 += gy * kRpTokens) {
+        const int nt = int(std::min<int64_t>(kRpTokens, rows - t0));
         std::fill(accs.begin(), accs.end(), 0.f);
-        for (int s = 0; s < p.cols.nchunks; ++s) {
+        for (int s = 0; s < body.nchunks(); ++s) {
           for (int tid = 0; tid < kThreads; ++tid) body.stage(tile.data(), t0, nt, s, tid);
           for (int tid = 0; tid < kThreads; ++tid) {
             const int64_t c = bx * kThreads + tid;
-            if (c < p.P.d) body.accumulate(tile.data(), c, s, acc_of(tid));
+            if (c < cols) body.accumulate(tile.data(), c, s, acc_of(tid));
           }
         }
         for (int tid = 0; tid < kThreads; ++tid) {
           const int64_t c = bx * kThreads + tid;
-          if (c < p.P.d) body.store(c, t0, nt, acc_of(tid));
+          if (c < cols) body.store(c, t0, nt, acc_of(tid));
         }
       }
     }
   }
+}
+
+// Grid of the tiled kernels: x over output columns, y over 8-row tiles (capped; grid-stride).
+template <class Body, class Exec>
+void launch_tiled(const Body& body, const Exec& e, const char* what) {
+  const int64_t gx = (body.cols() + kThreads - 1) / kThreads;
+  const int64_t gy = std::max<int64_t>(1, std::min<int64_t>((body.rows() + kRpTokens - 1) / kRpTokens, e.max_grid_y));
+  LSPO_CHECK(gx <= int64_t(0x7fffffff), what, ": ", body.cols(), " columns exceed the CUDA grid");
+  run_tiled(e, gx, gy, body);
 }
 
 template <class Exec>
@@ -350,13 +420,21 @@ void right_project_impl(const RightProjectParams& p, const Exec& e) {
   if (p.k == 0 || p.P.d == 0) return;
   LSPO_CHECK(p.cols.nchunks == (p.P.n + kRpChunk - 1) / kRpChunk, "right_project: column index built for ",
              p.cols.nchunks, " chunks, the kernel needs ", (p.P.n + kRpChunk - 1) / kRpChunk);
-  const int64_t gx = (p.P.d + kThreads - 1) / kThreads;
-  const int64_t gy = std::max<int64_t>(1, std::min<int64_t>((p.k + kRpTokens - 1) / kRpTokens, e.max_grid_y));
-  LSPO_CHECK(gx <= int64_t(0x7fffffff), "right_project: d = ", p.P.d, " exceeds the CUDA grid");
   if (p.y_dtype == DType::kFloat32) {
-    run_right(e, gx, gy, RightProject<float>{p});
+    launch_tiled(RightProject<float>{p}, e, "right_project");
   } else {
-    run_right(e, gx, gy, RightProject<bf16>{p});
+    launch_tiled(RightProject<bf16>{p}, e, "right_project");
+  }
+}
+
+template <class Exec>
+void apply_cols_impl(const ApplyColsParams& p, const Exec& e) {
+  check_dtype(p.w_dtype, "apply_cols weight");
+  if (p.m == 0 || p.Q.n == 0) return;
+  if (p.w_dtype == DType::kFloat32) {
+    launch_tiled(ApplyCols<float>{p}, e, "apply_cols");
+  } else {
+    launch_tiled(ApplyCols<bf16>{p}, e, "apply_cols");
   }
 }
 
@@ -432,6 +510,13 @@ void launch_apply_rows(const ApplyRowsParams& p, cudaStream_t stream) {
   apply_rows_impl(p, GpuExec{stream, kMaxGridY});
 }
 
+void launch_apply_cols(const ApplyColsParams& p, cudaStream_t stream) {
+  apply_cols_impl(p, GpuExec{stream, kMaxGridY});
+}
+
+void emulate_apply_cols(const ApplyColsParams& p, int64_t max_grid_y) {
+  apply_cols_impl(p, HostExec{std::min<int64_t>(max_grid_y, kMaxGridY)});
+}
 void emulate_right_project(const RightProjectParams& p, int64_t max_grid_y) {
   right_project_impl(p, HostExec{std::min<int64_t>(max_grid_y, kMaxGridY)});
 }

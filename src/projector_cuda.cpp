@@ -65,6 +65,10 @@ torch::Tensor cuda_expand(const SparseProjector&, const torch::Tensor&, Projecto
 void cuda_apply_rows_(torch::Tensor&, const SparseProjector&, const torch::Tensor&, double, ProjectorBackend) {
   no_cuda();
 }
+void cuda_apply_cols_(torch::Tensor&, const torch::Tensor&, const SparseProjector&, double, ProjectorBackend) {
+  no_cuda();
+}
+void cuda_prepare_projector(const SparseProjector&) { no_cuda(); }
 size_t projector_cuda_cache_entries() { return 0; }
 
 #else  // LSPO_WITH_CUDA
@@ -319,6 +323,13 @@ SpmmParams csr_of_PT(const SparseProjector& P, const GpuColumnIndex& g, torch::T
   return s;
 }
 
+void check_disjoint(const torch::Tensor& a, const torch::Tensor& b, const char* op, const char* names) {
+  if (a.numel() == 0 || b.numel() == 0) return;
+  const auto* a0 = static_cast<const char*>(a.data_ptr());
+  const auto* b0 = static_cast<const char*>(b.data_ptr());
+  LSPO_CHECK(a0 + a.nbytes() <= b0 || b0 + b.nbytes() <= a0, op, ": ", names, " must not overlap in memory");
+}
+
 // Bound on the fp32 workspace of the chunked bf16 cuSPARSE apply.
 constexpr int64_t kApplyWorkspaceBytes = int64_t(64) << 20;
 
@@ -448,12 +459,7 @@ void cuda_apply_rows_(torch::Tensor& W, const SparseProjector& P, const torch::T
   check_dense(W, op, "W", dev, n, "n", -1, true);
   const int64_t k = W.size(1);
   check_dense(T, op, "T", dev, d, "d", k, false);
-  {
-    const auto* w0 = static_cast<const char*>(W.data_ptr());
-    const auto* t0 = static_cast<const char*>(T.data_ptr());
-    const bool disjoint = w0 + W.nbytes() <= t0 || t0 + T.nbytes() <= w0;
-    LSPO_CHECK(W.numel() == 0 || T.numel() == 0 || disjoint, op, ": W and T must not overlap in memory");
-  }
+  check_disjoint(W, T, op, "W and T");
   c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = current_stream(dev);
   const auto g = column_index(P, stream);
@@ -505,6 +511,73 @@ void cuda_apply_rows_(torch::Tensor& W, const SparseProjector& P, const torch::T
   p.w_dtype = dtype_of(W);
   p.alpha = float(alpha);
   launch_apply_rows(p, stream);
+}
+
+void cuda_apply_cols_(torch::Tensor& W, const torch::Tensor& U, const SparseProjector& Q, double alpha,
+                      ProjectorBackend b) {
+  const char* op = "cuda_apply_cols_";
+  check_projector(Q, op);
+  const torch::Device dev = Q.indices.device();
+  const int64_t n = Q.indices.size(0), r = Q.indices.size(1), d = Q.d;
+  LSPO_CHECK(W.defined() && W.dim() == 2, op, ": W must be a 2-D [m, n] tensor");
+  const int64_t m = W.size(0);
+  check_dense(W, op, "W", dev, m, "m", n, true);
+  check_dense(U, op, "U", dev, m, "m", d, false);
+  check_disjoint(W, U, op, "W and U");
+  c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = current_stream(dev);
+  const auto g = column_index(Q, stream);
+  if (m == 0 || n == 0) return;
+  if (cuda_resolve_backend(CudaPrimitive::kApplyCols, n, d, r, m, b) == ProjectorBackend::kCuSparse) {
+    // W^T (n x m, column-major = W row-major) += alpha * Q (n x d) * U^T (d x m, column-major = U).
+    torch::Tensor vals;
+    SpmmParams s = csr_of_P(Q, *g, vals, stream);
+    s.ldb = d;
+    s.ldc = n;
+    s.row_major = false;
+    if (W.scalar_type() == torch::kFloat32) {
+      s.cols = m;
+      s.b = U.data_ptr<float>();
+      s.c = W.data_ptr<float>();
+      s.alpha = float(alpha);
+      s.beta = 1.f;
+      run_spmm(s, dev, stream);
+      return;
+    }
+    // bf16 W: chunks of W's rows (= columns of W^T) through a bounded fp32 workspace.
+    int64_t rows = std::max<int64_t>(1, kApplyWorkspaceBytes / (n * int64_t(sizeof(float))));
+    if (rows >= 4) rows -= rows % 4;
+    rows = std::min(rows, m);
+    torch::Tensor ws = torch::empty({rows, n}, U.options());
+    for (int64_t j0 = 0; j0 < m; j0 += rows) {
+      const int64_t len = std::min(rows, m - j0);
+      SpmmParams c = s;
+      c.cols = len;
+      c.b = U.data_ptr<float>() + j0 * d;
+      c.c = ws.data_ptr<float>();
+      c.alpha = 1.f;
+      c.beta = 0.f;
+      run_spmm(c, dev, stream);
+      launch_add_scaled(static_cast<char*>(W.data_ptr()) + j0 * n * W.element_size(), DType::kBFloat16,
+                        ws.data_ptr<float>(), len * n, float(alpha), stream);
+    }
+    return;
+  }
+  ApplyColsParams p;
+  p.Q = ell_view(Q);
+  p.u = U.data_ptr<float>();
+  p.m = m;
+  p.w = W.data_ptr();
+  p.w_dtype = dtype_of(W);
+  p.alpha = float(alpha);
+  launch_apply_cols(p, stream);
+}
+
+void cuda_prepare_projector(const SparseProjector& P) {
+  check_projector(P, "cuda_prepare_projector");
+  const torch::Device dev = P.indices.device();
+  c10::cuda::CUDAGuard guard(dev);
+  (void)column_index(P, current_stream(dev));
 }
 
 #endif  // LSPO_WITH_CUDA

@@ -28,10 +28,22 @@ torch::Tensor cuda_expand(const SparseProjector& P, const torch::Tensor& D, Proj
 void cuda_apply_rows_(torch::Tensor& W, const SparseProjector& P, const torch::Tensor& T, double alpha,
                       ProjectorBackend b);
 
+// W [m, n] (fp32 or bf16, in place): W += alpha * U Q^T, U [m, dQ] fp32, Q the projector of n; no
+// fp32 [m, n] temporary. Second way to apply an update:
+//   apply_(W, P, Q, Delta, alpha) = cuda_apply_cols_(W, cuda_expand(P, Delta), Q, alpha)
+// It reads W once with U's rows staged in shared memory, where cuda_apply_rows_ gathers r rows of
+// T per row of W; which is faster is for benchmarks/gpu/projector_gpu.py to say (unmeasured).
+void cuda_apply_cols_(torch::Tensor& W, const torch::Tensor& U, const SparseProjector& Q, double alpha,
+                      ProjectorBackend b);
+
+// Builds (or finds) P's column index now: the one synchronising step of the first CUDA call on a
+// projector. Call it outside CUDA-graph capture and timed loops; later calls are asynchronous.
+void cuda_prepare_projector(const SparseProjector& P);
+
 // The backend a primitive runs for this shape: `requested` unless it is kAuto, which resolves
 // through the table in src/projector_cuda.cpp (kGather until benchmarks/projector.py calibrates it
 // on a GPU). Exposed so that benchmarks and tests can report the choice.
-enum class CudaPrimitive { kRightProject, kLeftProject, kExpand, kApplyRows };
+enum class CudaPrimitive { kRightProject, kLeftProject, kExpand, kApplyRows, kApplyCols };
 ProjectorBackend cuda_resolve_backend(CudaPrimitive op, int64_t n, int64_t d, int64_t r, int64_t k,
                                       ProjectorBackend requested);
 

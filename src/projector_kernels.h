@@ -98,12 +98,23 @@ struct ApplyRowsParams {
   float alpha = 1.f;
 };
 
+// W [m, n] += alpha * U [m, d] Q^T with Q an ELL over n (Q.n = n, Q.d = d); U fp32, W fp32 or bf16.
+struct ApplyColsParams {
+  EllView Q;
+  const float* u = nullptr;
+  int64_t m = 0;
+  void* w = nullptr;
+  DType w_dtype = DType::kFloat32;
+  float alpha = 1.f;
+};
+
 void launch_right_project(const RightProjectParams& p, cudaStream_t stream);
+void launch_apply_cols(const ApplyColsParams& p, cudaStream_t stream);
 void launch_left_project(const LeftProjectParams& p, cudaStream_t stream);
 void launch_expand(const ExpandParams& p, cudaStream_t stream);
 void launch_apply_rows(const ApplyRowsParams& p, cudaStream_t stream);
 
-// Host emulation of the four launches above: the same kernel bodies (they are __host__ __device__)
+// Host emulation of the launches above: the same kernel bodies (they are __host__ __device__)
 // run serially on the host over the same grid and block shapes, the right projection phase by
 // phase as its barriers order it; all pointers are host pointers. Grid y is capped at max_grid_y
 // (<= 65535) so tests can exercise the grid-stride loops. For tests without a GPU: they check the
@@ -112,6 +123,7 @@ void emulate_right_project(const RightProjectParams& p, int64_t max_grid_y = 655
 void emulate_left_project(const LeftProjectParams& p, int64_t max_grid_y = 65535);
 void emulate_expand(const ExpandParams& p, int64_t max_grid_y = 65535);
 void emulate_apply_rows(const ApplyRowsParams& p, int64_t max_grid_y = 65535);
+void emulate_apply_cols(const ApplyColsParams& p, int64_t max_grid_y = 65535);
 
 // dst[i] = src[perm[i]], i < count (values into the sorted layouts cuSPARSE reads).
 void launch_permute_values(const float* src, const int32_t* perm, int64_t count, float* dst, cudaStream_t stream);

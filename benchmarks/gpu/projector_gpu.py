@@ -18,7 +18,9 @@ What is timed (bf16 activations and weight, fp32 projector values and Delta):
   left_W       P^T W        W [m, n] -> [dP, n]   (first half of compress(G); not in compress + apply)
   expand       Q Delta^T    -> [n, dP]; transpose: .t().contiguous() -> T = Delta Q^T [dP, n]
   apply_rows   W += a P T   in place, bf16 W
-compress = right_x + right_dy + small_gemm(fp32); apply = expand + transpose + apply_rows.
+  expand_u     U = P Delta  -> [m, dQ];  apply_cols: W += a U Q^T in place (the other apply order)
+compress = right_x + right_dy + small_gemm(fp32); apply = expand + transpose + apply_rows;
+apply2 = expand_u + apply_cols.
 The physical floor is the bytes these steps must move (X, dY read; W read and written) divided by
 the device-to-device copy bandwidth measured in the same run.
 """
@@ -81,6 +83,8 @@ def bench_config(_C, m, n, tokens, d, r, iters, bw):
     res["small_gemm_bf16_ms"] = timed(lambda: torch.matmul(A16.t(), B16), iters)
     floor_bytes = 2 * (X.numel() + dY.numel()) + 2 * 2 * W.numel()  # bf16: read X, dY; read + write W
     res["hbm_floor_ms"] = floor_bytes / bw * 1e3
+    _C._cuda_prepare_projector(Pi, Pv, d)  # the one synchronising step, outside the timed loops
+    _C._cuda_prepare_projector(Qi, Qv, d)
     for be in ("gather", "cusparse"):
         t = {}
         t["right_x"] = timed(lambda: _C._cuda_right_project(X, Pi, Pv, d, be), iters)
@@ -91,12 +95,16 @@ def bench_config(_C, m, n, tokens, d, r, iters, bw):
         t["transpose"] = timed(lambda: E.t().contiguous(), iters)
         T = E.t().contiguous()
         t["apply_rows"] = timed(lambda: _C._cuda_apply_rows_(W, Pi, Pv, d, T, 1e-6, be), iters)
+        t["expand_u"] = timed(lambda: _C._cuda_expand(Pi, Pv, d, Delta, be), iters)
+        U = _C._cuda_expand(Pi, Pv, d, Delta, be)
+        t["apply_cols"] = timed(lambda: _C._cuda_apply_cols_(W, U, Qi, Qv, d, 1e-6, be), iters)
         compress = t["right_x"] + t["right_dy"] + res["small_gemm_fp32_ms"]
-        apply = t["expand"] + t["transpose"] + t["apply_rows"]
+        apply = min(t["expand"] + t["transpose"] + t["apply_rows"], t["expand_u"] + t["apply_cols"])
+        res[f"{be}_apply_order"] = "rows" if apply == t["expand"] + t["transpose"] + t["apply_rows"] else "cols"
         for k, v in t.items():
             res[f"{be}_{k}_ms"] = v
         res[f"{be}_compress_ms"] = compress
-        res[f"{be}_apply_ms"] = apply
+        res[f"{be}_apply_ms"] = apply  # the faster of the two orders
         res[f"{be}_over_gemm"] = (compress + apply) / res["dense_gemm_ms"]
     # the same layer through the public API, when the projector bindings provide it
     if hasattr(_C, "SparseProjector") and hasattr(_C, "compress_activations") and hasattr(_C, "apply_"):
@@ -153,7 +161,7 @@ def main():
     ref = pick(4096, 4096, 1024, 8)
     faster = {}  # per primitive: configurations where cuSPARSE beat gather (calibrates the auto table)
     for x in rows:
-        for prim in ("right_x", "right_dy", "left_W", "expand", "apply_rows"):
+        for prim in ("right_x", "right_dy", "left_W", "expand", "apply_rows", "expand_u", "apply_cols"):
             if x[f"cusparse_{prim}_ms"] < x[f"gather_{prim}_ms"]:
                 faster.setdefault(prim, []).append(x["bench"].split("/", 1)[1])
     summary = {
@@ -167,7 +175,20 @@ def main():
         "dense_gemm_ms_4096x4096": ref["dense_gemm_ms"] if ref else None,
         "cusparse_faster_in": faster,
     }
+    print(markdown(rows), file=sys.stderr)  # for docs/benchmarks.md; stdout's last line stays the JSON
     print(json.dumps(summary))
+
+
+def markdown(rows):
+    out = ["| layer | d | r | dense X^T dY ms | gather compress ms | gather apply ms (order) | gather / GEMM | "
+           "cuSPARSE compress ms | cuSPARSE apply ms | cuSPARSE / GEMM | bytes floor / GEMM |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        out.append(f"| {x['layer']} | {x['d']} | {x['r']} | {x['dense_gemm_ms']:.3f} | {x['gather_compress_ms']:.3f} | "
+                   f"{x['gather_apply_ms']:.3f} ({x['gather_apply_order']}) | {x['gather_over_gemm']:.3f} | "
+                   f"{x['cusparse_compress_ms']:.3f} | {x['cusparse_apply_ms']:.3f} | {x['cusparse_over_gemm']:.3f} | "
+                   f"{x['hbm_floor_ms'] / x['dense_gemm_ms']:.3f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,22 @@ LSPO_REGISTER_BINDINGS(projector_cuda) {
       py::arg("W"), py::arg("indices"), py::arg("values"), py::arg("d"), py::arg("T"), py::arg("alpha"),
       py::arg("backend") = "auto", "W [n, k] += alpha * P @ T [d, k] in place, in W's dtype (internal primitive).");
   m.def(
+      "_cuda_apply_cols_",
+      [](torch::Tensor W, const torch::Tensor& U, const torch::Tensor& indices, const torch::Tensor& values, int64_t d,
+         double alpha, const std::string& backend) {
+        ld::cuda_apply_cols_(W, U, wrap(indices, values, d), alpha, parse_backend(backend));
+      },
+      py::arg("W"), py::arg("U"), py::arg("indices"), py::arg("values"), py::arg("d"), py::arg("alpha"),
+      py::arg("backend") = "auto",
+      "W [m, n] += alpha * U [m, d] @ Q^T in place, in W's dtype; Q (indices, values) over n (internal primitive).");
+  m.def(
+      "_cuda_prepare_projector",
+      [](const torch::Tensor& indices, const torch::Tensor& values, int64_t d) {
+        ld::cuda_prepare_projector(wrap(indices, values, d));
+      },
+      py::arg("indices"), py::arg("values"), py::arg("d"),
+      "Build the projector's CUDA column index now (the one synchronising step of its first CUDA call).");
+  m.def(
       "_cuda_resolve_backend",
       [](const std::string& op, int64_t n, int64_t d, int64_t r, int64_t k, const std::string& backend) {
         ld::CudaPrimitive p;
@@ -77,8 +93,10 @@ LSPO_REGISTER_BINDINGS(projector_cuda) {
           p = ld::CudaPrimitive::kExpand;
         } else if (op == "apply_rows") {
           p = ld::CudaPrimitive::kApplyRows;
+        } else if (op == "apply_cols") {
+          p = ld::CudaPrimitive::kApplyCols;
         } else {
-          LSPO_CHECK(false, "unknown primitive '", op, "': use right_project, left_project, expand or apply_rows");
+          LSPO_CHECK(false, "unknown primitive '", op, "': use right_project, left_project, expand, apply_rows or apply_cols");
           p = ld::CudaPrimitive::kRightProject;
         }
         return std::string(backend_name(ld::cuda_resolve_backend(p, n, d, r, k, parse_backend(backend))));

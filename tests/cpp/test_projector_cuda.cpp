@@ -109,7 +109,7 @@ TEST(ProjectorColumnIndex, RejectsBadPatterns) {
 
 TEST(ProjectorCuda, AutoResolvesToGatherUntilCalibrated) {
   for (auto op : {ld::CudaPrimitive::kRightProject, ld::CudaPrimitive::kLeftProject, ld::CudaPrimitive::kExpand,
-                  ld::CudaPrimitive::kApplyRows}) {
+                  ld::CudaPrimitive::kApplyRows, ld::CudaPrimitive::kApplyCols}) {
     EXPECT_EQ(ld::cuda_resolve_backend(op, 4096, 1024, 8, 2048, ProjectorBackend::kAuto), ProjectorBackend::kGather);
     EXPECT_EQ(ld::cuda_resolve_backend(op, 4096, 1024, 8, 2048, ProjectorBackend::kCuSparse),
               ProjectorBackend::kCuSparse);
@@ -220,6 +220,16 @@ void emu_apply(const HostProjector& P, torch::Tensor& W, const torch::Tensor& T,
   p.alpha = alpha;
   ld::emulate_apply_rows(p, max_gy);
 }
+void emu_apply_cols(const HostProjector& Q, torch::Tensor& W, const torch::Tensor& U, float alpha, int64_t max_gy) {
+  ld::ApplyColsParams p;
+  p.Q = Q.ell();
+  p.u = U.data_ptr<float>();
+  p.m = W.size(0);
+  p.w = W.data_ptr();
+  p.w_dtype = dt(W.scalar_type());
+  p.alpha = alpha;
+  ld::emulate_apply_cols(p, max_gy);
+}
 // A contiguous copy of t whose data starts one element past an aligned address (scalar path).
 torch::Tensor misaligned(const torch::Tensor& t) {
   torch::Tensor buf = torch::empty({t.numel() + 1}, t.options());
@@ -258,16 +268,17 @@ void expect_accurate(const torch::Tensor& ours, torch::ScalarType in_dtype, cons
 
 // Checks the four primitives' outputs for one projector (dense64 on the inputs' device).
 struct PrimInputs {
-  torch::Tensor Y, Z, D, T, W0;  // fp32: Y [k, n], Z [n, k], D [d, k], T [d, k], W0 [n, k]
+  // fp32: Y [k, n], Z [n, k], D [d, k], T [d, k], W0 [n, k]; for apply_cols U [k, d], Wc0 [k, n]
+  torch::Tensor Y, Z, D, T, W0, U, Wc0;
   double alpha = 0.3;
 };
 struct PrimOutputs {
-  torch::Tensor right, left, expand, W;
+  torch::Tensor right, left, expand, W, Wc;
 };
 PrimInputs random_inputs(int64_t n, int64_t d, int64_t k, const torch::Device& dev) {
   const auto o = torch::TensorOptions().device(dev);
   return {torch::randn({k, n}, o), torch::randn({n, k}, o), torch::randn({d, k}, o), torch::randn({d, k}, o),
-          torch::randn({n, k}, o), 0.3};
+          torch::randn({n, k}, o), torch::randn({k, d}, o), torch::randn({k, n}, o), 0.3};
 }
 void check_outputs(const PrimOutputs& out, const PrimInputs& in, const torch::Tensor& dense64, int64_t r,
                    torch::ScalarType dtype, const std::string& tag) {
@@ -283,6 +294,10 @@ void check_outputs(const PrimOutputs& out, const PrimInputs& in, const torch::Te
   expect_accurate(out.W, dtype, in.W0.to(dtype) + in.alpha * torch::matmul(Pd, in.T.to(dtype)),
                   f64(in.W0) + in.alpha * torch::matmul(dense64, f64(in.T)),
                   f64(in.W0).abs() + std::abs(in.alpha) * torch::matmul(Pa, f64(in.T).abs()), r + 2, "apply_rows " + tag);
+  expect_accurate(out.Wc, dtype, in.Wc0.to(dtype) + in.alpha * torch::matmul(in.U.to(dtype), Pd.t()),
+                  f64(in.Wc0) + in.alpha * torch::matmul(f64(in.U), dense64.t()),
+                  f64(in.Wc0).abs() + std::abs(in.alpha) * torch::matmul(f64(in.U).abs(), Pa.t()), r + 2,
+                  "apply_cols " + tag);
 }
 
 #ifdef LSPO_WITH_CUDA
@@ -303,7 +318,9 @@ TEST(ProjectorKernelEmulation, MatchDenseFp64) {
       const torch::Tensor expand = emu_expand(P, D.to(dtype), 65535);
       torch::Tensor W = W0.to(dtype).clone();
       emu_apply(P, W, T, float(in.alpha), 65535);
-      check_outputs({right, left, expand, W}, in, P.dense64, r, dtype, tag);
+      torch::Tensor Wc = in.Wc0.to(dtype).clone();
+      emu_apply_cols(P, Wc, in.U, float(in.alpha), 65535);
+      check_outputs({right, left, expand, W, Wc}, in, P.dense64, r, dtype, tag);
 
       // Determinism by construction: a capped grid (grid-stride loops) and the scalar path of
       // misaligned inputs give bitwise the same result.
@@ -315,6 +332,9 @@ TEST(ProjectorKernelEmulation, MatchDenseFp64) {
         torch::Tensor W2 = misaligned(W0.to(dtype));
         emu_apply(P, W2, T, float(in.alpha), 1);
         EXPECT_TRUE(torch::equal(W, W2));
+        torch::Tensor Wc2 = in.Wc0.to(dtype).clone();
+        emu_apply_cols(P, Wc2, in.U, float(in.alpha), 1);
+        EXPECT_TRUE(torch::equal(Wc, Wc2));
       }
     }
   }
@@ -377,6 +397,8 @@ TEST_P(ProjectorCudaOps, MatchDenseFp64) {
     out.expand = ld::cuda_expand(t.P, in.D.to(dtype), backend);
     out.W = in.W0.to(dtype).clone();
     ld::cuda_apply_rows_(out.W, t.P, in.T, in.alpha, backend);
+    out.Wc = in.Wc0.to(dtype).clone();
+    ld::cuda_apply_cols_(out.Wc, in.U, t.P, in.alpha, backend);
     ASSERT_EQ(out.right.sizes(), (std::vector<int64_t>{s.k, s.d}));
     ASSERT_EQ(out.left.sizes(), (std::vector<int64_t>{s.d, s.k}));
     ASSERT_EQ(out.expand.sizes(), (std::vector<int64_t>{s.n, s.k}));
@@ -407,6 +429,8 @@ TEST(ProjectorCuda, EmptyOperands) {
     EXPECT_EQ(ld::cuda_expand(t.P, torch::zeros({4, 0}, cuda), b).sizes(), (std::vector<int64_t>{10, 0}));
     torch::Tensor W = torch::zeros({10, 0}, cuda);
     EXPECT_NO_THROW(ld::cuda_apply_rows_(W, t.P, torch::zeros({4, 0}, cuda), 1.0, b));
+    torch::Tensor Wc = torch::zeros({0, 10}, cuda);
+    EXPECT_NO_THROW(ld::cuda_apply_cols_(Wc, torch::zeros({0, 4}, cuda), t.P, 1.0, b));
   }
 }
 
@@ -437,11 +461,12 @@ TEST(ProjectorCuda, GatherIsDeterministic) {
     const torch::Tensor D = torch::randn({512, 257}, cuda).to(dtype), T = torch::randn({512, 257}, cuda);
     const torch::Tensor W0 = torch::randn({4097, 257}, cuda).to(dtype);
     auto run = [&] {
-      torch::Tensor W = W0.clone();
+      torch::Tensor W = W0.clone(), Wc = W0.t().contiguous();
       ld::cuda_apply_rows_(W, t.P, T, 0.5, ProjectorBackend::kGather);
+      ld::cuda_apply_cols_(Wc, T.t().contiguous(), t.P, 0.5, ProjectorBackend::kGather);
       return std::vector<torch::Tensor>{ld::cuda_right_project(Y, t.P, ProjectorBackend::kGather),
                                         ld::cuda_left_project(t.P, Z, ProjectorBackend::kGather),
-                                        ld::cuda_expand(t.P, D, ProjectorBackend::kGather), W};
+                                        ld::cuda_expand(t.P, D, ProjectorBackend::kGather), W, Wc};
     };
     const auto a = run(), b = run();
     for (size_t i = 0; i < a.size(); ++i) {
@@ -501,6 +526,11 @@ TEST(ProjectorCuda, RejectsBadInput) {
                                     ProjectorBackend::kGather),
                lspo::Error);  // T must be fp32
   EXPECT_THROW(ld::cuda_apply_rows_(W, t.P, torch::zeros({8, 4}, cuda), 1.0, ProjectorBackend::kGather), lspo::Error);
+  torch::Tensor Wc = torch::zeros({5, 20}, cuda);
+  EXPECT_THROW(ld::cuda_apply_cols_(Wc, torch::zeros({5, 7}, cuda), t.P, 1.0, ProjectorBackend::kGather),
+               lspo::Error);  // U must be [m, d]
+  EXPECT_THROW(ld::cuda_apply_cols_(Wc, Wc.view({-1}).slice(0, 0, 40).view({5, 8}), t.P, 1.0, ProjectorBackend::kGather),
+               lspo::Error);  // U aliases W
   SparseProjector bad = t.P;
   bad.indices = t.P.indices.clone();
   bad.indices.index_put_({0, 0}, 8);  // == d: out of range

@@ -69,13 +69,19 @@ def test_primitives_match_fp64(backend, dtype, n, d, r, k):
     _C._cuda_apply_rows_(W, idx, val, d, T, 0.25, backend)
     assert W.dtype == dtype
     check(W, dtype, W0.to(dtype) + 0.25 * (Pd @ T.to(dtype)), W0.double() + 0.25 * (P64 @ T.double()),
-          W0.double().abs() + 0.25 * (Pa @ T.double().abs()), r + 2, "apply")
+          W0.double().abs() + 0.25 * (Pa @ T.double().abs()), r + 2, "apply_rows")
+    U, Wc0 = torch.randn(k, d, device=dev), torch.randn(k, n, device=dev)
+    Wc = Wc0.to(dtype).clone()
+    _C._cuda_apply_cols_(Wc, U, idx, val, d, 0.25, backend)
+    check(Wc, dtype, Wc0.to(dtype) + 0.25 * (U.to(dtype) @ Pd.t()), Wc0.double() + 0.25 * (U.double() @ P64.t()),
+          Wc0.double().abs() + 0.25 * (U.double().abs() @ Pa.t()), r + 2, "apply_cols")
 
 
 @need_gpu
 def test_gather_is_bitwise_deterministic():
     dev = torch.device("cuda")
     idx, val, _ = make_projector(3000, 256, 8, dev, seed=7)
+    _C._cuda_prepare_projector(idx, val, 256)
     Y = torch.randn(300, 3000, device=dev, dtype=torch.bfloat16)
     a = _C._cuda_right_project(Y, idx, val, 256, "gather")
     b = _C._cuda_right_project(Y, idx, val, 256, "gather")
