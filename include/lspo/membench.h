@@ -1,0 +1,26 @@
+// lspo/membench.h -- the machine's own memory bandwidth, measured with a STREAM-triad loop
+// (a[i] = b[i] + s * c[i] over fp32) split over lspo's thread pool. Benchmarks report their speed
+// as a fraction of this (the roofline of memory-bound kernels such as the fused CPU Adam).
+#pragma once
+#include <cstdint>
+
+namespace lspo {
+
+class ThreadPool;
+
+// One triad pass over n elements on `pool` (default: the global pool).
+void stream_triad(float* a, const float* b, const float* c, float s, int64_t n, ThreadPool* pool = nullptr);
+
+struct TriadResult {
+  int64_t n = 0;              // elements per array
+  int reps = 0;               // timed passes
+  double best_seconds = 0.0;  // fastest pass
+  double bytes_per_pass = 0.0;  // STREAM convention: 12 bytes per element (read b, c; write a)
+  double best_bytes_per_s = 0.0;
+};
+
+// Allocates three arrays of n floats (first-touched by the pool threads), runs one warm-up pass
+// and `reps` timed passes, returns the best. Throws lspo::Error on bad arguments.
+TriadResult measure_triad(int64_t n, int reps, ThreadPool* pool = nullptr);
+
+}  // namespace lspo

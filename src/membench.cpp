@@ -1,0 +1,70 @@
+// STREAM-triad memory bandwidth loop (see lspo/membench.h).
+#include "lspo/membench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <memory>
+
+#include "lspo/common.h"
+#include "lspo/thread_pool.h"
+
+namespace lspo {
+namespace {
+constexpr int64_t kAlign = 64;          // elements: whole cache lines per thread
+constexpr int64_t kMinChunk = 1 << 15;
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+using Array = std::unique_ptr<float, FreeDeleter>;
+
+Array alloc(int64_t n) {
+  size_t bytes = (static_cast<size_t>(n) * sizeof(float) + 4095) / 4096 * 4096;
+  void* p = std::aligned_alloc(4096, bytes);
+  LSPO_CHECK(p, "measure_triad: cannot allocate ", bytes, " bytes");
+  return Array(static_cast<float*>(p));
+}
+}  // namespace
+
+void stream_triad(float* a, const float* b, const float* c, float s, int64_t n, ThreadPool* pool) {
+  LSPO_CHECK(n >= 0, "stream_triad: negative element count ", n);
+  LSPO_CHECK(n == 0 || (a && b && c), "stream_triad: null array");
+  ThreadPool& tp = pool ? *pool : ThreadPool::global();
+  tp.parallel_for(n, kMinChunk, kAlign, [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) a[i] = b[i] + s * c[i];
+  });
+}
+
+TriadResult measure_triad(int64_t n, int reps, ThreadPool* pool) {
+  LSPO_CHECK(n > 0, "measure_triad: n must be positive, got ", n);
+  LSPO_CHECK(reps > 0, "measure_triad: reps must be positive, got ", reps);
+  ThreadPool& tp = pool ? *pool : ThreadPool::global();
+  Array a = alloc(n), b = alloc(n), c = alloc(n);
+  float *pa = a.get(), *pb = b.get(), *pc = c.get();
+  // First touch by the threads that will stream each chunk (page placement on NUMA machines).
+  tp.parallel_for(n, kMinChunk, kAlign, [=](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      pa[i] = 0.0f;
+      pb[i] = 1.0f;
+      pc[i] = 2.0f;
+    }
+  });
+  stream_triad(pa, pb, pc, 3.0f, n, &tp);  // warm-up
+  TriadResult r;
+  r.n = n;
+  r.reps = reps;
+  r.bytes_per_pass = 12.0 * static_cast<double>(n);
+  r.best_seconds = 1e300;
+  for (int i = 0; i < reps; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    stream_triad(pa, pb, pc, 3.0f, n, &tp);
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    r.best_seconds = std::min(r.best_seconds, dt);
+  }
+  LSPO_CHECK(pa[n - 1] == 7.0f, "measure_triad: wrong triad result ", pa[n - 1]);
+  r.best_bytes_per_s = r.bytes_per_pass / r.best_seconds;
+  return r;
+}
+
+}  // namespace lspo
