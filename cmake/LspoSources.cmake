@@ -55,6 +55,9 @@ add_library(lspo SHARED $<TARGET_OBJECTS:lspo_objs>)
 add_library(lspo::lspo ALIAS lspo)
 target_link_libraries(lspo PUBLIC lspo_objs)
 set_target_properties(lspo PROPERTIES VERSION ${PROJECT_VERSION} SOVERSION ${PROJECT_VERSION_MAJOR})
+# The installed library finds LibTorch (libc10_cuda, ...) and the CUDA libraries it links where they
+# were at build time: their directories go into its install RPATH.
+set_target_properties(lspo PROPERTIES INSTALL_RPATH "${TORCH_INSTALL_PREFIX}/lib" INSTALL_RPATH_USE_LINK_PATH TRUE)
 
 # ---------------------------------------------------------------- python extension
 if(LSPO_BUILD_PYTHON)
