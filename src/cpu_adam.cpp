@@ -1,6 +1,7 @@
 // Dispatch of the fused Adam step and of all_finite: picks the ISA path, splits the buffers over
 // the persistent thread pool, and holds the scalar (no-SIMD) path. The SIMD paths live in
 // cpu_adam_avx2.cpp and cpu_adam_avx512.cpp.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 
@@ -31,12 +32,31 @@ struct VScalar {
   static void store_f16(uint16_t* p, F x) { *p = float_to_fp16(x); }
 };
 
-// Chunks: at least this many elements per thread (below it, waking a thread costs more than it
-// saves), boundaries on multiples of 64 elements (whole 64-byte lines of fp32 for every thread).
+// Work split: below kMinChunk elements per thread, waking a thread costs more than it saves.
+// Above, the threads pull blocks of kBlock elements from a shared counter instead of taking one
+// fixed share each, so a core slowed by another process (this machine is shared; a training job
+// has its own threads) delays the step by at most one block. Block and chunk boundaries are
+// multiples of 64 elements: whole 64-byte lines of fp32, vector-aligned for every ISA.
 constexpr int64_t kMinChunk = 1 << 14;
+constexpr int64_t kBlock = 1 << 16;
 constexpr int64_t kAlign = 64;
 
 ThreadPool& pool_or_global(ThreadPool* pool) { return pool ? *pool : ThreadPool::global(); }
+
+template <class Fn>
+void run_blocks(ThreadPool& tp, int64_t n, const Fn& fn) {
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  const int64_t workers = std::min<int64_t>(tp.num_threads(), std::max<int64_t>(1, n / kMinChunk));
+  if (workers <= 1 || nblocks <= 1) {
+    tp.parallel_for(n, kMinChunk, kAlign, fn);  // small: a static split (or one thread)
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  tp.parallel_for(workers, 1, 1, [&](int64_t, int64_t) {
+    for (int64_t blk; (blk = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;)
+      fn(blk * kBlock, std::min(n, (blk + 1) * kBlock));
+  });
+}
 
 void check_isa(Isa isa) {
   LSPO_CHECK(static_cast<int>(isa) <= static_cast<int>(detected_isa()), "cannot run the ", isa_name(isa),
@@ -63,8 +83,7 @@ void adam_step_isa(Isa isa, const AdamConfig& cfg, int64_t step, const AdamBuffe
       isa == Isa::kAVX512 ? detail::adam_chunk_avx512
       : isa == Isa::kAVX2 ? detail::adam_chunk_avx2
                           : detail::adam_chunk_scalar;
-  pool_or_global(pool).parallel_for(buf.n, kMinChunk, kAlign,
-                                    [&](int64_t b, int64_t e) { chunk(s, buf, b, e); });
+  run_blocks(pool_or_global(pool), buf.n, [&](int64_t b, int64_t e) { chunk(s, buf, b, e); });
 }
 
 void adam_step(const AdamConfig& cfg, int64_t step, const AdamBuffers& buf, ThreadPool* pool) {
@@ -83,8 +102,8 @@ bool all_finite_isa(Isa isa, const void* data, DType dtype, int64_t n, ThreadPoo
       : isa == Isa::kAVX2 ? detail::finite_chunk_avx2
                           : detail::finite_chunk_scalar;
   std::atomic<bool> ok{true};
-  pool_or_global(pool).parallel_for(n, 4 * kMinChunk, kAlign, [&](int64_t b, int64_t e) {
-    if (!chunk(data, dtype, b, e)) ok.store(false, std::memory_order_relaxed);
+  run_blocks(pool_or_global(pool), n, [&](int64_t b, int64_t e) {
+    if (ok.load(std::memory_order_relaxed) && !chunk(data, dtype, b, e)) ok.store(false, std::memory_order_relaxed);
   });
   return ok.load();
 }

@@ -2,12 +2,37 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <memory>
 
 #include "lspo/common.h"
 
 namespace lspo {
+namespace {
+// How long a thread polls for new work (worker) or for the workers' completion (caller) before
+// blocking on the condition variable.
+constexpr auto kSpin = std::chrono::microseconds(50);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Polls `done` until it returns true or kSpin has passed; true when `done` became true.
+template <class Pred>
+bool spin_until(const Pred& done) {
+  auto t0 = std::chrono::steady_clock::now();
+  for (int i = 1;; ++i) {
+    if (done()) return true;
+    cpu_relax();
+    if ((i & 63) == 0 && std::chrono::steady_clock::now() - t0 > kSpin) return done();
+  }
+}
+}  // namespace
 
 ThreadPool::ThreadPool(int num_threads) {
   LSPO_CHECK(num_threads >= 1, "ThreadPool needs at least one thread (got ", num_threads, ")");
@@ -18,6 +43,7 @@ ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lk(mu_);
     stop_ = true;
+    stopping_.store(true, std::memory_order_release);
   }
   wake_.notify_all();
   for (auto& t : workers_) t.join();
@@ -28,6 +54,9 @@ void ThreadPool::worker_loop(int index) {
   for (;;) {
     std::pair<int64_t, int64_t> range{0, 0};
     const std::function<void(int64_t, int64_t)>* job = nullptr;
+    spin_until([&] {
+      return published_.load(std::memory_order_acquire) != seen || stopping_.load(std::memory_order_acquire);
+    });
     {
       std::unique_lock<std::mutex> lk(mu_);
       wake_.wait(lk, [&] { return stop_ || generation_ != seen; });
@@ -49,7 +78,8 @@ void ThreadPool::worker_loop(int index) {
     {
       std::lock_guard<std::mutex> lk(mu_);
       if (err && !error_) error_ = err;
-      if (--pending_ == 0) done_.notify_one();
+      remaining_.store(--pending_, std::memory_order_release);
+      if (pending_ == 0) done_.notify_one();
     }
   }
 }
@@ -75,7 +105,9 @@ void ThreadPool::parallel_for(int64_t n, int64_t min_chunk, int64_t align,
     job_ = &fn;
     error_ = nullptr;
     pending_ = static_cast<int>(workers_.size());
+    remaining_.store(pending_, std::memory_order_relaxed);
     ++generation_;
+    published_.store(generation_, std::memory_order_release);
   }
   wake_.notify_all();
   std::exception_ptr mine;
@@ -84,6 +116,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t min_chunk, int64_t align,
   } catch (...) {
     mine = std::current_exception();
   }
+  spin_until([&] { return remaining_.load(std::memory_order_acquire) == 0; });
   std::unique_lock<std::mutex> lk(mu_);
   done_.wait(lk, [&] { return pending_ == 0; });
   job_ = nullptr;
