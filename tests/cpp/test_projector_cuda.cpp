@@ -486,6 +486,40 @@ TEST(ProjectorCuda, GatherIsDeterministic) {
   }
 }
 
+// The host emulation runs the kernels' own bodies: on a device, gather results must equal it
+// bitwise (explicit fmaf on both sides, same order), which is what makes the CPU-only emulation
+// test meaningful.
+TEST(ProjectorCuda, GatherEqualsHostEmulationBitwise) {
+  REQUIRE_GPU();
+#ifdef LSPO_WITH_CUDA
+  torch::manual_seed(8);
+  for (auto [n, d, r, k] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
+           {4097, 64, 8, 33}, {700, 96, 4, 260}, {33, 1, 1, 17}}) {
+    const HostProjector H = host_projector(n, d, r);
+    SparseProjector P;
+    P.indices = H.idx.to(torch::kCUDA);
+    P.values = H.val.to(torch::kCUDA);
+    P.d = d;
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+      const PrimInputs in = random_inputs(n, d, k, torch::kCPU);
+      const auto cuda = [](const torch::Tensor& t) { return t.to(torch::kCUDA); };
+      const auto g = ProjectorBackend::kGather;
+      EXPECT_TRUE(torch::equal(ld::cuda_right_project(cuda(in.Y.to(dtype)), P, g).cpu(), emu_right(H, in.Y.to(dtype), 65535)));
+      EXPECT_TRUE(torch::equal(ld::cuda_left_project(P, cuda(in.Z.to(dtype)), g).cpu(), emu_left(H, in.Z.to(dtype), 65535)));
+      EXPECT_TRUE(torch::equal(ld::cuda_expand(P, cuda(in.D.to(dtype)), g).cpu(), emu_expand(H, in.D.to(dtype), 65535)));
+      torch::Tensor W = cuda(in.W0.to(dtype)), Wh = in.W0.to(dtype).clone();
+      ld::cuda_apply_rows_(W, P, cuda(in.T), 0.3, g);
+      emu_apply(H, Wh, in.T, 0.3f, 65535);
+      EXPECT_TRUE(torch::equal(W.cpu(), Wh));
+      torch::Tensor Wc = cuda(in.Wc0.to(dtype)), Wch = in.Wc0.to(dtype).clone();
+      ld::cuda_apply_cols_(Wc, cuda(in.U), P, 0.3, g);
+      emu_apply_cols(H, Wch, in.U, 0.3f, 65535);
+      EXPECT_TRUE(torch::equal(Wc.cpu(), Wch));
+    }
+  }
+#endif
+}
+
 // The column-index cache: one entry per live projector, rebuilt when the indices change in place.
 TEST(ProjectorCuda, ColumnIndexCache) {
   REQUIRE_GPU();
