@@ -19,11 +19,15 @@ struct VScalar {
   static constexpr int W = 1;
   static F set1(float x) { return x; }
   static F load(const float* p) { return *p; }
+  template <bool NT>
   static void store(float* p, F x) { *p = x; }
+  static void fence() {}
   static F sqrt(F x) { return std::sqrt(x); }
   static F load_bf16(const uint16_t* p) { return bf16_to_float(*p); }
   static F load_f16(const uint16_t* p) { return fp16_to_float(*p); }
+  template <bool NT>
   static void store_bf16(uint16_t* p, F x) { *p = float_to_bf16(x); }
+  template <bool NT>
   static void store_f16(uint16_t* p, F x) { *p = float_to_fp16(x); }
 };
 

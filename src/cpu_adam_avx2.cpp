@@ -13,7 +13,16 @@ struct V256 {
   static constexpr int W = 8;
   static F set1(float x) { return _mm256_set1_ps(x); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  template <bool NT>
+  static void store(float* p, F x) {
+    if constexpr (NT) _mm256_stream_ps(p, x); else _mm256_storeu_ps(p, x);
+  }
+  template <bool NT>
+  static void put(uint16_t* p, __m128i x) {
+    if constexpr (NT) _mm_stream_si128(reinterpret_cast<__m128i*>(p), x);
+    else _mm_storeu_si128(reinterpret_cast<__m128i*>(p), x);
+  }
+  static void fence() { _mm_sfence(); }
   static F sqrt(F x) { return _mm256_sqrt_ps(x); }
   static F load_bf16(const uint16_t* p) {
     __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -21,6 +30,7 @@ struct V256 {
   }
   static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   // Round to nearest even in integer arithmetic (as lspo::float_to_bf16), NaN -> quiet NaN.
+  template <bool NT>
   static void store_bf16(uint16_t* p, F x) {
     const __m256i u = _mm256_castps_si256(x);
     const __m256i hi = _mm256_srli_epi32(u, 16);
@@ -32,10 +42,11 @@ struct V256 {
     r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
     // 8 x u32 (< 65536) -> 8 x u16: pack within 128-bit lanes, then gather qwords 0 and 2.
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    put<NT>(p, _mm256_castsi256_si128(packed));
   }
+  template <bool NT>
   static void store_f16(uint16_t* p, F x) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    put<NT>(p, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
 

@@ -15,7 +15,16 @@ struct V512 {
   static constexpr int W = 16;
   static F set1(float x) { return _mm512_set1_ps(x); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, F x) { _mm512_storeu_ps(p, x); }
+  template <bool NT>
+  static void store(float* p, F x) {
+    if constexpr (NT) _mm512_stream_ps(p, x); else _mm512_storeu_ps(p, x);
+  }
+  template <bool NT>
+  static void put(uint16_t* p, __m256i x) {
+    if constexpr (NT) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), x);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x);
+  }
+  static void fence() { _mm_sfence(); }
   static F sqrt(F x) { return _mm512_sqrt_ps(x); }
   static F load_bf16(const uint16_t* p) {
     __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -26,6 +35,7 @@ struct V512 {
   }
   // Round to nearest even in integer arithmetic (as lspo::float_to_bf16; unlike VCVTNEPS2BF16 it
   // keeps denormals), NaN -> quiet NaN.
+  template <bool NT>
   static void store_bf16(uint16_t* p, F x) {
     const __m512i u = _mm512_castps_si512(x);
     const __m512i hi = _mm512_srli_epi32(u, 16);
@@ -34,11 +44,11 @@ struct V512 {
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
                                                   _mm512_set1_epi32(0x7f800000));
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    put<NT>(p, _mm512_cvtepi32_epi16(r));
   }
+  template <bool NT>
   static void store_f16(uint16_t* p, F x) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    put<NT>(p, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
 

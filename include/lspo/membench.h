@@ -11,16 +11,21 @@ class ThreadPool;
 // One triad pass over n elements on `pool` (default: the global pool).
 void stream_triad(float* a, const float* b, const float* c, float s, int64_t n, ThreadPool* pool = nullptr);
 
+// The same with streaming (non-temporal) stores where the CPU has them (x86-64): `a` is written
+// without being read into the cache first, so the pass moves exactly the 12 bytes/element counted.
+void stream_triad_nt(float* a, const float* b, const float* c, float s, int64_t n, ThreadPool* pool = nullptr);
+
 struct TriadResult {
   int64_t n = 0;              // elements per array
   int reps = 0;               // timed passes
   double best_seconds = 0.0;  // fastest pass
-  double bytes_per_pass = 0.0;  // STREAM convention: 12 bytes per element (read b, c; write a)
+  double bytes_per_pass = 0.0;  // STREAM convention: 12 bytes per element (read b, c; write a);
+                                // with ordinary stores the hardware also reads `a` (4 more bytes)
   double best_bytes_per_s = 0.0;
 };
 
 // Allocates three arrays of n floats (first-touched by the pool threads), runs one warm-up pass
 // and `reps` timed passes, returns the best. Throws lspo::Error on bad arguments.
-TriadResult measure_triad(int64_t n, int reps, ThreadPool* pool = nullptr);
+TriadResult measure_triad(int64_t n, int reps, ThreadPool* pool = nullptr, bool streaming_stores = false);
 
 }  // namespace lspo

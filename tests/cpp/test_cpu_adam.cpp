@@ -77,15 +77,20 @@ struct Problem {
   int off;
 };
 
+// An output buffer whose first element sits `offset` elements after a 64-byte boundary (offset 0:
+// the kernels take their streaming-store path; otherwise ordinary stores), with 64 guard bytes
+// after the n elements that must stay 0xab.
 struct Outputs {
   std::vector<unsigned char> bytes;
-  int off;
-  // 64 guard bytes after the n elements: must stay 0xab.
-  Outputs(int64_t n, DType t, int offset)
-      : bytes((n + offset) * lspo::dtype_size(t) + 64, 0xab), off(offset * lspo::dtype_size(t)) {}
-  void* ptr() { return bytes.data() + off; }
+  size_t start, len;
+  Outputs(int64_t n, DType t, int offset) : bytes(n * lspo::dtype_size(t) + 64 * 3, 0xab) {
+    uintptr_t base = reinterpret_cast<uintptr_t>(bytes.data());
+    start = ((base + 63) / 64 * 64 - base) + offset * lspo::dtype_size(t);
+    len = n * lspo::dtype_size(t);
+  }
+  void* ptr() { return bytes.data() + start; }
   bool guard_intact() const {
-    for (size_t i = bytes.size() - 64; i < bytes.size(); ++i)
+    for (size_t i = start + len; i < start + len + 64; ++i)
       if (bytes[i] != 0xab) return false;
     return true;
   }
@@ -96,12 +101,12 @@ bool same_bytes(const void* a, const void* b, size_t n) { return n == 0 || std::
 // Runs `steps` steps on one ISA path and on the reference from the same start; expects
 // bit-identical state and output after every step.
 void expect_path_matches_reference(Isa isa, const AdamConfig& cfg, int64_t n, DType gdt, bool with_param,
-                                   bool with_out, DType odt, lspo::ThreadPool* pool, int steps = 2) {
+                                   bool with_out, DType odt, lspo::ThreadPool* pool, int steps = 2, int out_offset = 0) {
   SCOPED_TRACE(std::string("isa=") + lspo::isa_name(isa) + " n=" + std::to_string(n) + " grad=" +
                lspo::dtype_name(gdt) + " param=" + std::to_string(with_param) + " out=" +
-               (with_out ? lspo::dtype_name(odt) : "none"));
+               (with_out ? lspo::dtype_name(odt) : "none") + " out_offset=" + std::to_string(out_offset));
   Problem a(n, gdt, 1234 + static_cast<uint32_t>(n), 1), b(n, gdt, 1234 + static_cast<uint32_t>(n), 3);
-  Outputs oa(n, odt, 1), ob(n, odt, 2);
+  Outputs oa(n, odt, 1), ob(n, odt, out_offset);
   for (int step = 1; step <= steps; ++step) {
     AdamBuffers ba{with_param ? a.P() : nullptr, a.M(), a.V(), a.G(), gdt, with_out ? oa.ptr() : nullptr, odt, n};
     AdamBuffers bb{with_param ? b.P() : nullptr, b.M(), b.V(), b.G(), gdt, with_out ? ob.ptr() : nullptr, odt, n};
@@ -127,7 +132,8 @@ TEST(CpuAdam, EveryIsaMatchesReferenceAllDtypesAndSizes) {
       for (DType gdt : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
         expect_path_matches_reference(isa, cfg, n, gdt, true, false, DType::kFloat32, &pool);
         for (DType odt : {DType::kBFloat16, DType::kFloat16, DType::kFloat32})
-          expect_path_matches_reference(isa, cfg, n, gdt, true, true, odt, &pool);
+          for (int out_offset : {0, 1})  // aligned (streaming stores) and unaligned param_out
+            expect_path_matches_reference(isa, cfg, n, gdt, true, true, odt, &pool, 2, out_offset);
       }
 }
 
@@ -153,7 +159,8 @@ TEST(CpuAdam, MomentsOnlyModeMatchesReference) {
   for (Isa isa : available_isas())
     for (int64_t n : kSizes)
       for (DType odt : {DType::kFloat32, DType::kBFloat16})
-        expect_path_matches_reference(isa, cfg, n, DType::kFloat32, false, true, odt, &pool);
+        for (int out_offset : {0, 3})
+          expect_path_matches_reference(isa, cfg, n, DType::kFloat32, false, true, odt, &pool, 2, out_offset);
 }
 
 TEST(CpuAdam, LargeStepCountsAndGlobalPool) {
