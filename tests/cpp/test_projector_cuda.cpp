@@ -305,7 +305,7 @@ TEST(ProjectorKernelEmulation, MatchDenseFp64) {
   torch::manual_seed(11);
   const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> cases = {
       {1, 1, 1, 1}, {7, 3, 3, 5}, {33, 1, 1, 17}, {4097, 64, 8, 33}, {1000, 300, 16, 1}, {700, 96, 4, 260},
-      {64, 64, 64, 12}, {2100, 40, 5, 9}};
+      {64, 64, 64, 12}, {2100, 40, 5, 9}, {1026, 6, 3, 7} /* 2-wide staging loads */};
   for (auto [n, d, r, k] : cases) {
     const HostProjector P = host_projector(n, d, r);
     for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
@@ -326,6 +326,7 @@ TEST(ProjectorKernelEmulation, MatchDenseFp64) {
       // misaligned inputs give bitwise the same result.
       if (n * k <= 300000) {
         EXPECT_TRUE(torch::equal(right, emu_right(P, Y.to(dtype), 2)));
+        EXPECT_TRUE(torch::equal(right, emu_right(P, misaligned(Y.to(dtype)), 65535)));  // 1-wide staging
         EXPECT_TRUE(torch::equal(left, emu_left(P, Z.to(dtype), 1)));
         EXPECT_TRUE(torch::equal(left, emu_left(P, misaligned(Z.to(dtype)), 3)));
         EXPECT_TRUE(torch::equal(expand, emu_expand(P, misaligned(D.to(dtype)), 1)));
@@ -335,6 +336,9 @@ TEST(ProjectorKernelEmulation, MatchDenseFp64) {
         torch::Tensor Wc2 = in.Wc0.to(dtype).clone();
         emu_apply_cols(P, Wc2, in.U, float(in.alpha), 1);
         EXPECT_TRUE(torch::equal(Wc, Wc2));
+        torch::Tensor Wc3 = in.Wc0.to(dtype).clone();
+        emu_apply_cols(P, Wc3, misaligned(in.U), float(in.alpha), 65535);
+        EXPECT_TRUE(torch::equal(Wc, Wc3));
       }
     }
   }
