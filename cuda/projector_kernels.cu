@@ -6,9 +6,9 @@
 //   right_project (tiled)  out[k, d] = Y[k, n] P        tile of 8 tokens x a 1024-row chunk of Y's
 //                          columns staged in shared memory (fp32, swizzled); one thread per output
 //                          column walks that column's entries of the chunk (column index, segptr)
-//   col_gather_kernel      out[d, k] = P^T Y             one output row per thread row; its terms
+//   ColGather (row_kernel) out[d, k] = P^T Y             one output row per thread row; its terms
 //                          come from the column index (rows of Y gathered, vectorised along k)
-//   ell_gather_kernel      out[n, k] = P D  and  W += alpha P T   (terms straight from the ELL)
+//   EllGather (row_kernel) out[n, k] = P D  and  W += alpha P T   (terms straight from the ELL)
 //   apply_cols (tiled)     W[m, n] += alpha U Q^T       as the right projection, with Q's ELL rows as
 //                          the columns of Q^T; 8 rows of U per tile in shared memory
 // No atomics: each output element is one thread's fixed-order sum.
