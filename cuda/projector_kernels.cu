@@ -6,9 +6,9 @@
 //   right_project (tiled)  out[k, d] = Y[k, n] P        tile of 8 tokens x a 1024-row chunk of Y's
 //                          columns staged in shared memory (fp32, swizzled); one thread per output
 //                          column walks that column's entries of the chunk (column index, segptr)
-//   col_gather_kernel      out[d, k] = P^T Y             one output row per thread row; its terms
+//   ColGather (row_kernel) out[d, k] = P^T Y             one output row per thread row; its terms
 //                          come from the column index (rows of Y gathered, vectorised along k)
-//   ell_gather_kernel      out[n, k] = P D  and  W += alpha P T   (terms straight from the ELL)
+//   EllGather (row_kernel) out[n, k] = P D  and  W += alpha P T   (terms straight from the ELL)
 //   apply_cols (tiled)     W[m, n] += alpha U Q^T       as the right projection, with Q's ELL rows as
 //                          the columns of Q^T; 8 rows of U per tile in shared memory
 // No atomics: each output element is one thread's fixed-order sum.
@@ -45,6 +45,20 @@ struct VecIO;
 template <typename T>
 struct VecIO<T, 1> {
   LSPO_HD static void load(const T* p, float (&v)[1]) { v[0] = to_f32(p[0]); }
+};
+template <>
+struct VecIO<float, 2> {
+  LSPO_HD static void load(const float* p, float (&v)[2]) {
+    const float2 x = *reinterpret_cast<const float2*>(p);
+    v[0] = x.x; v[1] = x.y;
+  }
+};
+template <>
+struct VecIO<bf16, 2> {
+  LSPO_HD static void load(const bf16* p, float (&v)[2]) {
+    const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+    v[0] = x.x; v[1] = x.y;
+  }
 };
 template <>
 struct VecIO<float, 4> {
@@ -96,11 +110,41 @@ constexpr int kRpChunk = int(kRightProjectChunk);  // columns of Y (rows of P) p
 // (without it the first halves would only ever hit 16 of them).
 LSPO_HD int rp_slot(int jj, int h) { return 2 * jj + (h ^ ((jj >> 2) & 1)); }
 
+// Stages rows t0 .. t0+nt-1, columns [c0, c0 + nc) of the row-major `src` (row stride ld) into the
+// tile as fp32; rows >= nt and columns >= nc become 0. V columns per load: V > 1 needs ld, c0 and
+// nc divisible by V and src aligned to V elements (the launcher checks), so a vector is either
+// wholly inside [0, nc) or wholly outside.
+template <typename T, int V>
+LSPO_HD void stage_tile(float4* tile, const T* __restrict__ src, int64_t ld, int64_t t0, int nt, int64_t c0, int nc,
+                        int tid) {
+  for (int g = tid; g < kRpChunk / V; g += kThreads) {
+    const int jj0 = g * V;
+    float v[V][kRpTokens];
+#pragma unroll
+    for (int i = 0; i < kRpTokens; ++i) {
+      float x[V];
+      if (i < nt && jj0 < nc) {
+        VecIO<T, V>::load(src + (t0 + i) * ld + c0 + jj0, x);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) x[e] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e][i] = x[e];
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      tile[rp_slot(jj0 + e, 0)] = make_float4(v[e][0], v[e][1], v[e][2], v[e][3]);
+      tile[rp_slot(jj0 + e, 1)] = make_float4(v[e][4], v[e][5], v[e][6], v[e][7]);
+    }
+  }
+}
+
 // Block (bx, by) of 256 threads: output columns c = bx * 256 + tid; token tiles t0 = by * 8,
 // stepping by gridDim.y * 8. Per tile and chunk s: every thread stages columns jj = tid, tid + 256,
 // ... of the chunk (phase 1, then a barrier), then each active thread accumulates its column's
 // entries of that chunk (phase 2).
-template <typename TIn>
+template <typename TIn, int V>
 struct RightProject {
   RightProjectParams p;
   LSPO_HD int64_t rows() const { return p.k; }    // tokens: tiled 8 at a time
@@ -108,18 +152,9 @@ struct RightProject {
   LSPO_HD int nchunks() const { return p.cols.nchunks; }
 
   LSPO_HD void stage(float4* tile, int64_t t0, int nt, int s, int tid) const {
-    const TIn* __restrict__ y = static_cast<const TIn*>(p.y);
     const int64_t n = p.P.n, j0 = int64_t(s) * kRpChunk;
     const int nj = int(std::min<int64_t>(kRpChunk, n - j0));
-    for (int jj = tid; jj < kRpChunk; jj += kThreads) {
-      float v[kRpTokens];
-#pragma unroll
-      for (int i = 0; i < kRpTokens; ++i) {
-        v[i] = (i < nt && jj < nj) ? to_f32(y[(t0 + i) * n + j0 + jj]) : 0.f;
-      }
-      tile[rp_slot(jj, 0)] = make_float4(v[0], v[1], v[2], v[3]);
-      tile[rp_slot(jj, 1)] = make_float4(v[4], v[5], v[6], v[7]);
-    }
+    stage_tile<TIn, V>(tile, static_cast<const TIn*>(p.y), n, t0, nt, j0, nj, tid);
   }
   LSPO_HD void accumulate(const float4* tile, int64_t c, int s, float (&acc)[kRpTokens]) const {
     const int nch = p.cols.nchunks;
@@ -152,7 +187,7 @@ struct RightProject {
 // the same tiling as RightProject with 8 rows of W per tile, U's row tile staged in shared memory
 // chunk by chunk (d in 1024-column chunks), one thread per column of W, which walks its r ELL
 // entries per chunk and keeps those inside it. The result is added to W in W's dtype.
-template <typename TW>
+template <typename TW, int V>
 struct ApplyCols {
   ApplyColsParams p;
   LSPO_HD int64_t rows() const { return p.m; }
@@ -162,13 +197,7 @@ struct ApplyCols {
   LSPO_HD void stage(float4* tile, int64_t j0, int nt, int s, int tid) const {
     const int64_t d = p.Q.d, c0 = int64_t(s) * kRpChunk;
     const int nc = int(std::min<int64_t>(kRpChunk, d - c0));
-    for (int cc = tid; cc < kRpChunk; cc += kThreads) {
-      float v[kRpTokens];
-#pragma unroll
-      for (int i = 0; i < kRpTokens; ++i) v[i] = (i < nt && cc < nc) ? p.u[(j0 + i) * d + c0 + cc] : 0.f;
-      tile[rp_slot(cc, 0)] = make_float4(v[0], v[1], v[2], v[3]);
-      tile[rp_slot(cc, 1)] = make_float4(v[4], v[5], v[6], v[7]);
-    }
+    stage_tile<float, V>(tile, p.u, d, j0, nt, c0, nc, tid);
   }
   LSPO_HD void accumulate(const float4* tile, int64_t col, int s, float (&acc)[kRpTokens]) const {
     const int32_t* __restrict__ idx = p.Q.idx + col * p.Q.r;
@@ -414,6 +443,26 @@ void launch_tiled(const Body& body, const Exec& e, const char* what) {
   run_tiled(e, gx, gy, body);
 }
 
+// Widest staging load (4, 2 or 1 elements) that rows of stride ld starting at src allow.
+int stage_width(const void* src, int64_t ld, size_t elem) {
+  for (int v : {4, 2}) {
+    if (ld % v == 0 && aligned(src, size_t(v) * elem)) return v;
+  }
+  return 1;
+}
+
+template <typename TIn, class Exec>
+void right_typed(const RightProjectParams& p, const Exec& e) {
+  const int v = stage_width(p.y, p.P.n, sizeof(TIn));
+  if (v == 4) {
+    launch_tiled(RightProject<TIn, 4>{p}, e, "right_project");
+  } else if (v == 2) {
+    launch_tiled(RightProject<TIn, 2>{p}, e, "right_project");
+  } else {
+    launch_tiled(RightProject<TIn, 1>{p}, e, "right_project");
+  }
+}
+
 template <class Exec>
 void right_project_impl(const RightProjectParams& p, const Exec& e) {
   check_dtype(p.y_dtype, "right_project input");
@@ -421,9 +470,9 @@ void right_project_impl(const RightProjectParams& p, const Exec& e) {
   LSPO_CHECK(p.cols.nchunks == (p.P.n + kRpChunk - 1) / kRpChunk, "right_project: column index built for ",
              p.cols.nchunks, " chunks, the kernel needs ", (p.P.n + kRpChunk - 1) / kRpChunk);
   if (p.y_dtype == DType::kFloat32) {
-    launch_tiled(RightProject<float>{p}, e, "right_project");
+    right_typed<float>(p, e);
   } else {
-    launch_tiled(RightProject<bf16>{p}, e, "right_project");
+    right_typed<bf16>(p, e);
   }
 }
 
@@ -431,10 +480,15 @@ template <class Exec>
 void apply_cols_impl(const ApplyColsParams& p, const Exec& e) {
   check_dtype(p.w_dtype, "apply_cols weight");
   if (p.m == 0 || p.Q.n == 0) return;
+  const int v = stage_width(p.u, p.Q.d, sizeof(float));
   if (p.w_dtype == DType::kFloat32) {
-    launch_tiled(ApplyCols<float>{p}, e, "apply_cols");
+    if (v == 4) launch_tiled(ApplyCols<float, 4>{p}, e, "apply_cols");
+    else if (v == 2) launch_tiled(ApplyCols<float, 2>{p}, e, "apply_cols");
+    else launch_tiled(ApplyCols<float, 1>{p}, e, "apply_cols");
   } else {
-    launch_tiled(ApplyCols<bf16>{p}, e, "apply_cols");
+    if (v == 4) launch_tiled(ApplyCols<bf16, 4>{p}, e, "apply_cols");
+    else if (v == 2) launch_tiled(ApplyCols<bf16, 2>{p}, e, "apply_cols");
+    else launch_tiled(ApplyCols<bf16, 1>{p}, e, "apply_cols");
   }
 }
 

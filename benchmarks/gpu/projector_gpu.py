@@ -65,6 +65,31 @@ def random_projector(n, d, r, gen):
     return idx.cuda(), val.cuda()
 
 
+def dense_of(idx, val, d):
+    return torch.zeros(idx.shape[0], d, device=idx.device).scatter_(1, idx.long(), val)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def sanity(_C, Pi, Pv, Qi, Qv, d, X, W, Delta, be):
+    """Relative errors of one backend against dense fp32 PyTorch, so that a broken kernel cannot
+    report a fast time unnoticed (timings are only meaningful when these are ~1e-6)."""
+    Pd, Qd = dense_of(Pi, Pv, d), dense_of(Qi, Qv, d)
+    out = {f"{be}_check_right_rel": rel_err(_C._cuda_right_project(X, Pi, Pv, d, be), X.float() @ Pd)}
+    W32 = W.float()
+    ref = W32 + Pd @ (Delta @ Qd.t())
+    T = _C._cuda_expand(Qi, Qv, d, Delta.t().contiguous(), be).t().contiguous()
+    Wr = W32.clone()
+    _C._cuda_apply_rows_(Wr, Pi, Pv, d, T, 1.0, be)
+    Wc = W32.clone()
+    _C._cuda_apply_cols_(Wc, _C._cuda_expand(Pi, Pv, d, Delta, be), Qi, Qv, d, 1.0, be)
+    out[f"{be}_check_apply_rows_rel"] = rel_err(Wr - W32, ref - W32)
+    out[f"{be}_check_apply_cols_rel"] = rel_err(Wc - W32, ref - W32)
+    return out
+
+
 def bench_config(_C, m, n, tokens, d, r, iters, bw):
     gen = torch.Generator().manual_seed(1234 + d + r)
     Pi, Pv = random_projector(m, d, r, gen)
@@ -86,6 +111,7 @@ def bench_config(_C, m, n, tokens, d, r, iters, bw):
     _C._cuda_prepare_projector(Pi, Pv, d)  # the one synchronising step, outside the timed loops
     _C._cuda_prepare_projector(Qi, Qv, d)
     for be in ("gather", "cusparse"):
+        res.update(sanity(_C, Pi, Pv, Qi, Qv, d, X, W, Delta, be))
         t = {}
         t["right_x"] = timed(lambda: _C._cuda_right_project(X, Pi, Pv, d, be), iters)
         t["right_dy"] = timed(lambda: _C._cuda_right_project(dY, Qi, Qv, d, be), iters)
@@ -174,6 +200,7 @@ def main():
         "cusparse_over_gemm_4096x4096_d1024_r8": ref["cusparse_over_gemm"] if ref else None,
         "dense_gemm_ms_4096x4096": ref["dense_gemm_ms"] if ref else None,
         "cusparse_faster_in": faster,
+        "max_check_rel_err": max(v for x in rows for k, v in x.items() if "_check_" in k),
     }
     print(markdown(rows), file=sys.stderr)  # for docs/benchmarks.md; stdout's last line stays the JSON
     print(json.dumps(summary))

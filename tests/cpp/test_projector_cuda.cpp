@@ -305,7 +305,7 @@ TEST(ProjectorKernelEmulation, MatchDenseFp64) {
   torch::manual_seed(11);
   const std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> cases = {
       {1, 1, 1, 1}, {7, 3, 3, 5}, {33, 1, 1, 17}, {4097, 64, 8, 33}, {1000, 300, 16, 1}, {700, 96, 4, 260},
-      {64, 64, 64, 12}, {2100, 40, 5, 9}};
+      {64, 64, 64, 12}, {2100, 40, 5, 9}, {1026, 6, 3, 7} /* 2-wide staging loads */};
   for (auto [n, d, r, k] : cases) {
     const HostProjector P = host_projector(n, d, r);
     for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
@@ -326,6 +326,7 @@ TEST(ProjectorKernelEmulation, MatchDenseFp64) {
       // misaligned inputs give bitwise the same result.
       if (n * k <= 300000) {
         EXPECT_TRUE(torch::equal(right, emu_right(P, Y.to(dtype), 2)));
+        EXPECT_TRUE(torch::equal(right, emu_right(P, misaligned(Y.to(dtype)), 65535)));  // 1-wide staging
         EXPECT_TRUE(torch::equal(left, emu_left(P, Z.to(dtype), 1)));
         EXPECT_TRUE(torch::equal(left, emu_left(P, misaligned(Z.to(dtype)), 3)));
         EXPECT_TRUE(torch::equal(expand, emu_expand(P, misaligned(D.to(dtype)), 1)));
@@ -335,6 +336,9 @@ TEST(ProjectorKernelEmulation, MatchDenseFp64) {
         torch::Tensor Wc2 = in.Wc0.to(dtype).clone();
         emu_apply_cols(P, Wc2, in.U, float(in.alpha), 1);
         EXPECT_TRUE(torch::equal(Wc, Wc2));
+        torch::Tensor Wc3 = in.Wc0.to(dtype).clone();
+        emu_apply_cols(P, Wc3, misaligned(in.U), float(in.alpha), 65535);
+        EXPECT_TRUE(torch::equal(Wc, Wc3));
       }
     }
   }
@@ -484,6 +488,40 @@ TEST(ProjectorCuda, GatherIsDeterministic) {
     }
 #endif
   }
+}
+
+// The host emulation runs the kernels' own bodies: on a device, gather results must equal it
+// bitwise (explicit fmaf on both sides, same order), which is what makes the CPU-only emulation
+// test meaningful.
+TEST(ProjectorCuda, GatherEqualsHostEmulationBitwise) {
+  REQUIRE_GPU();
+#ifdef LSPO_WITH_CUDA
+  torch::manual_seed(8);
+  for (auto [n, d, r, k] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
+           {4097, 64, 8, 33}, {700, 96, 4, 260}, {33, 1, 1, 17}}) {
+    const HostProjector H = host_projector(n, d, r);
+    SparseProjector P;
+    P.indices = H.idx.to(torch::kCUDA);
+    P.values = H.val.to(torch::kCUDA);
+    P.d = d;
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+      const PrimInputs in = random_inputs(n, d, k, torch::kCPU);
+      const auto cuda = [](const torch::Tensor& t) { return t.to(torch::kCUDA); };
+      const auto g = ProjectorBackend::kGather;
+      EXPECT_TRUE(torch::equal(ld::cuda_right_project(cuda(in.Y.to(dtype)), P, g).cpu(), emu_right(H, in.Y.to(dtype), 65535)));
+      EXPECT_TRUE(torch::equal(ld::cuda_left_project(P, cuda(in.Z.to(dtype)), g).cpu(), emu_left(H, in.Z.to(dtype), 65535)));
+      EXPECT_TRUE(torch::equal(ld::cuda_expand(P, cuda(in.D.to(dtype)), g).cpu(), emu_expand(H, in.D.to(dtype), 65535)));
+      torch::Tensor W = cuda(in.W0.to(dtype)), Wh = in.W0.to(dtype).clone();
+      ld::cuda_apply_rows_(W, P, cuda(in.T), 0.3, g);
+      emu_apply(H, Wh, in.T, 0.3f, 65535);
+      EXPECT_TRUE(torch::equal(W.cpu(), Wh));
+      torch::Tensor Wc = cuda(in.Wc0.to(dtype)), Wch = in.Wc0.to(dtype).clone();
+      ld::cuda_apply_cols_(Wc, cuda(in.U), P, 0.3, g);
+      emu_apply_cols(H, Wch, in.U, 0.3f, 65535);
+      EXPECT_TRUE(torch::equal(Wc.cpu(), Wch));
+    }
+  }
+#endif
 }
 
 // The column-index cache: one entry per live projector, rebuilt when the indices change in place.
