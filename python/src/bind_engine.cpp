@@ -1,0 +1,77 @@
+// Bindings of the offload engine (lspo/engine.h). Long calls release the GIL.
+#include "bindings.h"
+#include "lspo/engine.h"
+
+namespace py = pybind11;
+
+LSPO_REGISTER_BINDINGS(engine) {
+  py::class_<lspo::OffloadEngine, std::shared_ptr<lspo::OffloadEngine>>(m, "OffloadEngine")
+      .def(py::init([](bool overlap, bool record_timeline, int64_t pinned_limit_bytes, bool try_pin) {
+             lspo::EngineOptions o;
+             o.overlap = overlap;
+             o.record_timeline = record_timeline;
+             o.pinned_limit_bytes = pinned_limit_bytes;
+             o.try_pin = try_pin;
+             return std::make_shared<lspo::OffloadEngine>(o);
+           }),
+           py::arg("overlap") = true, py::arg("record_timeline") = false,
+           py::arg("pinned_limit_bytes") = int64_t(4) << 30, py::arg("try_pin") = true)
+      .def("add_slot",
+           [](lspo::OffloadEngine& e, const std::string& name, const c10::optional<at::Tensor>& master, int64_t numel,
+              at::ScalarType grad_dtype, at::ScalarType out_dtype, int64_t order) {
+             return e.add_slot(name, master ? *master : at::Tensor(), numel, grad_dtype, out_dtype, order);
+           },
+           py::arg("name"), py::arg("master"), py::arg("numel"), py::arg("grad_dtype"), py::arg("out_dtype"),
+           py::arg("order"))
+      .def_property_readonly("num_slots", &lspo::OffloadEngine::num_slots)
+      .def("grad_buffer", &lspo::OffloadEngine::grad_buffer)
+      .def("out_buffer", &lspo::OffloadEngine::out_buffer)
+      .def("master", [](lspo::OffloadEngine& e, int64_t s) -> py::object {
+        at::Tensor t = e.master(s);
+        if (!t.defined()) return py::none();
+        return py::cast(t);
+      })
+      .def("exp_avg", &lspo::OffloadEngine::exp_avg)
+      .def("exp_avg_sq", &lspo::OffloadEngine::exp_avg_sq)
+      .def("submit",
+           [](lspo::OffloadEngine& e, int64_t slot, int64_t step, double lr, double beta1, double beta2, double eps,
+              double weight_decay, double grad_scale, uintptr_t ready_event) {
+             lspo::AdamConfig c;
+             c.lr = lr;
+             c.beta1 = beta1;
+             c.beta2 = beta2;
+             c.eps = eps;
+             c.weight_decay = weight_decay;
+             c.adamw_mode = true;
+             c.grad_scale = grad_scale;
+             py::gil_scoped_release nogil;
+             e.submit(slot, c, step, ready_event);
+           },
+           py::arg("slot"), py::arg("step"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+           py::arg("weight_decay"), py::arg("grad_scale") = 1.0, py::arg("ready_event") = 0)
+      .def("wait", &lspo::OffloadEngine::wait, py::call_guard<py::gil_scoped_release>())
+      .def("wait_all", &lspo::OffloadEngine::wait_all, py::call_guard<py::gil_scoped_release>())
+      .def("commit", &lspo::OffloadEngine::commit, py::call_guard<py::gil_scoped_release>())
+      .def("has_result", &lspo::OffloadEngine::has_result)
+      .def("stats", [](const lspo::OffloadEngine& e) {
+        auto s = e.stats();
+        py::dict d;
+        d["pinned_bytes"] = s.pinned_bytes;
+        d["pageable_bytes"] = s.pageable_bytes;
+        d["pin_fallbacks"] = s.pin_fallbacks;
+        d["jobs_run"] = s.jobs_run;
+        d["commits"] = s.commits;
+        return d;
+      })
+      .def_property_readonly("overlap", [](const lspo::OffloadEngine& e) { return e.options().overlap; })
+      .def("set_record_timeline", &lspo::OffloadEngine::set_record_timeline)
+      .def("now_us", &lspo::OffloadEngine::now_us)
+      .def("add_event", &lspo::OffloadEngine::add_event)
+      .def("timeline", [](const lspo::OffloadEngine& e) {
+        py::list l;
+        for (const auto& ev : e.timeline()) l.append(py::make_tuple(ev.name, ev.cat, ev.tid, ev.t0_us, ev.t1_us));
+        return l;
+      })
+      .def("timeline_json", &lspo::OffloadEngine::timeline_json)
+      .def("clear_timeline", &lspo::OffloadEngine::clear_timeline);
+}
