@@ -2,8 +2,9 @@
 """Fused CPU Adam: lspo against its peers and against the machine's memory bandwidth, in one run.
 
 Measures
-  * the STREAM-triad bandwidth (lspo's own threaded C++ loop, ordinary and streaming stores; the
-    larger is the roofline),
+  * the memory bandwidth with lspo's own threaded C++ STREAM loops: the triad a = b + s*c with
+    ordinary and with streaming stores, and the in-place update a += s*c (the access pattern of an
+    in-place optimizer: no read for ownership); the best of the three is the roofline,
   * lspo's fused Adam (lspo._C.adam_step, and the lspo.CPUAdamW optimizer around it),
   * torch.optim.AdamW with foreach=True and fused=True,
   * deepspeed.ops.adam.DeepSpeedCPUAdam when it can be imported and built (said so if not),
@@ -169,7 +170,8 @@ def time_peer(make, n, workload, reps, seed=0):
 def triad(n, reps):
     plain = lspo._C.stream_triad(n, reps)["bytes_per_s"]
     nt = lspo._C.stream_triad(n, reps, streaming_stores=True)["bytes_per_s"]
-    return plain, nt
+    inplace = lspo._C.stream_triad(n, reps, in_place=True)["bytes_per_s"]
+    return plain, nt, inplace
 
 
 def main():
@@ -195,10 +197,11 @@ def main():
     log(f"# deepspeed: {'available, ' + _DS_STATUS['why'] if ds_ok else 'NOT measured: ' + (_DS_STATUS['why'] or 'disabled')}")
 
     tn = 1 << (25 if args.quick else 26)
-    tplain, tnt = triad(tn, 3 if args.quick else 5)
-    bw = max(tplain, tnt)
-    log(f"# STREAM triad ({tn >> 20}M floats x 3 arrays): ordinary stores {tplain / 1e9:.1f} GB/s, streaming stores "
-        f"{tnt / 1e9:.1f} GB/s -> roofline {bw / 1e9:.1f} GB/s = {bw / BYTES_PER_PARAM / 1e9:.2f} Gparam/s at 28 B/param")
+    tplain, tnt, tinp = triad(tn, 3 if args.quick else 5)
+    bw = max(tplain, tnt, tinp)
+    log(f"# STREAM triad ({tn >> 20}M floats per array): ordinary stores {tplain / 1e9:.1f} GB/s, streaming stores "
+        f"{tnt / 1e9:.1f} GB/s, in-place a += s*c {tinp / 1e9:.1f} GB/s -> roofline (the best) {bw / 1e9:.1f} GB/s = "
+        f"{bw / BYTES_PER_PARAM / 1e9:.2f} Gparam/s at 28 B/param")
 
     rows = []
     log(f"{'workload':<10}{'n':>6}  {'peer':<15}{'ms/step':>9}{'Gparam/s':>10}{'GB/s@28B':>10}{'roofline':>10}"
@@ -248,12 +251,10 @@ def main():
         "vs_torch_foreach": ratio("torch foreach"),
         "vs_deepspeed": ratio("deepspeed"),
         "lspo_optimizer_gparam_per_s": round(pick("b", key, "lspo.CPUAdamW")["gparam_per_s"], 4),
-        # Reads only: (b) reads 14 B/param (grad 2 + p, m, v 12); the triad reads 8 of its 12 B. On
-        # machines where few cores bound the misses in flight, reads are the limit (writebacks of
-        # lines already in cache cost no miss slot): this fraction is then the telling one.
-        "read_roofline_fraction": round((14 * me["n"] / me["seconds"]) / (bw * 8 / 12), 3),
         "triad_gbytes_per_s": round(bw / 1e9, 2),
         "triad_plain_gbytes_per_s": round(tplain / 1e9, 2),
+        "triad_streaming_gbytes_per_s": round(tnt / 1e9, 2),
+        "inplace_update_gbytes_per_s": round(tinp / 1e9, 2),
         "threads": args.threads,
         "isa": lspo.active_isa(),
         "deepspeed": _DS_STATUS["why"] if not args.no_deepspeed else "disabled",

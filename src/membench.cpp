@@ -63,7 +63,22 @@ void stream_triad_nt(float* a, const float* b, const float* c, float s, int64_t 
   });
 }
 
-TriadResult measure_triad(int64_t n, int reps, ThreadPool* pool, bool streaming_stores) {
+void stream_update(float* a, const float* c, float s, int64_t n, ThreadPool* pool) {
+  LSPO_CHECK(n >= 0, "stream_update: negative element count ", n);
+  LSPO_CHECK(n == 0 || (a && c), "stream_update: null array");
+  ThreadPool& tp = pool ? *pool : ThreadPool::global();
+  tp.parallel_for(n, kMinChunk, kAlign, [=](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + 16 <= end; i += 16) {
+      __builtin_prefetch(a + i + 2048, 1, 3);
+      __builtin_prefetch(c + i + 2048, 0, 3);
+      for (int k = 0; k < 16; ++k) a[i + k] = a[i + k] + s * c[i + k];
+    }
+    for (; i < end; ++i) a[i] = a[i] + s * c[i];
+  });
+}
+
+TriadResult measure_triad(int64_t n, int reps, ThreadPool* pool, bool streaming_stores, bool in_place) {
   LSPO_CHECK(n > 0, "measure_triad: n must be positive, got ", n);
   LSPO_CHECK(reps > 0, "measure_triad: reps must be positive, got ", reps);
   ThreadPool& tp = pool ? *pool : ThreadPool::global();
@@ -78,7 +93,9 @@ TriadResult measure_triad(int64_t n, int reps, ThreadPool* pool, bool streaming_
     }
   });
   auto pass = [&] {
-    if (streaming_stores)
+    if (in_place)
+      stream_update(pa, pc, 3.0f, n, &tp);
+    else if (streaming_stores)
       stream_triad_nt(pa, pb, pc, 3.0f, n, &tp);
     else
       stream_triad(pa, pb, pc, 3.0f, n, &tp);
@@ -95,7 +112,8 @@ TriadResult measure_triad(int64_t n, int reps, ThreadPool* pool, bool streaming_
     double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     r.best_seconds = std::min(r.best_seconds, dt);
   }
-  LSPO_CHECK(pa[n - 1] == 7.0f, "measure_triad: wrong triad result ", pa[n - 1]);
+  const float expect = in_place ? 6.0f * (reps + 1) : 7.0f;  // a = 0 + 6 per pass, or 1 + 3 * 2
+  LSPO_CHECK(pa[n - 1] == expect, "measure_triad: wrong result ", pa[n - 1], " (expected ", expect, ")");
   r.best_bytes_per_s = r.bytes_per_pass / r.best_seconds;
   return r;
 }

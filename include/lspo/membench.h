@@ -15,6 +15,10 @@ void stream_triad(float* a, const float* b, const float* c, float s, int64_t n, 
 // without being read into the cache first, so the pass moves exactly the 12 bytes/element counted.
 void stream_triad_nt(float* a, const float* b, const float* c, float s, int64_t n, ThreadPool* pool = nullptr);
 
+// In-place update a[i] = a[i] + s * c[i]: the access pattern of in-place optimizer kernels (every
+// written line was read first, so no read for ownership): 12 bytes/element, like the triad.
+void stream_update(float* a, const float* c, float s, int64_t n, ThreadPool* pool = nullptr);
+
 struct TriadResult {
   int64_t n = 0;              // elements per array
   int reps = 0;               // timed passes
@@ -26,6 +30,8 @@ struct TriadResult {
 
 // Allocates three arrays of n floats (first-touched by the pool threads), runs one warm-up pass
 // and `reps` timed passes, returns the best. Throws lspo::Error on bad arguments.
-TriadResult measure_triad(int64_t n, int reps, ThreadPool* pool = nullptr, bool streaming_stores = false);
+// in_place: time stream_update instead of the triad.
+TriadResult measure_triad(int64_t n, int reps, ThreadPool* pool = nullptr, bool streaming_stores = false,
+                          bool in_place = false);
 
 }  // namespace lspo

@@ -66,11 +66,11 @@ bool all_finite_tensor(const at::Tensor& t) {
   return lspo::all_finite(a.ptr(), a.lspo_dtype(), a.numel());
 }
 
-pybind11::dict stream_triad(int64_t n, int reps, bool streaming_stores) {
+pybind11::dict stream_triad(int64_t n, int reps, bool streaming_stores, bool in_place) {
   lspo::TriadResult r;
   {
     pybind11::gil_scoped_release nogil;
-    r = lspo::measure_triad(n, reps, nullptr, streaming_stores);
+    r = lspo::measure_triad(n, reps, nullptr, streaming_stores, in_place);
   }
   pybind11::dict d;
   d["n"] = r.n;
@@ -95,8 +95,9 @@ LSPO_REGISTER_BINDINGS(adam) {
         "param written in the same pass. `step` counts this update (1-based). Releases the GIL.");
   m.def("all_finite", &all_finite_tensor, py::arg("tensor"),
         "True when a contiguous CPU fp32/bf16/fp16 tensor holds no inf/NaN (vectorised, threaded).");
-  m.def("stream_triad", &stream_triad, py::arg("n") = int64_t{1} << 25, py::arg("reps") = 5, py::arg("streaming_stores") = false,
+  m.def("stream_triad", &stream_triad, py::arg("n") = int64_t{1} << 25, py::arg("reps") = 5, py::arg("streaming_stores") = false, py::arg("in_place") = false,
         "STREAM triad a = b + s*c over three fp32 arrays of n elements on lspo's thread pool; returns\n"
         "{'bytes_per_s', 'best_seconds', 'bytes_per_pass' (12 n), 'n', 'reps'} for the fastest of reps passes.\n"
-        "streaming_stores: write `a` with non-temporal stores (no read-for-ownership of `a`).");
+        "streaming_stores: write `a` with non-temporal stores (no read-for-ownership of `a`).\n"
+        "in_place: time a = a + s*c instead (in-place update, 12 bytes/element, no read-for-ownership).");
 }

@@ -354,5 +354,8 @@ def test_all_finite_and_triad_bindings():
         assert not lspo._C.all_finite(t)
     with pytest.raises(lspo.LspoError, match="torch.int32"):
         lspo._C.all_finite(torch.zeros(3, dtype=torch.int32))
-    r = lspo._C.stream_triad(1 << 20, 2)
-    assert r["bytes_per_pass"] == 12 * (1 << 20) and r["bytes_per_s"] > 1e8 and math.isfinite(r["best_seconds"])
+    for kw in ({}, {"streaming_stores": True}, {"in_place": True}):  # each pass checks its own result in C++
+        r = lspo._C.stream_triad(1 << 20, 2, **kw)
+        assert r["bytes_per_pass"] == 12 * (1 << 20) and r["bytes_per_s"] > 1e8 and math.isfinite(r["best_seconds"])
+    with pytest.raises(lspo.LspoError, match="n must be positive"):
+        lspo._C.stream_triad(0, 1)
