@@ -5,7 +5,7 @@ addcmul may use FMA, lspo never does), so after 100 steps the two differ by a fe
 (eps_32 = 1.2e-7): measured at most ~4 ulp. We allow rtol = 1e-5 (~80 ulp), far below the effect of
 any real mistake (a wrong bias correction or eps placement moves parameters by >= 1e-3 relative).
 A second, tighter test applies the project's rule: against an fp64 run of torch.optim.AdamW, lspo's
-error may be at most 2x that of torch's own fp32 run (plus one ulp).
+error (max-abs, relative to the largest value) may be at most 2x that of torch's own fp32 run.
 """
 import io
 import math
@@ -92,15 +92,17 @@ def test_error_vs_fp64_at_most_twice_torch_fp32():
                     foreach=False, **kw)
     pt, ot = _run(torch.optim.AdamW, p0, grads, foreach=False, **kw)
     pl, ol = _run(lspo.CPUAdamW, p0, grads, **kw)
-    ulp = torch.finfo(torch.float32).eps
     for name, got, ref, exact in [
         ("param", pl, pt, p64),
         ("exp_avg", ol.state_dict()["state"][0]["exp_avg"], ot.state_dict()["state"][0]["exp_avg"], o64.state_dict()["state"][0]["exp_avg"]),
         ("exp_avg_sq", ol.state_dict()["state"][0]["exp_avg_sq"], ot.state_dict()["state"][0]["exp_avg_sq"], o64.state_dict()["state"][0]["exp_avg_sq"]),
     ]:
-        err_lspo = ((got.double() - exact) / exact.abs().clamp_min(1e-30)).abs().max().item()
-        err_torch = ((ref.double() - exact) / exact.abs().clamp_min(1e-30)).abs().max().item()
-        assert err_lspo <= 2 * err_torch + ulp, f"{name}: lspo rel err {err_lspo:.3g}, torch fp32 {err_torch:.3g}"
+        # Normwise (max-abs over max-abs) relative errors: elementwise relative errors are dominated by
+        # the few elements that cancel to ~0 and would make the comparison a coin toss.
+        scale = exact.abs().max().item()
+        err_lspo = (got.double() - exact).abs().max().item() / scale
+        err_torch = (ref.double() - exact).abs().max().item() / scale
+        assert err_lspo <= 2 * err_torch, f"{name}: lspo rel err {err_lspo:.3g}, torch fp32 {err_torch:.3g}"
 
 
 @pytest.mark.parametrize("param_dtype", [torch.bfloat16, torch.float16])
