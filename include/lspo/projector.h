@@ -18,7 +18,10 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "lspo/common.h"
 
 namespace lspo {
 
@@ -67,9 +70,21 @@ torch::Tensor decompress(const SparseProjector& P, const SparseProjector& Q, con
 void apply_(torch::Tensor& W, const SparseProjector& P, const SparseProjector& Q,
             const torch::Tensor& Delta, double alpha);
 
+// A gradient sample of one layer: its weight gradient G = X^T dY given either densely (G [m, n]) or
+// as the activation pair (X [tokens, m], dY [tokens, n]) it comes from. fit() on pairs never forms G
+// (it uses X P and dY Q); relative_error on pairs forms G once per sample.
+struct GradSample {
+  torch::Tensor G;       // [m, n], or undefined
+  torch::Tensor X, dY;   // [tokens, m], [tokens, n], used when G is undefined
+  static GradSample dense(torch::Tensor G) { return {std::move(G), {}, {}}; }
+  static GradSample activations(torch::Tensor X, torch::Tensor dY) { return {{}, std::move(X), std::move(dY)}; }
+};
+
 // Relative estimation error e = ||P P^T G Q Q^T - G||_F / ||G||_F (mean over samples).
 double relative_error(const SparseProjector& P, const SparseProjector& Q,
                       const std::vector<torch::Tensor>& grads);
+double relative_error(const SparseProjector& P, const SparseProjector& Q,
+                      const std::vector<GradSample>& samples);
 
 struct FitOptions {
   double lr = 0.05;            // Adam on the projector values
@@ -78,20 +93,31 @@ struct FitOptions {
   double l2 = 0.0;             // beta * (||P||_F + ||Q||_F)
 };
 struct FitResult {
-  double error_before = 0, error_after = 0;
-  int64_t iters = 0;
+  double error_before = 0, error_after = 0;  // mean e over the samples (error_after: the values kept)
+  int64_t iters = 0;                         // Adam steps taken
 };
-// Learns P's and Q's values (positions fixed) to minimise e over `grads` (dense [m, n] samples).
+// Learns P's and Q's values (positions fixed) to minimise the mean e over the samples with Adam
+// (LibTorch autograd). Writes the best values seen into P.values / Q.values in place, so
+// error_after <= error_before. e is evaluated in closed form,
+//   e^2 = 1 + (<P^T P S, S Q^T Q> - 2 ||S||^2) / ||G||^2,  S = P^T G Q,
+// so that one iteration costs O(r * size(G) + d^3), never an m x n reconstruction.
 FitResult fit(SparseProjector& P, SparseProjector& Q, const std::vector<torch::Tensor>& grads,
+              const FitOptions& opt = {});
+FitResult fit(SparseProjector& P, SparseProjector& Q, const std::vector<GradSample>& samples,
               const FitOptions& opt = {});
 // e > alpha on these samples?
 bool should_refit(const SparseProjector& P, const SparseProjector& Q,
                   const std::vector<torch::Tensor>& grads, double alpha);
+bool should_refit(const SparseProjector& P, const SparseProjector& Q,
+                  const std::vector<GradSample>& samples, double alpha);
 
-// Optimizer state carried into a new subspace (in place on M and V, [dP, dQ] fp32):
+// Optimizer state carried into a new subspace (M and V, [dP_old, dQ_old] fp32 -> [dP_new, dQ_new];
+// written in place when the sizes agree, else the tensors are replaced):
 //   M <- P_new^T P_old M Q_old^T Q_new,   V <- (P_new^T P_old)^2 V (Q_old^T Q_new)^2  (elementwise squares)
 void carry_state(const SparseProjector& P_old, const SparseProjector& Q_old,
                  const SparseProjector& P_new, const SparseProjector& Q_new,
                  torch::Tensor& M, torch::Tensor& V);
+// The maps of carry_state: P_new^T P_old  [dP_new, dP_old] fp32 (O(n r^2), sparse).
+torch::Tensor cross_gram(const SparseProjector& P_new, const SparseProjector& P_old);
 
 }  // namespace lspo

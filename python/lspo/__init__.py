@@ -7,6 +7,8 @@ import torch  # noqa: F401  (loads LibTorch before the extension)
 from . import _C
 from ._C import LspoError, active_isa, detected_isa, get_num_threads, set_isa, set_num_threads
 from .cpu_adam import CPUAdamW
+from . import projector
+from .projector import SparseProjector
 
 __version__ = "0.1.0"
 with_cuda = bool(_C.with_cuda)
@@ -14,6 +16,7 @@ with_cuda = bool(_C.with_cuda)
 __all__ = [
     "CPUAdamW",
     "LspoError",
+    "SparseProjector",
     "active_isa",
     "detected_isa",
     "get_num_threads",

@@ -1,0 +1,227 @@
+// src/projector_fit.cpp -- learning the projector values (fit), the error metric, the refit test and
+// the optimizer-state carry-over (include/lspo/projector.h).
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+
+#include "lspo/projector.h"
+
+namespace lspo {
+namespace {
+
+// Differentiable P^T Y for Y [n, k] fp32 (autograd flows into `val`): r index_add passes over Y.
+torch::Tensor ad_left(const torch::Tensor& idx64, const torch::Tensor& val, int64_t d, const torch::Tensor& Y) {
+  torch::Tensor out = torch::zeros({d, Y.size(1)}, Y.options());
+  for (int64_t s = 0; s < idx64.size(1); ++s) out = out.index_add(0, idx64.select(1, s), Y * val.select(1, s).unsqueeze(1));
+  return out;
+}
+
+// Flat positions of A = P_a^T P_b ([da, db]) contributed by each row's r_a x r_b outer product.
+torch::Tensor gram_positions(const torch::Tensor& ia, const torch::Tensor& ib, int64_t db) {
+  return (ia.to(torch::kLong).unsqueeze(2) * db + ib.to(torch::kLong).unsqueeze(1)).flatten();
+}
+torch::Tensor gram(const torch::Tensor& pos, const torch::Tensor& va, const torch::Tensor& vb, int64_t da, int64_t db) {
+  torch::Tensor prod = (va.unsqueeze(2) * vb.unsqueeze(1)).flatten();
+  return torch::zeros({da * db}, prod.options()).index_add(0, pos, prod).view({da, db});
+}
+
+struct Prepared {
+  torch::Tensor Gt;       // G^T [n, m] fp32 (dense sample), or
+  torch::Tensor Xt, dYt;  // X^T [m, tokens], dY^T [n, tokens] fp32 (activation sample)
+  double g2 = 0;          // ||G||_F^2
+};
+
+void check_sample_shapes(const SparseProjector& P, const SparseProjector& Q, const GradSample& s, const char* fn) {
+  if (s.G.defined()) {
+    LSPO_CHECK(s.G.dim() == 2 && s.G.size(0) == P.n() && s.G.size(1) == Q.n(), fn, ": gradient sample has sizes ",
+               s.G.sizes(), " but P, Q need [", P.n(), ", ", Q.n(), "]");
+    LSPO_CHECK(s.G.device() == P.indices.device(), fn, ": gradient sample on ", s.G.device(), " but projectors on ",
+               P.indices.device());
+    LSPO_CHECK(s.G.is_floating_point(), fn, ": gradient sample must be a floating tensor");
+  } else {
+    LSPO_CHECK(s.X.defined() && s.dY.defined(), fn, ": sample has neither G nor (X, dY)");
+    LSPO_CHECK(s.X.dim() == 2 && s.dY.dim() == 2 && s.X.size(0) == s.dY.size(0), fn, ": X ", s.X.sizes(), " and dY ",
+               s.dY.sizes(), " must be [tokens, m] and [tokens, n]");
+    LSPO_CHECK(s.X.size(1) == P.n() && s.dY.size(1) == Q.n(), fn, ": X ", s.X.sizes(), " / dY ", s.dY.sizes(),
+               " do not match P (n = ", P.n(), ") and Q (n = ", Q.n(), ")");
+    LSPO_CHECK(s.X.device() == P.indices.device() && s.dY.device() == P.indices.device(), fn,
+               ": sample tensors must be on the projectors' device ", P.indices.device());
+    LSPO_CHECK(s.X.is_floating_point() && s.dY.is_floating_point(), fn, ": X and dY must be floating tensors");
+  }
+}
+
+Prepared prepare(const GradSample& s) {
+  Prepared p;
+  if (s.G.defined()) {
+    torch::Tensor G = s.G.to(torch::kFloat32);
+    p.Gt = G.t().contiguous();
+    p.g2 = G.to(torch::kFloat64).square().sum().item<double>();
+  } else {
+    torch::Tensor X = s.X.to(torch::kFloat32), dY = s.dY.to(torch::kFloat32);
+    p.Xt = X.t().contiguous();
+    p.dYt = dY.t().contiguous();
+    // ||X^T dY||^2 = <X X^T, dY dY^T>: cheaper than forming G when tokens * (m + n) < m * n.
+    const int64_t t = X.size(0), m = X.size(1), n = dY.size(1);
+    torch::Tensor Xd = X.to(torch::kFloat64), Gd = dY.to(torch::kFloat64);
+    p.g2 = (t * (m + n) < m * n) ? (Xd.mm(Xd.t()) * Gd.mm(Gd.t())).sum().item<double>()
+                                 : Xd.t().mm(Gd).square().sum().item<double>();
+  }
+  LSPO_CHECK(std::isfinite(p.g2), "fit: gradient sample contains NaN or Inf");
+  return p;
+}
+
+// e for one sample in closed form (fp64 after the O(r size(G)) projections); differentiable.
+torch::Tensor sample_error(const Prepared& s, const torch::Tensor& pi, const torch::Tensor& pv, int64_t dP,
+                           const torch::Tensor& qi, const torch::Tensor& qv, int64_t dQ, const torch::Tensor& A,
+                           const torch::Tensor& B) {
+  if (s.g2 == 0) return torch::zeros({}, pv.options().dtype(torch::kFloat64));
+  torch::Tensor S;
+  if (s.Gt.defined()) {
+    torch::Tensor GQ = ad_left(qi, qv, dQ, s.Gt).t().contiguous();  // (Q^T G^T)^T = G Q  [m, dQ]
+    S = ad_left(pi, pv, dP, GQ);                                      // [dP, dQ]
+  } else {
+    S = ad_left(pi, pv, dP, s.Xt).mm(ad_left(qi, qv, dQ, s.dYt).t());  // (P^T X^T)(dY Q)
+  }
+  S = S.to(torch::kFloat64);
+  torch::Tensor e2 = 1.0 + ((A.mm(S) * S.mm(B)).sum() - 2.0 * S.square().sum()) / s.g2;
+  return torch::sqrt(torch::clamp_min(e2, 0.0) + 1e-30);
+}
+
+torch::Tensor mean_error(const std::vector<Prepared>& prep, const SparseProjector& P, const SparseProjector& Q,
+                         const torch::Tensor& pi, const torch::Tensor& pv, const torch::Tensor& qi,
+                         const torch::Tensor& qv, const torch::Tensor& posP, const torch::Tensor& posQ) {
+  torch::Tensor A = gram(posP, pv, pv, P.d, P.d).to(torch::kFloat64);
+  torch::Tensor B = gram(posQ, qv, qv, Q.d, Q.d).to(torch::kFloat64);
+  torch::Tensor total = torch::zeros({}, pv.options().dtype(torch::kFloat64));
+  for (const auto& s : prep) total = total + sample_error(s, pi, pv, P.d, qi, qv, Q.d, A, B);
+  return total / static_cast<double>(prep.size());
+}
+
+std::vector<GradSample> wrap_dense(const std::vector<torch::Tensor>& grads) {
+  std::vector<GradSample> v;
+  v.reserve(grads.size());
+  for (const auto& g : grads) v.push_back(GradSample::dense(g));
+  return v;
+}
+
+}  // namespace
+
+double relative_error(const SparseProjector& P, const SparseProjector& Q, const std::vector<GradSample>& samples) {
+  LSPO_CHECK(!samples.empty(), "relative_error: no gradient samples");
+  double total = 0;
+  for (const auto& s : samples) {
+    check_sample_shapes(P, Q, s, "relative_error");
+    torch::Tensor G = s.G.defined() ? s.G.to(torch::kFloat32)
+                                    : s.X.to(torch::kFloat32).t().mm(s.dY.to(torch::kFloat32));
+    const double gn = G.norm().item<double>();
+    LSPO_CHECK(std::isfinite(gn), "relative_error: gradient sample contains NaN or Inf");
+    if (gn == 0) continue;  // e of a zero gradient is taken as 0
+    torch::Tensor R = decompress(P, Q, compress(P, Q, G));
+    total += (R - G).norm().item<double>() / gn;
+  }
+  return total / static_cast<double>(samples.size());
+}
+
+double relative_error(const SparseProjector& P, const SparseProjector& Q, const std::vector<torch::Tensor>& grads) {
+  return relative_error(P, Q, wrap_dense(grads));
+}
+
+FitResult fit(SparseProjector& P, SparseProjector& Q, const std::vector<GradSample>& samples, const FitOptions& opt) {
+  LSPO_CHECK(!samples.empty(), "fit: no gradient samples");
+  LSPO_CHECK(opt.lr > 0 && opt.max_iters >= 0 && opt.l2 >= 0, "fit: need lr > 0, max_iters >= 0, l2 >= 0");
+  P.validate();
+  Q.validate();
+  LSPO_CHECK(P.indices.device() == Q.indices.device(), "fit: P and Q are on different devices");
+  std::vector<Prepared> prep;
+  {
+    torch::NoGradGuard ng;
+    for (const auto& s : samples) {
+      check_sample_shapes(P, Q, s, "fit");
+      prep.push_back(prepare(s));
+    }
+  }
+  const torch::Tensor pi = P.indices.to(torch::kLong), qi = Q.indices.to(torch::kLong);
+  const torch::Tensor posP = gram_positions(P.indices, P.indices, P.d), posQ = gram_positions(Q.indices, Q.indices, Q.d);
+  torch::Tensor pv = P.values.detach().clone().requires_grad_(true);
+  torch::Tensor qv = Q.values.detach().clone().requires_grad_(true);
+  torch::optim::Adam adam({pv, qv}, torch::optim::AdamOptions(opt.lr));
+
+  FitResult res;
+  double best = std::numeric_limits<double>::infinity();
+  torch::Tensor best_p = pv.detach().clone(), best_q = qv.detach().clone();
+  for (int64_t it = 0;; ++it) {
+    adam.zero_grad();
+    torch::Tensor e = mean_error(prep, P, Q, pi, pv, qi, qv, posP, posQ);
+    const double ev = e.item<double>();
+    if (it == 0) res.error_before = ev;
+    if (ev < best) {
+      best = ev;
+      best_p = pv.detach().clone();
+      best_q = qv.detach().clone();
+    }
+    if (ev <= opt.target_error || it >= opt.max_iters) break;
+    torch::Tensor loss = e;
+    if (opt.l2 > 0) loss = loss + opt.l2 * (pv.norm() + qv.norm());
+    loss.backward();
+    adam.step();
+    res.iters = it + 1;
+  }
+  {
+    torch::NoGradGuard ng;
+    P.values.copy_(best_p);
+    Q.values.copy_(best_q);
+  }
+  res.error_after = best;
+  return res;
+}
+
+FitResult fit(SparseProjector& P, SparseProjector& Q, const std::vector<torch::Tensor>& grads, const FitOptions& opt) {
+  return fit(P, Q, wrap_dense(grads), opt);
+}
+
+bool should_refit(const SparseProjector& P, const SparseProjector& Q, const std::vector<GradSample>& samples,
+                  double alpha) {
+  return relative_error(P, Q, samples) > alpha;
+}
+bool should_refit(const SparseProjector& P, const SparseProjector& Q, const std::vector<torch::Tensor>& grads,
+                  double alpha) {
+  return relative_error(P, Q, grads) > alpha;
+}
+
+torch::Tensor cross_gram(const SparseProjector& P_new, const SparseProjector& P_old) {
+  P_new.validate();
+  P_old.validate();
+  LSPO_CHECK(P_new.n() == P_old.n(), "cross_gram: projectors of different dimensions (n = ", P_new.n(), " and ",
+             P_old.n(), ")");
+  LSPO_CHECK(P_new.indices.device() == P_old.indices.device(), "cross_gram: projectors on different devices");
+  torch::NoGradGuard ng;
+  return gram(gram_positions(P_new.indices, P_old.indices, P_old.d), P_new.values, P_old.values, P_new.d, P_old.d);
+}
+
+void carry_state(const SparseProjector& P_old, const SparseProjector& Q_old, const SparseProjector& P_new,
+                 const SparseProjector& Q_new, torch::Tensor& M, torch::Tensor& V) {
+  const torch::Tensor CP = cross_gram(P_new, P_old);  // [dPn, dPo]
+  const torch::Tensor CQ = cross_gram(Q_new, Q_old);  // [dQn, dQo]
+  for (torch::Tensor* T : {&M, &V}) {
+    const char* name = T == &M ? "M" : "V";
+    LSPO_CHECK(T->defined() && T->dim() == 2 && T->size(0) == P_old.d && T->size(1) == Q_old.d,
+               "carry_state: state '", name, "' must have sizes [", P_old.d, ", ", Q_old.d, "], got ",
+               T->defined() ? T->sizes() : torch::IntArrayRef{});
+    LSPO_CHECK(T->scalar_type() == torch::kFloat32, "carry_state: state '", name, "' must be float32");
+    LSPO_CHECK(T->device() == CP.device(), "carry_state: state '", name, "' is on ", T->device(),
+               " but the projectors are on ", CP.device());
+  }
+  torch::NoGradGuard ng;
+  torch::Tensor Mn = CP.mm(M).mm(CQ.t());
+  torch::Tensor Vn = CP.square().mm(V).mm(CQ.square().t());
+  if (Mn.sizes() == M.sizes()) {
+    M.copy_(Mn);
+    V.copy_(Vn);
+  } else {
+    M = Mn;
+    V = Vn;
+  }
+}
+
+}  // namespace lspo
