@@ -181,6 +181,7 @@ def main():
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for lspo and torch")
     ap.add_argument("--no-deepspeed", action="store_true")
+    ap.add_argument("--isa", default="auto", help="force lspo's SIMD path: auto, avx512, avx2, scalar")
     args = ap.parse_args()
 
     sizes = [16] if args.quick else [1, 4, 16, 64]
@@ -189,6 +190,7 @@ def main():
     reps = args.reps or (3 if args.quick else 5)
     lspo.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
+    lspo.set_isa(args.isa)
     load0 = os.getloadavg()
 
     log(f"# fused CPU Adam benchmark: {args.threads} threads, lspo ISA {lspo.active_isa()}, torch {torch.__version__}, "
