@@ -29,8 +29,12 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
-import torch
+# Must precede torch's OpenMP start-up: on a machine whose cores are busy with other work, spinning
+# OpenMP workers made 2-thread forward passes 10x slower here (passive waiting: no loss when idle).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "tinyshakespeare.txt"
@@ -165,7 +169,6 @@ def build_model(args, resume_dir: Path | None):
                              target_modules="all-linear", task_type="CAUSAL_LM")
             torch.manual_seed(args.seed)  # LoRA A matrices are random
             model = get_peft_model(model, cfg)
-    model.config.use_cache = False
     return model.to(args.device), tok
 
 
@@ -333,7 +336,7 @@ def main(argv=None) -> dict:
         for _ in range(args.grad_accum):
             b = {k: v.to(args.device) for k, v in data.train_batch(args.batch_size).items()}
             with amp() if amp else nullcontext():
-                loss = model(**b).loss
+                loss = model(**b, use_cache=False).loss
             (loss / args.grad_accum).backward()
             tot += float(loss.detach()) / args.grad_accum
             ntok += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
