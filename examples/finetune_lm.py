@@ -27,6 +27,8 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
+
+_T0 = time.perf_counter()  # wall time of a run counts torch's and transformers' imports too
 from pathlib import Path
 
 # Must precede torch's OpenMP start-up: on a machine whose cores are busy with other work, spinning
@@ -40,11 +42,12 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "tinyshakespeare.txt"
 OPTIMIZERS = ("lsp", "offload", "adamw", "lora")
 # Flags that define the training run: a resumed run takes them from the checkpoint.
-RUN_FLAGS = ("model", "data", "optimizer", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "lr",
-             "warmup", "weight_decay", "max_grad_norm", "lora_rank", "seed", "amp", "steps")
+RUN_FLAGS = ("model", "data", "optimizer", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "refit_every",
+             "refit_iters", "lr", "warmup", "weight_decay", "max_grad_norm", "lora_rank", "seed", "amp", "steps")
 DEFAULTS = dict(model="smollm2", data=str(DEFAULT_DATA), optimizer="lsp", batch_size=4, seq_len=128,
-                grad_accum=1, subspace=256, nnz=8, lr=1e-4, warmup=5, weight_decay=0.0, max_grad_norm=1.0,
-                lora_rank=16, seed=0, amp="auto", steps=60)
+                grad_accum=1, subspace=256, nnz=8, refit_every=100, refit_iters=10, lr=1e-4, warmup=5,
+                weight_decay=0.0, max_grad_norm=1.0,
+                lora_rank=16, seed=0, amp="auto", steps=30)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,12 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                                               "lspo.OffloadAdamW (full offload); adamw: torch AdamW (full "
                                               "fine-tuning); lora: peft LoRA + torch AdamW")
     a("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    a("--steps", type=int, help="optimizer steps in the schedule (default 60)")
+    a("--steps", type=int, help="optimizer steps in the schedule (default 30)")
     a("--batch-size", type=int, help="sequences per micro-batch (default 4)")
     a("--seq-len", type=int, help="tokens per sequence (default 128)")
     a("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     a("--subspace", type=int, help="LSP projector dimension d (lsp only; default 256)")
     a("--nnz", type=int, help="LSP projector non-zeros per row r (lsp only; default 8)")
+    a("--refit-every", type=int, help="LSP: refit the projectors every N steps when their error is above "
+                                      "threshold, 0 never (lsp only; default 100)")
+    a("--refit-iters", type=int, help="LSP: Adam iterations per projector refit (lsp only; default 10: the "
+                                      "step-1 refit of SmolLM2's 150 matrices costs ~2 min at 10, ~5 at 50 here)")
     a("--lr", type=float, help="peak learning rate (default 1e-4; linear warmup, cosine decay to 10%%)")
     a("--warmup", type=int, help="warmup steps (default 5)")
     a("--weight-decay", type=float, help="decoupled weight decay (default 0)")
@@ -96,7 +103,9 @@ def resolve(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
         elif saved is not None and k != "steps" and saved.get(k) != getattr(args, k):
             raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
                              f"{saved.get(k)}: a resumed run keeps its run flags (only --steps may change)")
-    for k in ("steps", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "lora_rank"):
+    if args.refit_every < 0:
+        raise ValueError(f"--refit-every must be >= 0, got {args.refit_every}")
+    for k in ("steps", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "refit_iters", "lora_rank"):
         if getattr(args, k) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     if not args.lr > 0:
@@ -182,7 +191,9 @@ def build_optimizer(args, model):
                                  record_timeline=bool(args.trace))
     if args.optimizer == "lsp":
         return lspo.LSPAdamW(model, lr=args.lr, weight_decay=args.weight_decay, subspace=args.subspace,
-                             nnz=args.nnz, max_grad_norm=clip, record_timeline=bool(args.trace), seed=args.seed)
+                             nnz=args.nnz, refit_every=args.refit_every,
+                             refit_iters=args.refit_iters, max_grad_norm=clip, record_timeline=bool(args.trace),
+                             seed=args.seed)
     return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
 
 
@@ -288,6 +299,7 @@ def report(tag: str, model, tok, data, args, amp, summary: dict) -> None:
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
+    t_start = _T0 if __name__ == "__main__" else time.perf_counter()
     args = parse_args(argv)
     resume_dir = Path(args.resume) if args.resume else None
     saved = read_resume(resume_dir) if resume_dir else None
@@ -356,6 +368,8 @@ def main(argv=None) -> dict:
             raise RuntimeError(f"loss became {tot} at step {step}")
     bar.close()
     train_s = time.perf_counter() - t_train
+    if hasattr(opt, "refits"):
+        summary["projector_refits"] = sum(1 for r in opt.refits if r.get("refit"))
     summary.update(step=step, train_losses=losses, train_seconds=train_s,
                    tokens_per_s=ntok_total / train_s if train_s > 0 else 0.0,
                    peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -371,10 +385,12 @@ def main(argv=None) -> dict:
         print(f"checkpoint (step {step}) saved to {args.save}; load it with "
               f"AutoModelForCausalLM.from_pretrained({args.save!r}), continue with --resume {args.save}")
     summary["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    summary["wall_seconds"] = time.perf_counter() - t_start
+    print(f"total wall time {summary['wall_seconds']:.0f}s, peak RSS {summary['peak_rss_gb']:.2f} GB")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     keys = ("val_loss_before", "val_loss_after", "val_ppl_before", "val_ppl_after", "gsm8k_acc_before",
-            "gsm8k_acc_after", "step", "train_seconds", "tokens_per_s", "peak_rss_gb")
+            "gsm8k_acc_after", "step", "train_seconds", "wall_seconds", "tokens_per_s", "peak_rss_gb")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return summary
 
