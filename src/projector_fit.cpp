@@ -141,6 +141,8 @@ FitResult fit(SparseProjector& P, SparseProjector& Q, const std::vector<GradSamp
       prep.push_back(prepare(s));
     }
   }
+  // the learning uses autograd whatever the caller's mode (optimizers call fit under no_grad)
+  torch::AutoGradMode grad_on(true);
   const torch::Tensor pi = P.indices.to(torch::kLong), qi = Q.indices.to(torch::kLong);
   const torch::Tensor posP = gram_positions(P.indices, P.indices, P.d), posQ = gram_positions(Q.indices, Q.indices, Q.d);
   torch::Tensor pv = P.values.detach().clone().requires_grad_(true);

@@ -10,12 +10,15 @@ from .cpu_adam import CPUAdamW
 from . import projector
 from .projector import SparseProjector
 from .optim import OffloadAdamW
+from .lsp import LSPAdamW
+from . import tinygpt
 
 __version__ = "0.1.0"
 with_cuda = bool(_C.with_cuda)
 
 __all__ = [
     "CPUAdamW",
+    "LSPAdamW",
     "LspoError",
     "OffloadAdamW",
     "SparseProjector",

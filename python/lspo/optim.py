@@ -133,6 +133,7 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _copy_grad(self, s: _Slot, grad: torch.Tensor) -> None:
         """Gradient -> the slot's host buffer (on the D2H stream for CUDA tensors)."""
         eng = self._engine
+        eng.wait(s.index)  # a queued or running (now stale) speculation may still read the buffer
         buf = eng.grad_buffer(s.index)
         t0 = eng.now_us()
         if grad.is_cuda:
@@ -191,14 +192,15 @@ class OffloadAdamW(torch.optim.Optimizer):
                 loss = closure()
         eng = self._engine
         t_step = eng.now_us()
-        live = [s for s in self._slots.values() if s.param.grad is not None]
+        live = [s for s in self._slots.values() if self._has_grad(s)]
         self.last_step_skipped = False
         if not live:
             return loss
-        grads = [s.param.grad for s in live]
+        grads = [self._grad_src(s) for s in live]
         # AMP: GradScaler sets grad_scale (None once unscale_ ran) and found_inf on us before step()
         amp_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        self._check_amp(live, amp_scale, found_inf)
         inv_scale = 1.0 if amp_scale is None else 1.0 / float(amp_scale.double().item())
         total = self._grad_norm(grads)  # norm of the (possibly scaled) gradients, fp32
         total_f = float(total.item())
@@ -207,6 +209,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             eng.wait_all()  # drop every speculation: committed state is untouched
             for s in live:
                 s.spec = None
+                self._drop(s)
             self.last_step_skipped = True
             self.skipped_steps += 1
             self.last_grad_norm = None
@@ -223,8 +226,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         # resubmit every slot whose speculation does not match, then commit in forward order
         for s in live:
             p = s.param
-            key = _hparams_key(s.group, int(self.state[p]["step"].item()) + 1, scale)
-            g = p.grad
+            key = self._key(s, int(self.state[p]["step"].item()) + 1, scale)
+            g = self._grad_src(s)
             fresh = s.grad_seen is not None and s.grad_seen[0]() is g and s.grad_seen[1] == g._version
             ok = fresh and s.spec is not None and s.spec[0] == key and s.spec[1] is s.grad_seen
             if ok:
@@ -238,23 +241,50 @@ class OffloadAdamW(torch.optim.Optimizer):
             eng.commit(s.index)
             s.spec = None
             p = s.param
-            out = eng.out_buffer(s.index).view(p.shape)
-            t0 = eng.now_us()
-            if p.is_cuda:
-                self._h2d.wait_stream(torch.cuda.current_stream(p.device))
-                with torch.cuda.stream(self._h2d):
-                    p.copy_(out, non_blocking=True)
-                    s.h2d_event = torch.cuda.Event()
-                    s.h2d_event.record(self._h2d)
-                torch.cuda.current_stream(p.device).wait_event(s.h2d_event)  # GPU-side wait
-            else:
-                p.copy_(out)
-                eng.add_event("h2d", eng_name(s), 3, t0, eng.now_us())
+            self._finish(s)
             self.state[p]["step"] += 1
             self._refresh_state(p)
         self._spec_scale = inv_scale
         eng.add_event("step", "engine", 0, t_step, eng.now_us())
         return loss
+
+    # ---------------------------------------------------------------- per-slot policy (LSPAdamW overrides)
+    def _has_grad(self, s: _Slot) -> bool:
+        """The slot has a gradient to consume this step."""
+        return s.param.grad is not None
+
+    def _grad_src(self, s: _Slot) -> torch.Tensor:
+        """The tensor that goes to the slot's host gradient buffer (and into the global norm)."""
+        return s.param.grad
+
+    def _key(self, s: _Slot, step: int, grad_scale: float) -> tuple:
+        return _hparams_key(s.group, step, grad_scale)
+
+    def _check_amp(self, live: list, amp_scale, found_inf) -> None:
+        pass
+
+    def _drop(self, s: _Slot) -> None:
+        """A skipped step: forget what the slot accumulated for it (nothing to do for plain grads)."""
+
+    def _upload(self, s: _Slot, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Host result -> device tensor on the H2D stream; the compute stream waits on an event."""
+        eng = self._engine
+        t0 = eng.now_us()
+        if dst.is_cuda:
+            self._h2d.wait_stream(torch.cuda.current_stream(dst.device))
+            with torch.cuda.stream(self._h2d):
+                dst.copy_(src, non_blocking=True)
+                s.h2d_event = torch.cuda.Event()
+                s.h2d_event.record(self._h2d)
+            torch.cuda.current_stream(dst.device).wait_event(s.h2d_event)  # GPU-side wait
+        else:
+            dst.copy_(src)
+            eng.add_event("h2d", eng_name(s), 3, t0, eng.now_us())
+
+    def _finish(self, s: _Slot) -> None:
+        """The committed result reaches the parameter: the new weights, copied in."""
+        p = s.param
+        self._upload(s, self._engine.out_buffer(s.index).view(p.shape), p)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:

