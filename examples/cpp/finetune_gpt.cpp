@@ -142,7 +142,8 @@ Config parse(int argc, char** argv) {
     }
   }
   if (c.steps < 1 || c.batch < 1 || c.seq < 2 || c.layers < 1 || c.heads < 1 || c.embd % c.heads != 0)
-    throw std::invalid_argument("need --steps >= 1, --batch >= 1, --seq >= 2, --layers >= 1, --embd divisible by --heads");
+    throw std::invalid_argument(
+        "need --steps >= 1, --batch >= 1, --seq >= 2, --layers >= 1, --embd divisible by --heads");
   if (c.optimizer != "lsp" && c.optimizer != "offload" && c.optimizer != "adamw")
     throw std::invalid_argument("--optimizer must be lsp, offload or adamw, got " + c.optimizer);
   return c;
@@ -152,7 +153,8 @@ torch::Tensor read_bytes(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw std::runtime_error("cannot open --data " + path);
   std::vector<char> buf((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  if (buf.size() < 10000) throw std::runtime_error("--data " + path + " is too small (" + std::to_string(buf.size()) + " bytes)");
+  if (buf.size() < 10000)
+    throw std::runtime_error("--data " + path + " is too small (" + std::to_string(buf.size()) + " bytes)");
   return torch::from_blob(buf.data(), {static_cast<int64_t>(buf.size())}, torch::kUInt8).clone();
 }
 
@@ -162,7 +164,8 @@ int main(int argc, char** argv) {
   try {
     const Config c = parse(argc, argv);
     const torch::Device dev(c.device);
-    if (dev.is_cuda() && !torch::cuda::is_available()) throw std::runtime_error("--device cuda but no GPU is available");
+    if (dev.is_cuda() && !torch::cuda::is_available())
+      throw std::runtime_error("--device cuda but no GPU is available");
     torch::manual_seed(c.seed);
     const torch::Tensor data = read_bytes(c.data);
     const int64_t cut = static_cast<int64_t>(data.numel() * 0.9);
@@ -188,7 +191,8 @@ int main(int argc, char** argv) {
           o);
     } else if (c.optimizer == "offload") {
       proj.insert(proj.end(), rest.begin(), rest.end());
-      opt = std::make_unique<lspo::OffloadAdamW>(proj, lspo::OffloadAdamWOptions(c.lr).weight_decay(0).max_grad_norm(1.0));
+      opt = std::make_unique<lspo::OffloadAdamW>(
+          proj, lspo::OffloadAdamWOptions(c.lr).weight_decay(0).max_grad_norm(1.0));
     } else {
       proj.insert(proj.end(), rest.begin(), rest.end());
       opt = std::make_unique<torch::optim::AdamW>(proj, torch::optim::AdamWOptions(c.lr).weight_decay(0));

@@ -45,7 +45,8 @@ void run(const std::string& name, int64_t steps, double lr) {
     opt->step();
     last = loss.item<double>();
     if (step == 0) first = last;
-    if ((step + 1) % 50 == 0) std::printf("%-8s step %4lld  loss %.5f\n", name.c_str(), static_cast<long long>(step + 1), last);
+    if ((step + 1) % 50 == 0)
+      std::printf("%-8s step %4lld  loss %.5f\n", name.c_str(), static_cast<long long>(step + 1), last);
   }
   std::printf("RESULT optimizer=%s loss_before=%.5f loss_after=%.5f\n", name.c_str(), first, last);
 }

@@ -567,8 +567,9 @@ TEST(Optimizers, BadOptionsRaiseNamedErrors) {
   }, "eps");
   // parameters
   expect_lspo_error([&] { OffloadAdamW o({torch::zeros({3}, torch::kInt)}); }, "dtype");
-  expect_lspo_error([&] { LSPAdamW o({torch::zeros({20, 20}, torch::kHalf)}, LSPAdamWOptions().subspace(8)); },
-                    "float16");
+  expect_lspo_error(
+      [&] { LSPAdamW o({torch::zeros({20, 20}, torch::kHalf).requires_grad_(true)}, LSPAdamWOptions().subspace(8)); },
+      "float16");
   auto p = ps();
   expect_lspo_error([&] { OffloadAdamW o({OptimizerParamGroup({p[0]}), OptimizerParamGroup({p[0]})}); },
                     "more than one param group");
