@@ -600,6 +600,35 @@ TEST(Optimizers, GroupsAddedLaterAndParamsWithoutGradients) {
   EXPECT_FALSE(p[0].grad().defined());
 }
 
+struct ToyLM : torch::nn::Module {
+  torch::nn::Embedding emb{nullptr};
+  torch::nn::Linear up{nullptr}, down{nullptr}, lm_head{nullptr}, out{nullptr};
+  ToyLM() {
+    emb = register_module("emb", torch::nn::Embedding(50, 32));
+    up = register_module("up", torch::nn::Linear(32, 64));
+    down = register_module("down", torch::nn::Linear(64, 32));
+    lm_head = register_module("lm_head", torch::nn::Linear(32, 40));  // excluded by name
+    out = register_module("out", torch::nn::Linear(32, 50));          // shaped like the embedding (a head)
+  }
+};
+
+TEST(LSPAdamW, ParamGroupsFromAModule) {
+  OneAtenThread one_thread;
+  ToyLM m;
+  auto o = LSPAdamWOptions().subspace(16).nnz(4);
+  auto groups = lspo::lsp_param_groups(m, o);
+  ASSERT_EQ(groups.size(), 2u);
+  std::vector<const void*> g0;
+  for (auto& p : groups[0].params()) g0.push_back(p.unsafeGetTensorImpl());
+  std::vector<const void*> want = {m.up->weight.unsafeGetTensorImpl(), m.down->weight.unsafeGetTensorImpl()};
+  EXPECT_EQ(g0, want);
+  EXPECT_EQ(groups[0].params().size() + groups[1].params().size(), m.parameters().size());
+  LSPAdamW opt(std::move(groups), o);
+  EXPECT_TRUE(opt.is_projected(m.up->weight) && opt.is_projected(m.down->weight));
+  EXPECT_FALSE(opt.is_projected(m.lm_head->weight) || opt.is_projected(m.out->weight) ||
+               opt.is_projected(m.emb->weight) || opt.is_projected(m.up->bias));
+}
+
 TEST(LSPAdamW, WhichParametersAreProjected) {
   OneAtenThread one_thread;
   auto p = make_params({{20, 20}, {20, 3}, {6, 5}, {4}, {30, 30}}, torch::kFloat, 13);
