@@ -35,7 +35,7 @@ def test_llama_iter_runs_on_cpu_and_collects(opt, tmp_path):
     (tmp_path / "bench.jsonl").write_text(json.dumps(dict(res, bench="smoke")) + "\n")
     c = _run([os.path.join(GPU, "collect.py"), str(tmp_path), "--save", str(tmp_path / "results")])
     assert c.returncode == 0, c.stderr
-    assert f"| smoke | tiny | {opt} |" in c.stdout
+    assert f"| smoke | tiny | {opt}" in c.stdout
     saved = list((tmp_path / "results").iterdir())
     assert len(saved) == 1 and saved[0].name.startswith("cpu-smoke-")
     assert json.load(open(saved[0]))["runs"][0]["opt"] == opt
