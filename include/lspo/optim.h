@@ -206,8 +206,8 @@ class LSPAdamW : public OffloadOptimizerBase {
 
 // Parameter groups for LSPAdamW from a module, by the Python lspo.LSPAdamW(module) rule: group 0
 // holds the weights of torch::nn::Linear layers that are not tied to (the same tensor as) an
-// Embedding weight, not shaped like an Embedding weight (an untied output head) and not named
-// lm_head / embed_out / output_layer -- projected when both dims >= min_dim (options `o`); group 1
+// Embedding weight and not named lm_head / embed_out / output_layer (output heads stay dense) --
+// projected when both dims >= min_dim (options `o`); group 1
 // holds every other parameter with project(false). Usage: LSPAdamW opt(lsp_param_groups(*model, o), o).
 std::vector<torch::optim::OptimizerParamGroup> lsp_param_groups(const torch::nn::Module& model,
                                                                 const LSPAdamWOptions& o = {});

@@ -608,7 +608,7 @@ struct ToyLM : torch::nn::Module {
     up = register_module("up", torch::nn::Linear(32, 64));
     down = register_module("down", torch::nn::Linear(64, 32));
     lm_head = register_module("lm_head", torch::nn::Linear(32, 40));  // excluded by name
-    out = register_module("out", torch::nn::Linear(32, 50));          // shaped like the embedding (a head)
+    out = register_module("out", torch::nn::Linear(32, 50));          // an ordinary layer (name, not shape)
   }
 };
 
@@ -620,13 +620,15 @@ TEST(LSPAdamW, ParamGroupsFromAModule) {
   ASSERT_EQ(groups.size(), 2u);
   std::vector<const void*> g0;
   for (auto& p : groups[0].params()) g0.push_back(p.unsafeGetTensorImpl());
-  std::vector<const void*> want = {m.up->weight.unsafeGetTensorImpl(), m.down->weight.unsafeGetTensorImpl()};
+  std::vector<const void*> want = {m.up->weight.unsafeGetTensorImpl(), m.down->weight.unsafeGetTensorImpl(),
+                                   m.out->weight.unsafeGetTensorImpl()};
   EXPECT_EQ(g0, want);
   EXPECT_EQ(groups[0].params().size() + groups[1].params().size(), m.parameters().size());
   LSPAdamW opt(std::move(groups), o);
   EXPECT_TRUE(opt.is_projected(m.up->weight) && opt.is_projected(m.down->weight));
-  EXPECT_FALSE(opt.is_projected(m.lm_head->weight) || opt.is_projected(m.out->weight) ||
-               opt.is_projected(m.emb->weight) || opt.is_projected(m.up->bias));
+  EXPECT_TRUE(opt.is_projected(m.out->weight));
+  EXPECT_FALSE(opt.is_projected(m.lm_head->weight) || opt.is_projected(m.emb->weight) ||
+               opt.is_projected(m.up->bias));
 }
 
 TEST(LSPAdamW, WhichParametersAreProjected) {

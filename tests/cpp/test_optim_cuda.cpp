@@ -72,7 +72,8 @@ TEST(OptimCuda, LSPAdamWOnCudaMatchesCpu) {
   for (size_t i = 0; i < a.size(); ++i)
     EXPECT_LE((a[i].detach().cpu() - b[i].detach()).abs().max().item<double>(), 1e-5) << "param " << i;
   // a refit on the GPU runs (fit + carry_state of the host moments) and keeps the weights finite
-  lspo::LSPAdamW oc(params_on(torch::kCUDA, torch::kBFloat16), lspo::LSPAdamWOptions(o).refit_every(1).refit_threshold(0.0));
+  lspo::LSPAdamW oc(params_on(torch::kCUDA, torch::kBFloat16),
+                    lspo::LSPAdamWOptions(o).refit_every(1).refit_threshold(0.0));
   auto c = oc.parameters();
   for (int t = 1; t <= 2; ++t) {
     set_grads(c, t);
