@@ -29,16 +29,20 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
-import torch
+# Must precede torch's OpenMP start-up: on a machine whose cores are busy with other work, spinning
+# OpenMP workers made 2-thread forward passes 10x slower here (passive waiting: no loss when idle).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "tinyshakespeare.txt"
-OPTIMIZERS = ("offload", "adamw", "lora")
+OPTIMIZERS = ("lsp", "offload", "adamw", "lora")
 # Flags that define the training run: a resumed run takes them from the checkpoint.
 RUN_FLAGS = ("model", "data", "optimizer", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "lr",
              "warmup", "weight_decay", "max_grad_norm", "lora_rank", "seed", "amp", "steps")
-DEFAULTS = dict(model="smollm2", data=str(DEFAULT_DATA), optimizer="offload", batch_size=4, seq_len=128,
+DEFAULTS = dict(model="smollm2", data=str(DEFAULT_DATA), optimizer="lsp", batch_size=4, seq_len=128,
                 grad_accum=1, subspace=256, nnz=8, lr=1e-4, warmup=5, weight_decay=0.0, max_grad_norm=1.0,
                 lora_rank=16, seed=0, amp="auto", steps=60)
 
@@ -51,8 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "Qwen2 or GPT-2 family model")
     a("--data", help=f"text file (language modelling), JSONL of {{'prompt','response'}} pairs, or a directory with "
                      f"train.jsonl/test.jsonl such as examples/data/gsm8k (default {DEFAULT_DATA.relative_to(HERE.parent)})")
-    a("--optimizer", choices=OPTIMIZERS, help="offload: lspo.OffloadAdamW (full offload); adamw: torch AdamW "
-                                              "(full fine-tuning); lora: peft LoRA + torch AdamW (default offload)")
+    a("--optimizer", choices=OPTIMIZERS, help="lsp: lspo.LSPAdamW (learned sparse projectors, default); offload: "
+                                              "lspo.OffloadAdamW (full offload); adamw: torch AdamW (full "
+                                              "fine-tuning); lora: peft LoRA + torch AdamW")
     a("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     a("--steps", type=int, help="optimizer steps in the schedule (default 60)")
     a("--batch-size", type=int, help="sequences per micro-batch (default 4)")
@@ -165,7 +170,6 @@ def build_model(args, resume_dir: Path | None):
                              target_modules="all-linear", task_type="CAUSAL_LM")
             torch.manual_seed(args.seed)  # LoRA A matrices are random
             model = get_peft_model(model, cfg)
-    model.config.use_cache = False
     return model.to(args.device), tok
 
 
@@ -290,10 +294,6 @@ def main(argv=None) -> dict:
     args = resolve(args, saved["args"] if saved else None)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.optimizer == "lsp":
-        import lspo
-        if not hasattr(lspo, "LSPAdamW"):
-            raise ValueError("--optimizer lsp: this lspo build has no LSPAdamW")
     from lspo import lmdata
 
     torch.manual_seed(args.seed)
@@ -303,18 +303,21 @@ def main(argv=None) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     data = lmdata.load_data(Path(args.data), tok, args.seq_len, args.seed)
     opt = build_optimizer(args, model)
+    n_proj = len(opt.projected_params) if hasattr(opt, "projected_params") else 0
     step, history = 0, []
     if saved:
         opt.load_state_dict(saved["optimizer"])
         data.load_state_dict(saved["data"])
         step, history = int(saved["step"]), list(saved["history"])
     amp = amp_context(args)
+    proj = f", {n_proj} matrices projected" if n_proj else ""
     print(f"model {args.model if not resume_dir else resume_dir} ({n_params / 1e6:.1f}M params, "
-          f"{n_train / 1e6:.1f}M trained), data {args.data} ({data.kind}), optimizer {args.optimizer}, "
+          f"{n_train / 1e6:.1f}M trained{proj}), data {args.data} ({data.kind}), optimizer {args.optimizer}, "
           f"device {args.device}, amp {'bf16' if amp else 'off'}, loaded in {time.perf_counter() - t_load:.1f}s"
           + (f", resuming at step {step}" if saved else ""), flush=True)
 
-    summary = {"args": {k: getattr(args, k) for k in RUN_FLAGS}, "params": n_params, "trained_params": n_train}
+    summary = {"args": {k: getattr(args, k) for k in RUN_FLAGS}, "params": n_params, "trained_params": n_train,
+               "projected_matrices": n_proj}
     report("before", model, tok, data, args, amp, summary)
     if saved:
         set_rng_state(saved["rng"])  # after the report, whose sampling restores RNG anyway
@@ -333,7 +336,7 @@ def main(argv=None) -> dict:
         for _ in range(args.grad_accum):
             b = {k: v.to(args.device) for k, v in data.train_batch(args.batch_size).items()}
             with amp() if amp else nullcontext():
-                loss = model(**b).loss
+                loss = model(**b, use_cache=False).loss
             (loss / args.grad_accum).backward()
             tot += float(loss.detach()) / args.grad_accum
             ntok += int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()

@@ -85,14 +85,112 @@ def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
                                 .reshape(w.shape))
 
 
-def _field(reader: Any, key: str, default: Any = None, required: bool = False) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
+class GGUFFile:
+    """A GGUF file's metadata (``meta``: key -> value; arrays of numbers as numpy arrays, of strings
+    as lists) and tensor table (``tensors``: name -> (shape in torch order, ggml type id, absolute
+    byte offset, byte count)), read by lspo's own parser (the gguf package's reader decodes every
+    array element by element: ~10 s for a 49k-token vocabulary). Tensor bytes are memory-mapped."""
+
+    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    _NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+           12: "<f8"}
+
+    def __init__(self, path: Path):
+        import gguf
+        self.path = path
+        self.buf = np.memmap(path, dtype=np.uint8, mode="r")
+        self.mv = memoryview(self.buf)
+        self.pos = 0
+        if bytes(self._take(4)) != b"GGUF":
+            raise ValueError("bad magic (not a GGUF file)")
+        version = self._scalar(4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (supported: 2, 3)")
+        n_tensors, n_kv = self._scalar(10), self._scalar(10)
+        if n_tensors > 1 << 24 or n_kv > 1 << 24:
+            raise ValueError(f"implausible header ({n_tensors} tensors, {n_kv} metadata keys)")
+        self.meta = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.meta[key] = self._value(self._scalar(4))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = [self._scalar(10) for _ in range(self._scalar(4))]
+            infos.append((name, dims, self._scalar(4), self._scalar(10)))
+        align = int(self.meta.get("general.alignment", 32))
+        start = (self.pos + align - 1) // align * align
+        self.tensors = {}
+        for name, dims, ty, off in infos:
+            try:
+                block, tsize = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ty)]
+            except (ValueError, KeyError):
+                raise ValueError(f"tensor {name} has unknown ggml type {ty}") from None
+            n = int(np.prod(dims)) if dims else 1
+            if dims and dims[0] % block:
+                raise ValueError(f"tensor {name}: row of {dims[0]} values is not a whole number of blocks")
+            nbytes = n // block * tsize
+            if start + off + nbytes > len(self.buf):
+                raise ValueError(f"tensor {name} ends at byte {start + off + nbytes}, past the end of the file "
+                                 f"({len(self.buf)} bytes): truncated")
+            self.tensors[name] = (tuple(int(d) for d in reversed(dims)), ty, start + off, nbytes)
+
+    def _take(self, n: int):
+        if self.pos + n > len(self.buf):
+            raise ValueError("unexpected end of file in the header (truncated)")
+        out = self.mv[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def _scalar(self, ty: int):
+        fmt = self._SCALARS.get(ty)
+        if fmt is None:
+            raise ValueError(f"unknown metadata value type {ty}")
+        import struct
+        return struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
+
+    def _string(self) -> str:
+        n = self._scalar(10)
+        if n > len(self.buf):
+            raise ValueError("corrupt string length in the header")
+        return bytes(self._take(n)).decode("utf-8", errors="replace")
+
+    def _value(self, ty: int):
+        if ty == 8:
+            return self._string()
+        if ty == 9:
+            sub, n = self._scalar(4), self._scalar(10)
+            if n > len(self.buf):
+                raise ValueError("corrupt array length in the header")
+            if sub == 8:
+                return [self._string() for _ in range(n)]
+            if sub in self._NP:
+                dt = np.dtype(self._NP[sub])
+                return np.frombuffer(self._take(n * dt.itemsize), dtype=dt).copy()
+            return [self._value(sub) for _ in range(n)]
+        return self._scalar(ty)
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """fp32 values of tensor ``name`` in torch order."""
+        import gguf
+        shape, ty, off, nbytes = self.tensors[name]
+        qt = gguf.GGMLQuantizationType(ty)
+        raw = self.buf[off:off + nbytes]
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        try:
+            arr = gguf.quants.dequantize(raw.reshape(rows, -1), qt)
+        except NotImplementedError:
+            raise ValueError(f"tensor {name} has quantization {qt.name}, which the gguf package cannot "
+                             f"dequantize") from None
+        return np.asarray(arr, dtype=np.float32).reshape(shape)
+
+
+def _field(reader: GGUFFile, key: str, default: Any = None, required: bool = False) -> Any:
+    if key not in reader.meta:
         if required:
             raise KeyError(key)
         return default
-    v = f.contents()
-    return v
+    return reader.meta[key]
 
 
 def _gguf_config(reader: Any, path: Path, n_vocab: int, tied: bool):
@@ -135,35 +233,28 @@ def _gguf_config(reader: Any, path: Path, n_vocab: int, tied: bool):
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
     """``(model, tokenizer)`` from a GGUF file; every tensor dequantized (to fp32, then ``dtype``).
     ``tokenizer`` is None when ``with_tokenizer=False``."""
-    import gguf
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"GGUF file {path} does not exist")
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises ValueError/IndexError/... on damaged files
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-    tensors = {t.name: t for t in reader.tensors}
+        reader = GGUFFile(path)
+    except ValueError as e:
+        raise ValueError(f"{path} is not a readable GGUF file: {e}") from None
+    tensors = reader.tensors
     if "token_embd.weight" not in tensors:
         raise ValueError(f"GGUF file {path} has no token_embd.weight tensor")
-    n_vocab = int(tensors["token_embd.weight"].shape[-1])
+    n_vocab = int(tensors["token_embd.weight"][0][0])
     arch, cfg = _gguf_config(reader, path, n_vocab, tied="output.weight" not in tensors)
     sd = {}
-    for name, t in tensors.items():
+    for name in tensors:
         if name.startswith("rope_") or name.endswith(".rope_freqs.weight"):
             continue  # precomputed rotary tables: transformers computes its own
         try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ValueError(f"GGUF file {path}: tensor {name} has quantization {t.tensor_type.name}, "
-                             f"which the gguf package cannot dequantize") from None
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        if arr.size != int(np.prod(shape)):
-            raise ValueError(f"GGUF file {path}: tensor {name} holds {arr.size} values, its shape {shape} needs "
-                             f"{int(np.prod(shape))} (truncated or corrupt file)")
-        arr = arr.reshape(shape)
+            arr = reader.dequantize(name)
+        except ValueError as e:
+            raise ValueError(f"GGUF file {path}: {e}") from None
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             arr = unpermute_rotary(arr, heads)
@@ -189,15 +280,29 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, with_tokeniz
     if cfg.tie_word_embeddings:
         model.tie_weights()
     model = model.to(dtype)
-    tok = None
-    if with_tokenizer:
-        from transformers import AutoTokenizer
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        except Exception as e:
-            raise ValueError(f"GGUF file {path}: cannot build its tokenizer ({type(e).__name__}: {e})") from None
+    del reader
+    tok = gguf_tokenizer(path) if with_tokenizer else None
     model.eval()
     return model, tok
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer a GGUF file describes, built by transformers from the file's metadata."""
+    try:
+        # transformers' own pieces, without AutoTokenizer's second full parse of the file for the config
+        from transformers import PreTrainedTokenizerFast
+        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError:  # pragma: no cover (other transformers versions)
+        get_gguf_tokenizer = None
+    try:
+        if get_gguf_tokenizer is None:  # pragma: no cover
+            from transformers import AutoTokenizer
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        arch, tok_dict, tok_config = get_gguf_tokenizer(str(path))
+        backend, extra = convert_gguf_tokenizer(arch, tok_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config, **extra)
+    except Exception as e:
+        raise ValueError(f"GGUF file {path}: cannot build its tokenizer ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------- checkpoints

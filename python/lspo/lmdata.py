@@ -198,7 +198,7 @@ def evaluate(model, data, batch_size: int, n: int, device, autocast=None) -> Tup
     for b in data.val_batches(batch_size, n):
         b = _move(b, device)
         with autocast() if autocast else _null():
-            logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
+            logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), use_cache=False).logits
         lab = b["labels"][:, 1:]
         lp = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                lab.reshape(-1), ignore_index=-100, reduction="sum")

@@ -130,7 +130,9 @@ def tiny_llama(tmp_path_factory):
 def _run(tmp_path, model_dir, data, *extra):
     argv = ["--model", str(model_dir), "--data", str(data), "--batch-size", "4", "--seq-len", "32", "--lr", "3e-3",
             "--warmup", "1", "--eval-windows", "8", "--sample-tokens", "4", "--eval-examples", "2", "--quiet",
-            "--device", "cpu", "--amp", "off", "--threads", "1", *extra]  # 1 thread: tiny ops, busy machine
+            "--device", "cpu", "--amp", "off",
+            "--threads", "1",  # tiny ops on a busy machine
+            "--subspace", "16", "--nnz", "4", *extra]  # lsp: d=16 projects the 64x64 and 64x128 weights
     return ft.main(argv)
 
 
@@ -299,6 +301,7 @@ def test_finetune_smoke_loss_falls(tmp_path, tiny_llama, text_file, opt):
     # from ~ln(260) = 5.56 nats: full fine-tuning reaches ~3.6 in 20 steps; LoRA, with the random
     # embeddings and head frozen, only ~5.3 (measured), so it gets a smaller bar
     drop = 0.1 if opt == "lora" else 1.0
+    assert (s["projected_matrices"] > 0) == (opt == "lsp")
     first, last = np.mean(s["train_losses"][:3]), np.mean(s["train_losses"][-3:])
     assert last < first - drop, s["train_losses"]
     assert s["val_loss_after"] < s["val_loss_before"] - drop
