@@ -50,12 +50,14 @@ def make_optimizer(args, model):
     if args.opt == "lsp":
         import lspo
 
-        opt = lspo.LSPAdamW(model, lr=lr, subspace=args.subspace, nnz=args.nnz)
+        opt = lspo.LSPAdamW(model, lr=lr, subspace=args.subspace, nnz=args.nnz, record_timeline=bool(args.trace))
+        if not args.no_wrap:
+            opt.wrap(model)  # the memory path: no dense weight gradient of a projected layer is ever formed
         return opt, None
     if args.opt == "offload":
         import lspo
 
-        return lspo.OffloadAdamW(model.parameters(), lr=lr), None
+        return lspo.OffloadAdamW(model.parameters(), lr=lr, record_timeline=bool(args.trace)), None
     if args.opt == "torchao":
         try:
             from torchao.optim import CPUOffloadOptimizer
@@ -98,6 +100,7 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: smoke test of this script with the tiny model (no timing value)")
     ap.add_argument("--trace", default=None, help="lsp/offload: write the engine timeline (Chrome trace)")
+    ap.add_argument("--no-wrap", action="store_true", help="lsp: compress p.grad in hooks instead of wrapping layers")
     args = ap.parse_args()
     res = {"model": args.model, "opt": args.opt, "batch": args.batch, "seq": args.seq, "ckpt": args.ckpt,
            "mem_cap_gb": args.mem_cap_gb,
@@ -145,8 +148,9 @@ def main():
             res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         import resource
         res["peak_cpu_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        if args.trace and hasattr(opt, "export_trace"):
-            opt.export_trace(args.trace)
+        if args.trace and hasattr(opt, "timeline_json"):
+            with open(args.trace, "w") as f:
+                f.write(opt.timeline_json())
         res["loss_first_last"] = [losses[0], losses[-1]]
         res["ok"] = True
     except Exception as e:  # report, don't hide: the table shows the failure and its reason

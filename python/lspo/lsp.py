@@ -22,7 +22,8 @@ positions fixed) and the Adam moments are carried into the new subspace
 
 Which parameters are projected: given a module, the weights of ``nn.Linear`` (and transformers'
 GPT-2 ``Conv1D``) layers whose both dimensions are ``>= min_dim`` (default: ``subspace``), except a
-weight tied to an ``nn.Embedding``. Given parameters, every 2-D parameter with both dimensions
+weight tied to an ``nn.Embedding`` and the output head (a layer named ``lm_head``/``embed_out``/
+``output_layer``). Given parameters, every 2-D parameter with both dimensions
 ``>= min_dim``. A param group may force it with ``"project": True/False``. Every other parameter
 (embeddings, norms, biases, lm_head, small matrices) gets :class:`~lspo.OffloadAdamW`'s full-offload
 AdamW: fp32 master and moments in host memory, the CPU Adam on the worker thread.
@@ -68,6 +69,9 @@ class _LspSlot(_Slot):
         self.backup = None  # (P values, Q values, M, V) before this step's refit: restored on a skip
 
 
+_HEAD_NAMES = ("lm_head", "embed_out", "output_layer")
+
+
 def _is_conv1d(m: torch.nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor)
 
@@ -109,9 +113,13 @@ class LSPAdamW(OffloadAdamW):
         self._eligible: Optional[set] = None
         if isinstance(params_or_module, torch.nn.Module):
             mod = params_or_module
-            tied = {id(m.weight) for m in mod.modules() if isinstance(m, torch.nn.Embedding)}
-            self._eligible = {id(m.weight) for m in mod.modules()
-                              if (isinstance(m, torch.nn.Linear) or _is_conv1d(m)) and id(m.weight) not in tied}
+            embs = [m.weight for m in mod.modules() if isinstance(m, torch.nn.Embedding)]
+            tied = {id(w) for w in embs}
+            self._eligible = {
+                id(m.weight) for name, m in mod.named_modules()
+                if (isinstance(m, torch.nn.Linear) or _is_conv1d(m)) and id(m.weight) not in tied
+                # an untied output head stays dense, like the embedding
+                and name.rsplit(".", 1)[-1] not in _HEAD_NAMES}
             params = [p for p in mod.parameters()]
         else:
             params = params_or_module

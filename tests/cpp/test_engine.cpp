@@ -122,9 +122,15 @@ TEST(Engine, WorkerServesLowestOrderFirst) {
   for (auto& ev : e.timeline())
     if (ev.name == "adam") order.push_back(ev.cat);
   ASSERT_EQ(order.size(), 7u);
-  EXPECT_EQ(order[0], "big");
-  // the six small ones waited behind "big" and ran in forward order l0..l5
-  for (int i = 0; i < 6; ++i) EXPECT_EQ(order[1 + i], "l" + std::to_string(i));
+  // Normally the worker has picked "big" up before the others arrive, so it runs first; on a
+  // loaded machine the 3 ms may not suffice, and then "big" (order 100) must run last. Either
+  // way the six small ones queued together and ran in forward order l0..l5.
+  EXPECT_TRUE(order[0] == "big" || order[6] == "big") << order[0] << " ... " << order[6];
+  std::vector<std::string> small;
+  for (auto& n : order)
+    if (n != "big") small.push_back(n);
+  ASSERT_EQ(small.size(), 6u);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(small[i], "l" + std::to_string(i));
   std::string js = e.timeline_json();
   EXPECT_NE(js.find("\"traceEvents\""), std::string::npos);
   EXPECT_NE(js.find("\"name\":\"adam\""), std::string::npos);

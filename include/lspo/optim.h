@@ -1,0 +1,215 @@
+// lspo/optim.h -- drop-in LibTorch optimizers over the offload engine (lspo/engine.h):
+//
+//   lspo::OffloadAdamW  full offload (the Identity compressor): fp32 master weights and fp32 Adam
+//                       moments live in host memory; the fused CPU AdamW updates them on the
+//                       engine's worker thread; the new weights are copied back into the parameter
+//                       (fp32, bf16 or fp16; CPU or CUDA). Same math as torch::optim::AdamW.
+//   lspo::LSPAdamW      LSP-Offload: a 2-D weight W [m, n] whose dims are both >= min_dim gets a pair
+//                       of learned sparse projectors P [m, dP], Q [n, dQ]; its gradient is compressed
+//                       to S = P^T G Q, Adam runs on S in the compressed space (host moments
+//                       [dP, dQ]), the update u comes back and is applied, W += P u Q^T. Every other
+//                       parameter is handled exactly as by OffloadAdamW.
+//
+// Both are torch::optim::Optimizer subclasses: `opt.zero_grad(); loss.backward(); opt.step();`,
+// per-group options (param groups), LR schedulers (get_lr/set_lr), save/load through
+// torch::serialize archives (torch::save(opt, path) / torch::load(opt, path)).
+//
+// The step, in order (one call of step()):
+//   1. every gradient's fp32 norm; any non-finite one skips the whole step (weights, moments, step
+//      counts and projectors untouched; last_step_skipped() is true, skipped_steps() counts);
+//   2. per parameter, in registration (forward) order, on the caller's thread: LSP refit when due,
+//      compress (projected) or take the dense gradient (others), copy to the slot's host buffer,
+//      submit the Adam job to the worker thread;
+//   3. global clipping when max_grad_norm > 0 (see below): a coefficient < 1 is folded into the
+//      kernel's grad_scale;
+//   4. per parameter, in forward order: wait for its Adam job, commit, write back (copy the new
+//      weights / apply weight decay and P u Q^T).
+// Overlap: with overlap = true the worker's Adam of parameter k runs while the caller compresses
+// and copies parameters k+1.. (step 2, without clipping) and while it writes back parameters < k
+// (step 4). With clipping on, jobs are submitted once the norm is known (after step 2), so only
+// step 4 overlaps. overlap = false runs every Adam job inline: the serial reference schedule, which
+// gives bitwise the same results. (The Python optimizers also overlap with backward through
+// gradient hooks; in C++ everything happens inside step().) Host<->device copies are synchronous.
+//
+// Clipping (max_grad_norm > 0) uses the global L2 norm over the dense gradients of the
+// non-projected parameters and over the compressed gradients S of the projected ones (S is what
+// Adam consumes; G itself is never clipped), as torch::nn::utils::clip_grad_norm_ does: per-tensor
+// fp32 norms, their L2 norm `total`, coefficient max_grad_norm / (total + 1e-6) when below 1.
+// last_grad_norm() reports `total` (before clipping).
+#pragma once
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "lspo/engine.h"
+#include "lspo/projector.h"
+
+namespace lspo {
+
+// Options of OffloadAdamW. Per group: lr, betas, eps, weight_decay. Optimizer-wide (read from the
+// defaults, ignored in other groups): max_grad_norm, overlap, record_timeline, pinned_limit_bytes.
+struct OffloadAdamWOptions : public torch::optim::OptimizerCloneableOptions<OffloadAdamWOptions> {
+  OffloadAdamWOptions(double lr = 1e-3);  // NOLINT: implicit, as torch's options
+  TORCH_ARG(double, lr) = 1e-3;
+  typedef std::tuple<double, double> betas_t;
+  TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
+  TORCH_ARG(double, eps) = 1e-8;
+  TORCH_ARG(double, weight_decay) = 1e-2;
+  TORCH_ARG(double, max_grad_norm) = 0.0;               // <= 0: no clipping
+  TORCH_ARG(bool, overlap) = true;                       // false: serial reference schedule
+  TORCH_ARG(bool, record_timeline) = false;              // engine timeline (timeline_json())
+  TORCH_ARG(int64_t, pinned_limit_bytes) = int64_t(4) << 30;
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+};
+
+// Options of LSPAdamW (defaults as the Python lspo.LSPAdamW). Per group: lr, betas, eps,
+// weight_decay, project, subspace, nnz, min_dim (these four are read when a parameter is first
+// registered), refit_every, refit_threshold, refit_iters, refit_lr. Optimizer-wide (defaults only):
+// max_grad_norm, overlap, record_timeline, pinned_limit_bytes, seed.
+struct LSPAdamWOptions : public torch::optim::OptimizerCloneableOptions<LSPAdamWOptions> {
+  LSPAdamWOptions(double lr = 1e-4);  // NOLINT
+  TORCH_ARG(double, lr) = 1e-4;
+  typedef std::tuple<double, double> betas_t;
+  TORCH_ARG(betas_t, betas) = std::make_tuple(0.9, 0.999);
+  TORCH_ARG(double, eps) = 1e-8;
+  TORCH_ARG(double, weight_decay) = 0.0;
+  // unset: project 2-D parameters that require grad and have both dims >= min_dim; true: project
+  // every parameter of the group (2-D, both dims >= nnz, else an error); false: project none
+  TORCH_ARG(std::optional<bool>, project) = std::nullopt;
+  TORCH_ARG(int64_t, subspace) = 512;        // d: S is [min(d, m), min(d, n)]
+  TORCH_ARG(int64_t, nnz) = 8;               // r: nonzeros per projector row
+  TORCH_ARG(int64_t, min_dim) = 0;           // both dims >= min_dim to be projected; 0: = subspace
+  TORCH_ARG(int64_t, refit_every) = 100;     // refit check at steps 1, 1 + k, 1 + 2k, ... (0: never)
+  TORCH_ARG(double, refit_threshold) = 0.3;  // refit when the relative error e exceeds this
+  TORCH_ARG(int64_t, refit_iters) = 50;      // Adam iterations of one fit (>= 1)
+  TORCH_ARG(double, refit_lr) = 0.05;        // learning rate of the fit's Adam on the projector values
+  TORCH_ARG(double, max_grad_norm) = 0.0;
+  TORCH_ARG(bool, overlap) = true;
+  TORCH_ARG(bool, record_timeline) = false;
+  TORCH_ARG(int64_t, pinned_limit_bytes) = int64_t(4) << 30;
+  TORCH_ARG(int64_t, seed) = 0;              // projector i uses seeds seed + 2i (P), seed + 2i + 1 (Q)
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+};
+
+// What state() holds for each parameter (refreshed after every step; the tensors are views of the
+// engine's committed host state: read them, do not keep them across steps).
+struct OffloadParamState : public torch::optim::OptimizerCloneableParamState<OffloadParamState> {
+  TORCH_ARG(int64_t, step) = 0;
+  TORCH_ARG(torch::Tensor, exp_avg);     // fp32 host: the parameter's shape, or [dP, dQ] if projected
+  TORCH_ARG(torch::Tensor, exp_avg_sq);
+  TORCH_ARG(torch::Tensor, master);      // fp32 host master (undefined for projected parameters)
+};
+
+// The shared machinery of OffloadAdamW and LSPAdamW.
+class OffloadOptimizerBase : public torch::optim::Optimizer {
+ public:
+  ~OffloadOptimizerBase() override;
+  torch::Tensor step(LossClosure closure = nullptr) override;
+  void save(torch::serialize::OutputArchive& archive) const override;
+  void load(torch::serialize::InputArchive& archive) override;
+
+  bool last_step_skipped() const { return last_step_skipped_; }
+  int64_t skipped_steps() const { return skipped_steps_; }
+  double last_grad_norm() const { return last_grad_norm_; }  // NaN when the last step was skipped
+  int64_t refits() const { return refits_; }                  // projector refits done so far
+
+  // Per-parameter introspection (lspo::Error for a tensor the optimizer does not hold).
+  int64_t step_count(const torch::Tensor& param) const;
+  bool is_projected(const torch::Tensor& param) const;
+  torch::Tensor exp_avg(const torch::Tensor& param) const;     // copies of the committed state
+  torch::Tensor exp_avg_sq(const torch::Tensor& param) const;
+  torch::Tensor master(const torch::Tensor& param) const;      // undefined for projected params
+  const SparseProjector& row_projector(const torch::Tensor& param) const;  // P (projected only)
+  const SparseProjector& col_projector(const torch::Tensor& param) const;  // Q
+
+  EngineStats engine_stats() const { return engine_->stats(); }
+  std::string timeline_json() const { return engine_->timeline_json(); }
+  void clear_timeline() { engine_->clear_timeline(); }
+
+ protected:
+  struct Hyper {
+    double lr, beta1, beta2, eps, weight_decay;
+    bool lsp = false;                    // LSPAdamW (else OffloadAdamW: nothing is projected)
+    std::optional<bool> project;
+    int64_t subspace = 0, nnz = 0, min_dim = 0, refit_every = 0, refit_iters = 0;
+    double refit_threshold = 0, refit_lr = 0;
+  };
+  struct Global {
+    double max_grad_norm = 0;
+    bool overlap = true, record_timeline = false;
+    int64_t pinned_limit_bytes = 0, seed = 0;
+  };
+  OffloadOptimizerBase(const std::vector<torch::optim::OptimizerParamGroup>& groups,
+                       std::unique_ptr<torch::optim::OptimizerOptions> defaults, const char* name, Global global);
+  // The group's hyper-parameters, validated (lspo::Error naming the option otherwise).
+  virtual Hyper hyper(const torch::optim::OptimizerOptions& options) const = 0;
+  // Registers parameters not seen yet (constructor, and groups added later with add_param_group).
+  void sync_slots();
+
+ private:
+  struct ParamSlot;
+  const ParamSlot& slot_of(const torch::Tensor& param, const char* fn) const;
+  void refresh_state(ParamSlot& s);
+  void refit_if_due(ParamSlot& s, const torch::Tensor& grad, const Hyper& h);
+  AdamConfig adam_config(const ParamSlot& s, const Hyper& h, double grad_scale) const;
+  void write_back(ParamSlot& s, const Hyper& h);
+
+  std::string name_;
+  Global global_;
+  std::unique_ptr<OffloadEngine> engine_;
+  std::vector<std::unique_ptr<ParamSlot>> slots_;
+  std::unordered_map<const void*, size_t> index_;  // TensorImpl* -> slots_ index
+  int64_t num_projected_ = 0;
+  bool last_step_skipped_ = false;
+  int64_t skipped_steps_ = 0;
+  double last_grad_norm_ = 0;
+  int64_t refits_ = 0;
+};
+
+class OffloadAdamW : public OffloadOptimizerBase {
+ public:
+  explicit OffloadAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                        OffloadAdamWOptions defaults = {});
+  explicit OffloadAdamW(std::vector<torch::Tensor> params, OffloadAdamWOptions defaults = {})
+      : OffloadAdamW({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+
+ protected:
+  Hyper hyper(const torch::optim::OptimizerOptions& options) const override;
+};
+
+class LSPAdamW : public OffloadOptimizerBase {
+ public:
+  explicit LSPAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                    LSPAdamWOptions defaults = {});
+  explicit LSPAdamW(std::vector<torch::Tensor> params, LSPAdamWOptions defaults = {})
+      : LSPAdamW({torch::optim::OptimizerParamGroup(std::move(params))}, std::move(defaults)) {}
+
+ protected:
+  Hyper hyper(const torch::optim::OptimizerOptions& options) const override;
+};
+
+// Parameter groups for LSPAdamW from a module, by the Python lspo.LSPAdamW(module) rule: group 0
+// holds the weights of torch::nn::Linear layers that are not tied to (the same tensor as) an
+// Embedding weight and not named lm_head / embed_out / output_layer (output heads stay dense) --
+// projected when both dims >= min_dim (options `o`); group 1
+// holds every other parameter with project(false). Usage: LSPAdamW opt(lsp_param_groups(*model, o), o).
+std::vector<torch::optim::OptimizerParamGroup> lsp_param_groups(const torch::nn::Module& model,
+                                                                const LSPAdamWOptions& o = {});
+
+}  // namespace lspo
