@@ -49,7 +49,7 @@ def main() -> None:
     ax.invert_yaxis()
     ax.set_xlabel("ms")
     ax.set_title(args.title)
-    ax.legend(loc="upper right", ncol=4, fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=8, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
     print(f"wrote {args.png}")

