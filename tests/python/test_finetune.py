@@ -337,6 +337,22 @@ def test_resume_is_bit_exact(tmp_path, tiny_llama, text_file, opt):
     assert any(not torch.equal(ta[k], tb[k]) for k in tb)  # steps 4..6 did change the model
 
 
+@pytest.mark.parametrize("opt", ["lsp", "adamw"])
+def test_grad_accum_and_bf16_autocast(tmp_path, tiny_llama, text_file, opt):
+    """The demo's path: bf16 autocast (fp32 weights); with accumulation over 2 micro-batches (LSPAdamW
+    accumulates the compressed gradients), and resuming stays bit-exact under both."""
+    common = ("--optimizer", opt, "--steps", "10", "--grad-accum", "2", "--batch-size", "2", "--amp", "bf16",
+              "--sample-tokens", "0")
+    s = _run(tmp_path, tiny_llama, text_file, *common, "--save", str(tmp_path / "c"))
+    assert s["val_loss_after"] < s["val_loss_before"] - 0.5
+    assert all(p.dtype == torch.float32 for p in load_file(str(tmp_path / "c" / "model.safetensors")).values())
+    _run(tmp_path, tiny_llama, text_file, *common, "--stop-after", "4", "--save", str(tmp_path / "a"))
+    b = _run(tmp_path, tiny_llama, text_file, *common, "--resume", str(tmp_path / "a"), "--save", str(tmp_path / "b"))
+    assert b["train_losses"] == s["train_losses"][4:]
+    tb, tc = _tensors(tmp_path / "b"), _tensors(tmp_path / "c")
+    assert all(torch.equal(tb[k], tc[k]) for k in tc)
+
+
 def test_gsm8k_style_pairs_and_trace(tmp_path, tiny_llama):
     d = tmp_path / "gsm"
     d.mkdir()
