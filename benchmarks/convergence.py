@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""Convergence of lspo's optimizers next to their peers: the same model, data, token budget, seed and
+learning rate for every optimizer; validation loss against steps and against wall time.
+
+Model: lspo.tinygpt.TinyGPT (default n_embd 256, 4 layers, 4 heads, 3.2M parameters) trained FROM
+SCRATCH on examples/data/tinyshakespeare.txt (bytes as tokens; first 90% train, last 10% validation),
+batch 8 x 64 tokens, --steps steps, lr 1e-3 constant, weight decay 0.01, no clipping. Validation loss
+= lspo.tinygpt.evaluate (the same 8 fixed windows of 8 x 64 tokens every time) every --eval-every steps.
+
+Optimizers (--runs picks a subset):
+  adamw        torch.optim.AdamW (foreach=False)
+  offload      lspo.OffloadAdamW (full offload: fp32 master + moments on the host, CPU Adam on a worker)
+  lsp_d64_r4   lspo.LSPAdamW(model, subspace=64, nnz=4, min_dim=64)     every block nn.Linear projected;
+  lsp_d128_r8  lspo.LSPAdamW(model, subspace=128, nnz=8, min_dim=128)   embeddings, norms, biases: full AdamW
+               (refit_every=100, refit_threshold=0.3, refit_iters=50: the defaults)
+  lora_r8      peft LoRA (rank 8, alpha = rank, no dropout) on the blocks' nn.Linear layers (qkv, proj,
+  lora_r64     fc, fc_out) + torch AdamW; the base weights of those layers stay FROZEN AT THEIR RANDOM
+               INIT, everything else (embeddings, norms, biases) trains fully, as under LSPAdamW
+  galore       galore-torch's GaLoreAdamW on the same layers, rank k chosen for the optimizer state of
+               lsp_d128_r8 (moments + projectors, see state_bytes), update_proj_gap 100 (= refit_every),
+               scale 1.0 (so its effective lr equals everyone's), proj_type "std"
+Every run is a fresh subprocess (so peak RSS = ru_maxrss of that run alone), on --threads torch/lspo
+threads (default 1: on this shared 2-core VM, 2 OpenMP threads stall at barriers whenever another
+process holds a core). Optimizer state bytes = every tensor in optimizer.state except "step" and the
+host fp32 master copy of OffloadAdamW/LSPAdamW (that copy replaces the GPU's weights in an offload
+setting; it is counted in RSS), deduplicated by storage.
+
+  python benchmarks/convergence.py                    all runs, plots into docs/img/, table to stdout
+  python benchmarks/convergence.py --quick ...        tiny model, few steps (the smoke test)
+Last stdout line: one JSON object {"runs": {name: {final_val_loss, ...}}, "lsp_vs_adamw": ..., ...}.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+import lspo  # noqa: E402
+from lspo.tinygpt import TinyGPT, TinyGPTConfig, batches, evaluate, load_text  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ("adamw", "offload", "lsp_d64_r4", "lsp_d128_r8", "lora_r8", "lora_r64", "galore")
+TARGETS = ("qkv", "proj", "fc", "fc_out")
+LABELS = {"adamw": "torch AdamW", "offload": "lspo.OffloadAdamW", "lsp_d64_r4": "lspo.LSPAdamW d=64 r=4",
+          "lsp_d128_r8": "lspo.LSPAdamW d=128 r=8", "lora_r8": "LoRA r=8 (peft)", "lora_r64": "LoRA r=64 (peft)",
+          "galore": "GaLore (galore-torch)"}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def state_bytes(opt):
+    """Bytes of optimizer state tensors (not "step", not the host fp32 master copy), unique storages."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.numel() > 1:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+
+    for st in opt.state.values():
+        for k, v in st.items():
+            if k in ("step", "master_param"):
+                continue
+            if isinstance(v, torch.Tensor):
+                add(v)
+            elif hasattr(v, "ortho_matrix"):  # GaLoreProjector
+                add(v.ortho_matrix)
+    return total
+
+
+def galore_rank_for(model, d, r):
+    """Rank k whose GaLore state (2 moments of the projected gradient + the projector) matches
+    LSPAdamW(d, r)'s (2 moments d x d + ELL projectors, 4-byte index and value per nonzero)."""
+    lsp = gal = 0
+    for b in model.blocks:
+        for name in TARGETS:
+            m, n = getattr(b, name).weight.shape
+            dP, dQ = min(d, m), min(d, n)
+            lsp += 4 * (2 * dP * dQ) + 8 * r * (m + n)
+            gal += 4 * (2 * max(m, n) + min(m, n))   # per unit of rank
+    return max(1, round(lsp / gal))
+
+
+def build(name, model, a):
+    kw = dict(lr=a.lr, weight_decay=a.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), foreach=False, **kw), model
+    if name == "offload":
+        return lspo.OffloadAdamW(model.parameters(), **kw), model
+    if name.startswith("lsp_"):
+        d, r = (int(x[1:]) for x in name.split("_")[1:])
+        return lspo.LSPAdamW(model, subspace=d, nnz=r, min_dim=min(d, a.n_embd), seed=a.seed, **kw), model
+    if name.startswith("lora_"):
+        from peft import LoraConfig, inject_adapter_in_model
+        rank = int(name.split("_r")[1])
+        cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(TARGETS), bias="none")
+        model = inject_adapter_in_model(cfg, model)
+        for pname, p in model.named_parameters():   # frozen: only the base weights of the target layers
+            p.requires_grad = "lora_" in pname or not (pname.endswith(".base_layer.weight"))
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=False, **kw), model
+    if name == "galore":
+        from galore_torch import GaLoreAdamW
+        k = galore_rank_for(model, 128, 8)
+        gal = [getattr(b, t).weight for b in model.blocks for t in TARGETS]
+        ids = {id(p) for p in gal}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        groups = [{"params": rest}, {"params": gal, "rank": k, "update_proj_gap": 100, "scale": 1.0,
+                                     "proj_type": "std"}]
+        opt = GaLoreAdamW(groups, **kw)
+        opt.galore_rank = k
+        return opt, model
+    raise ValueError(f"unknown run {name!r} (choose from {', '.join(RUNS)})")
+
+
+def worker(name, a):
+    """One training run; returns its record (printed as the last JSON line in subprocess mode)."""
+    torch.set_num_threads(a.threads)
+    lspo.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    model = TinyGPT(TinyGPTConfig(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, block_size=a.block))
+    train, val = load_text(ROOT / "examples" / "data" / "tinyshakespeare.txt")
+    rss0 = rss_mb()
+    opt, model = build(name, model, a)
+    it = batches(train, a.batch, a.block, seed=a.seed)
+    ev = lambda: evaluate(model, val, batch_size=8, n_batches=a.eval_batches)  # noqa: E731
+    curve = [{"step": 0, "wall_s": 0.0, "val_loss": ev()}]
+    train_s = 0.0
+    losses = []
+    for step in range(1, a.steps + 1):
+        t0 = time.perf_counter()
+        x, y = next(it)
+        loss = model(x, y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        train_s += time.perf_counter() - t0      # evaluation time is not counted
+        losses.append(loss.item())
+        if step % a.eval_every == 0 or step == a.steps:
+            curve.append({"step": step, "wall_s": train_s, "val_loss": ev(),
+                          "train_loss": sum(losses[-a.eval_every:]) / len(losses[-a.eval_every:])})
+            if a.progress:
+                print(f"[{name}] step {step}/{a.steps} val {curve[-1]['val_loss']:.4f} ({train_s:.0f} s)",
+                      file=sys.stderr, flush=True)
+    rec = {"name": name, "label": LABELS[name], "final_val_loss": curve[-1]["val_loss"], "train_s": train_s,
+           "s_per_step": train_s / a.steps, "curve": curve,
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "state_bytes": state_bytes(opt), "rss_before_opt_mb": rss0,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if name.startswith("lsp_"):
+        rec["refits"] = sum(1 for r in opt.refits if r["refit"])
+        rec["refit_checks"] = len(opt.refits)
+        errs = [r["error_before"] for r in opt.refits]
+        rec["refit_error_before_mean"] = sum(errs) / len(errs) if errs else None
+        rec["projected_params"] = len(opt.projected_params)
+    if name == "galore":
+        rec["galore_rank"] = opt.galore_rank
+    return rec
+
+
+def run_all(a):
+    recs = {}
+    for name in a.runs:
+        if a.inprocess:
+            try:
+                recs[name] = worker(name, a)
+            except ImportError as e:
+                recs[name] = {"name": name, "label": LABELS[name], "error": f"ImportError: {e}"}
+            continue
+        cmd = [sys.executable, __file__, "--worker", name] + a.passthrough
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        lines = out.stdout.strip().splitlines()
+        if out.returncode != 0 or not lines:
+            err = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            recs[name] = {"name": name, "label": LABELS[name], "error": err}
+            log(f"{name}: FAILED: {err}")
+            continue
+        recs[name] = json.loads(lines[-1])
+        log(f"{name}: final val loss {recs[name]['final_val_loss']:.4f}, {recs[name]['train_s']:.0f} s training, "
+            f"peak RSS {recs[name]['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s with start-up)")
+    return recs
+
+
+def plot(recs, a):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(a.plot_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for xkey, xlabel, fname in (("step", "step", "convergence_steps.png"),
+                                ("wall_s", "training wall time (s, evaluation excluded)", "convergence_time.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, rec in recs.items():
+            if "curve" not in rec:
+                continue
+            c = rec["curve"]
+            ax.plot([p[xkey] for p in c], [p["val_loss"] for p in c], label=rec["label"],
+                    linestyle="--" if name.startswith(("lora", "galore")) else "-")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats/byte)")
+        vals = [p["val_loss"] for r in recs.values() if "curve" in r for p in r["curve"]]
+        if vals:   # the start (~5.5) squeezes the end of training: show at most 1.6 nats above the best
+            ax.set_ylim(min(vals) - 0.05, min(max(vals), min(vals) + 1.6) + 0.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"TinyGPT {a.n_embd}x{a.n_layer} from scratch, tinyshakespeare, {a.steps} steps x "
+                     f"{a.batch * a.block} tokens", fontsize=9)
+        fig.tight_layout()
+        p = out / fname
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(str(p))
+    return paths
+
+
+def table(recs):
+    base = recs.get("adamw", {}).get("final_val_loss")
+    log("\n| optimizer | final val loss | vs torch AdamW | optimizer state | trainable params | peak RSS | "
+        "train time | s/step | notes |")
+    log("|---|---|---|---|---|---|---|---|---|")
+    for name, r in recs.items():
+        if "error" in r:
+            log(f"| {r['label']} | - | - | - | - | - | - | - | not run: {r['error']} |")
+            continue
+        rel = f"{100 * (r['final_val_loss'] / base - 1):+.2f}%" if base else "-"
+        note = ""
+        if "refits" in r:
+            note = (f"{r['projected_params']} projected; {r['refits']}/{r['refit_checks']} refit checks refitted "
+                    f"(mean e before {r['refit_error_before_mean']:.2f})")
+        if "galore_rank" in r:
+            note = f"rank {r['galore_rank']}"
+        log(f"| {r['label']} | {r['final_val_loss']:.4f} | {rel} | {r['state_bytes'] / 2**20:.2f} MiB | "
+            f"{r['trainable_params'] / 1e6:.2f}M | {r['peak_rss_mb']:.0f} MB | {r['train_s']:.0f} s | "
+            f"{r['s_per_step']:.3f} | {note} |")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny model and few steps (smoke test)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--runs", help=f"comma-separated subset of {','.join(RUNS)}")
+    p.add_argument("--inprocess", action="store_true", help="run every optimizer in this process (no RSS isolation)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--n-embd", type=int)
+    p.add_argument("--n-layer", type=int)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot-dir", default=str(ROOT / "docs" / "img"))
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--progress", action="store_true", help="per-eval progress lines on stderr")
+    a = p.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    q = a.quick
+    a.steps = a.steps or (6 if q else 400)
+    a.eval_every = a.eval_every or (3 if q else 25)
+    a.n_embd = a.n_embd or (64 if q else 256)
+    a.n_layer = a.n_layer or (1 if q else 4)
+    a.runs = a.runs.split(",") if a.runs else list(RUNS)
+    for r in a.runs:
+        if r not in RUNS:
+            p.error(f"--runs: unknown run {r!r} (choose from {', '.join(RUNS)})")
+    # what the workers get: every flag except the ones only the driver uses
+    drop_next = {"--runs", "--plot-dir"}
+    a.passthrough, skip = [], False
+    for x in raw:
+        if skip:
+            skip = False
+            continue
+        if x in drop_next:
+            skip = True
+            continue
+        if x in ("--inprocess", "--no-plots") or x.startswith(("--runs=", "--plot-dir=")):
+            continue
+        a.passthrough.append(x)
+    return a
+
+
+def main(argv=None):
+    a = parse(argv)
+    if a.worker:
+        print(json.dumps(worker(a.worker, a)), flush=True)
+        return
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    log(f"convergence: TinyGPT n_embd={a.n_embd} n_layer={a.n_layer}, {a.steps} steps x {a.batch}x{a.block} tokens, "
+        f"lr {a.lr}, wd {a.weight_decay}, seed {a.seed}, {a.threads} thread(s); runs: {', '.join(a.runs)}; "
+        f"load average {load0:.2f}")
+    recs = run_all(a)
+    table(recs)
+    paths = [] if a.no_plots else plot(recs, a)
+    if paths:
+        log("plots: " + ", ".join(paths))
+    ok = {k: v for k, v in recs.items() if "error" not in v}
+    base = ok.get("adamw", {}).get("final_val_loss")
+    summary = {
+        "runs": {k: {x: v.get(x) for x in ("final_val_loss", "train_s", "s_per_step", "state_bytes", "peak_rss_mb",
+                                           "trainable_params", "refits", "galore_rank", "error")}
+                 for k, v in recs.items()},
+        "lsp_vs_adamw": ({k: v["final_val_loss"] / base - 1 for k, v in ok.items() if k.startswith("lsp_")}
+                         if base else None),
+        "plots": paths, "elapsed_s": time.perf_counter() - t0, "load_average_start_end": [load0, os.getloadavg()[0]],
+    }
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
