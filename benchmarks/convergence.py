@@ -4,7 +4,8 @@ learning rate for every optimizer; validation loss against steps and against wal
 
 Model: lspo.tinygpt.TinyGPT (default n_embd 256, 4 layers, 4 heads, 3.2M parameters) trained FROM
 SCRATCH on examples/data/tinyshakespeare.txt (bytes as tokens; first 90% train, last 10% validation),
-batch 8 x 64 tokens, --steps steps, lr 1e-3 constant, weight decay 0.01, no clipping. Validation loss
+batch 8 x 64 tokens, --steps steps (default 400), constant --lr (default 1e-3; docs/convergence.md also
+has 3e-4, the best torch AdamW lr of {3e-4, 1e-3, 3e-3}), weight decay 0.01, no clipping. Validation loss
 = lspo.tinygpt.evaluate (the same 8 fixed windows of 8 x 64 tokens every time) every --eval-every steps.
 
 Optimizers (--runs picks a subset):
@@ -25,7 +26,8 @@ process holds a core). Optimizer state bytes = every tensor in optimizer.state e
 host fp32 master copy of OffloadAdamW/LSPAdamW (that copy replaces the GPU's weights in an offload
 setting; it is counted in RSS), deduplicated by storage.
 
-  python benchmarks/convergence.py                    all runs, plots into docs/img/, table to stdout
+  python benchmarks/convergence.py [--lr 3e-4]        all runs; table to stdout; plots
+                                                      docs/img/convergence_<steps>steps_lr<lr>_{steps,time}.png
   python benchmarks/convergence.py --quick ...        tiny model, few steps (the smoke test)
 Last stdout line: one JSON object {"runs": {name: {final_val_loss, ...}}, "lsp_vs_adamw": ..., ...}.
 """
@@ -209,8 +211,9 @@ def plot(recs, a):
     out = Path(a.plot_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for xkey, xlabel, fname in (("step", "step", "convergence_steps.png"),
-                                ("wall_s", "training wall time (s, evaluation excluded)", "convergence_time.png")):
+    tag = f"{a.steps}steps_lr{a.lr:g}"
+    for xkey, xlabel, fname in (("step", "step", f"convergence_{tag}_steps.png"),
+                                ("wall_s", "training wall time (s, evaluation excluded)", f"convergence_{tag}_time.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, rec in recs.items():
             if "curve" not in rec:
@@ -226,7 +229,7 @@ def plot(recs, a):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title(f"TinyGPT {a.n_embd}x{a.n_layer} from scratch, tinyshakespeare, {a.steps} steps x "
-                     f"{a.batch * a.block} tokens", fontsize=9)
+                     f"{a.batch * a.block} tokens, lr {a.lr:g}", fontsize=9)
         fig.tight_layout()
         p = out / fname
         fig.savefig(p, dpi=110)
@@ -284,7 +287,7 @@ def parse(argv=None):
     a.eval_every = a.eval_every or (3 if q else 25)
     a.n_embd = a.n_embd or (64 if q else 256)
     a.n_layer = a.n_layer or (1 if q else 4)
-    a.runs = a.runs.split(",") if a.runs else list(RUNS)
+    a.runs = [r for r in a.runs.split(",") if r] if a.runs is not None else list(RUNS)
     for r in a.runs:
         if r not in RUNS:
             p.error(f"--runs: unknown run {r!r} (choose from {', '.join(RUNS)})")
@@ -314,9 +317,10 @@ def main(argv=None):
     log(f"convergence: TinyGPT n_embd={a.n_embd} n_layer={a.n_layer}, {a.steps} steps x {a.batch}x{a.block} tokens, "
         f"lr {a.lr}, wd {a.weight_decay}, seed {a.seed}, {a.threads} thread(s); runs: {', '.join(a.runs)}; "
         f"load average {load0:.2f}")
-    recs = run_all(a)
-    table(recs)
-    paths = [] if a.no_plots else plot(recs, a)
+    recs = run_all(a) if a.runs else {}
+    if recs:
+        table(recs)
+    paths = [] if (a.no_plots or not recs) else plot(recs, a)
     if paths:
         log("plots: " + ", ".join(paths))
     ok = {k: v for k, v in recs.items() if "error" not in v}
