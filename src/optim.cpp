@@ -45,6 +45,17 @@ void check_common(const char* name, double lr, double b1, double b2, double eps,
   LSPO_CHECK(std::isfinite(wd) && wd >= 0, name, ": invalid weight_decay ", wd, " (need >= 0)");
 }
 
+// The AdamW hyper-parameters both optimizers' options share, read into a Hyper and checked.
+template <class H, class O>
+void fill_common(H& h, const O& o, const char* name) {
+  h.lr = o.lr();
+  h.beta1 = std::get<0>(o.betas());
+  h.beta2 = std::get<1>(o.betas());
+  h.eps = o.eps();
+  h.weight_decay = o.weight_decay();
+  check_common(name, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay);
+}
+
 void check_global(const char* name, double max_grad_norm, int64_t pinned_limit_bytes) {
   LSPO_CHECK(!std::isnan(max_grad_norm), name, ": max_grad_norm is NaN (use <= 0 to disable clipping)");
   LSPO_CHECK(pinned_limit_bytes >= 0, name, ": pinned_limit_bytes must be >= 0, got ", pinned_limit_bytes);
@@ -335,12 +346,7 @@ OffloadOptimizerBase::Hyper OffloadAdamW::hyper(const torch::optim::OptimizerOpt
   const auto* o = dynamic_cast<const OffloadAdamWOptions*>(&options);
   LSPO_CHECK(o, "OffloadAdamW: a param group's options are not lspo::OffloadAdamWOptions");
   Hyper h;
-  h.lr = o->lr();
-  h.beta1 = std::get<0>(o->betas());
-  h.beta2 = std::get<1>(o->betas());
-  h.eps = o->eps();
-  h.weight_decay = o->weight_decay();
-  check_common("OffloadAdamW", h.lr, h.beta1, h.beta2, h.eps, h.weight_decay);
+  fill_common(h, *o, "OffloadAdamW");
   return h;
 }
 
@@ -357,12 +363,7 @@ OffloadOptimizerBase::Hyper LSPAdamW::hyper(const torch::optim::OptimizerOptions
   const auto* o = dynamic_cast<const LSPAdamWOptions*>(&options);
   LSPO_CHECK(o, "LSPAdamW: a param group's options are not lspo::LSPAdamWOptions");
   Hyper h;
-  h.lr = o->lr();
-  h.beta1 = std::get<0>(o->betas());
-  h.beta2 = std::get<1>(o->betas());
-  h.eps = o->eps();
-  h.weight_decay = o->weight_decay();
-  check_common("LSPAdamW", h.lr, h.beta1, h.beta2, h.eps, h.weight_decay);
+  fill_common(h, *o, "LSPAdamW");
   h.lsp = true;
   h.project = o->project();
   h.subspace = o->subspace();
