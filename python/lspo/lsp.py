@@ -184,8 +184,10 @@ class LSPAdamW(OffloadAdamW):
         return s.P, s.Q
 
     # ---------------------------------------------------------------- backward: compress, refit
-    def _refit_due(self, step: int) -> bool:
-        return self.refit_every > 0 and (step - 1) % self.refit_every == 0
+    def _refit_pending(self, p: torch.Tensor) -> bool:
+        """The next gradient of ``p`` is a refit sample: the first micro-batch of a refit step."""
+        step = int(self.state[p]["step"].item()) + 1
+        return self.refit_every > 0 and (step - 1) % self.refit_every == 0 and self._slots[p].acc_count == 0
 
     def _refit(self, s: _LspSlot, G: Any, step: int) -> None:
         eng = self._engine
@@ -229,7 +231,7 @@ class LSPAdamW(OffloadAdamW):
         s = self._slots[p]
         eng = self._engine
         step = int(self.state[p]["step"].item()) + 1
-        if sample is not None and s.acc_count == 0 and self._refit_due(step):
+        if sample is not None and self._refit_pending(p):
             self._refit(s, sample, step)
         t0 = eng.now_us()
         if S is None:

@@ -28,7 +28,7 @@ class _CompressedLinearFn(torch.autograd.Function):
         else:
             y = F.linear(x, weight, bias)
         x2 = x.detach().reshape(-1, x.shape[-1])
-        keep_x = opt._refit_due(int(opt.state[weight]["step"].item()) + 1) and s.acc_count == 0
+        keep_x = opt._refit_pending(weight)
         # the input side of S: nn.Linear  S = (P^T dY^T)(X Q);  Conv1D  S = (P^T X^T)(dY Q)
         xp = None if keep_x else (lp.right_project(x2, s.Q) if not transposed else lp.project_input(s.P, x2))
         # (a refit on this step would change P and Q before backward: then keep X itself)
