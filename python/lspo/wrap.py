@@ -6,7 +6,7 @@
 ``(P^T dY^T)(X Q)`` for ``nn.Linear`` (weight ``[out, in]``, ``G = dY^T X``) -- and hands it to the
 optimizer: no dense ``m x n`` weight gradient is ever allocated, and forward keeps ``X Q``
 (``tokens x dQ``) for backward instead of ``X`` (``tokens x in``). On a refit step (known at forward
-time) the layer keeps ``X`` too, and the refit learns from the activation pair ``(dY, X)``.
+time) the layer runs as a plain layer, so the refit in ``step()`` sees the dense gradient.
 Parameter names, ``state_dict`` and the forward math are unchanged (``weight.grad`` stays ``None``).
 """
 from __future__ import annotations
@@ -19,29 +19,25 @@ from . import projector as lp
 
 class _CompressedLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, opt, transposed: bool):
+    def forward(ctx, x, weight, bias, layer, transposed: bool):
         # transposed: Conv1D (weight [in, out], y = x W + b); else nn.Linear (weight [out, in])
-        s = opt._slots[weight]
         if transposed:
             y = x @ weight if bias is None else torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(
                 *x.shape[:-1], weight.shape[1])
         else:
             y = F.linear(x, weight, bias)
         x2 = x.detach().reshape(-1, x.shape[-1])
-        keep_x = opt._refit_pending(weight)
         # the input side of S: nn.Linear  S = (P^T dY^T)(X Q);  Conv1D  S = (P^T X^T)(dY Q)
-        xp = None if keep_x else (lp.right_project(x2, s.Q) if not transposed else lp.project_input(s.P, x2))
-        # (a refit on this step would change P and Q before backward: then keep X itself)
-        ctx.opt, ctx.transposed, ctx.has_bias = opt, transposed, bias is not None
-        ctx.save_for_backward(weight, x2 if keep_x else xp)
-        ctx.keep_x = keep_x
+        xp = lp.right_project(x2, layer.Q) if not transposed else lp.project_input(layer.P, x2)
+        ctx.layer, ctx.transposed, ctx.has_bias = layer, transposed, bias is not None
+        ctx.P, ctx.Q = layer.P, layer.Q  # the pair of this forward (a refit in step() replaces the layer's)
+        ctx.save_for_backward(weight, xp)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         weight, saved = ctx.saved_tensors
-        opt, transposed = ctx.opt, ctx.transposed
-        s = opt._slots[weight]
+        transposed = ctx.transposed
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dy @ weight.t() if transposed else dy @ weight
@@ -49,24 +45,27 @@ class _CompressedLinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.reshape(-1, dy.shape[-1]).sum(0)
         dy2 = dy.reshape(-1, dy.shape[-1])
-        if ctx.keep_x:  # refit step: the sample is the pair, then compress with the refitted projectors
-            sample = (saved, dy2) if transposed else (dy2, saved)
-            S = opt._accept_compressed(weight, sample=sample)
-        else:
-            if transposed:  # saved = P^T X^T  [dP, tokens]
-                S = saved @ lp.project_grad_output(s.Q, dy2)
-            else:  # saved = X Q  [tokens, dQ];  P^T dY^T = (dY P)^T
-                S = lp.project_grad_output(s.P, dy2).t() @ saved
-            opt._accept_compressed(weight, S=S)
+        if transposed:  # saved = P^T X^T  [dP, tokens]
+            S = saved @ lp.project_grad_output(ctx.Q, dy2)
+        else:  # saved = X Q  [tokens, dQ];  P^T dY^T = (dY P)^T
+            S = lp.project_grad_output(ctx.P, dy2).t() @ saved
+        ctx.layer.accept(S)
         return dx, None, db, None, None
 
 
+def _forward(self, x, transposed: bool):
+    layer = self._lspo_layer
+    if layer.dense_this_step():  # a refit step: autograd produces the dense weight gradient
+        return super(type(self), self).forward(x)
+    return _CompressedLinearFn.apply(x, self.weight, self.bias, layer, transposed)
+
+
 def _forward_linear(self, x):
-    return _CompressedLinearFn.apply(x, self.weight, self.bias, self._lspo_opt, False)
+    return _forward(self, x, False)
 
 
 def _forward_conv1d(self, x):
-    return _CompressedLinearFn.apply(x, self.weight, self.bias, self._lspo_opt, True)
+    return _forward(self, x, True)
 
 
 def wrap_linear(model: torch.nn.Module, opt) -> int:
@@ -75,7 +74,7 @@ def wrap_linear(model: torch.nn.Module, opt) -> int:
     n = 0
     for m in model.modules():
         w = getattr(m, "weight", None)
-        if w is None or id(w) not in projected or getattr(m, "_lspo_opt", None) is not None:
+        if w is None or id(w) not in projected or getattr(m, "_lspo_layer", None) is not None:
             continue
         if isinstance(m, torch.nn.Linear):
             fwd = _forward_linear
@@ -85,6 +84,6 @@ def wrap_linear(model: torch.nn.Module, opt) -> int:
             continue
         cls = type(m)
         m.__class__ = type(f"Compressed{cls.__name__}", (cls,), {"forward": fwd, "__module__": __name__})
-        m._lspo_opt = opt
+        m._lspo_layer = opt._layer(w)
         n += 1
     return n
