@@ -11,8 +11,8 @@
                                     OUT/bench.jsonl, rewrites OUT/results.json and OUT/table.md, prints one line
   collect.py stage OUT NAME --rc RC --wall S [--text T]
                                     a build/test stage's outcome -> OUT/stages.jsonl (+ results, table)
-  collect.py OUT [--save DIR]       rewrite results.json + table.md, print the table; --save copies
-                                    results.json to DIR/<device>-<date>.json (benchmarks/results)
+  collect.py OUT [--save DIR]       print the table (OUT is only read); --save writes the results
+                                    to DIR/<device>-<date>.json (benchmarks/results)
 """
 import argparse
 import datetime
@@ -42,18 +42,19 @@ def tree_hash(root, files):
 
 def stamp(carry, root):
     git = lambda *a: subprocess.run(["git", "-C", root, *a], check=True, capture_output=True, text=True).stdout
-    commit = git("rev-parse", "HEAD").strip()
-    if git("status", "--porcelain").strip():
-        commit += "+dirty"
     files = sorted(f for f in git("ls-files", "--cached", "--others", "--exclude-standard").splitlines()
                    if os.path.isfile(os.path.join(root, f)))
+    th = tree_hash(root, files)
+    commit = git("rev-parse", "HEAD").strip()
+    if git("status", "--porcelain").strip():  # local changes: the content hash tells two such trees apart
+        commit += f"+dirty.{th[:12]}"
     os.makedirs(carry, exist_ok=True)
     with open(os.path.join(carry, "COMMIT"), "w") as f:
         f.write(commit + "\n")
     with open(os.path.join(carry, "FILES"), "w") as f:
         f.write("\n".join(files) + "\n")
     with open(os.path.join(carry, "TREEHASH"), "w") as f:
-        f.write(tree_hash(root, files) + "\n")
+        f.write(th + "\n")
     print(f"stamped {carry}: {commit}, {len(files)} files")
 
 
@@ -251,7 +252,8 @@ def main(argv=None):
     if cmd == "stage":
         append(a.dir, "stages.jsonl", {"stage": a.name, "rc": a.rc, "wall_s": a.wall, "text": a.text})
         return
-    doc, text = write(a.dir)
+    env, runs, stages = load(a.dir)  # (read only: OUT may be the device tool's read-only copy)
+    doc, text = {"env": env, "stages": stages, "runs": runs}, render(env, stages, runs)
     if a.save:
         os.makedirs(a.save, exist_ok=True)
         dev = re.sub(r"[^A-Za-z0-9]+", "-", doc["env"].get("device") or "cpu").strip("-").lower()

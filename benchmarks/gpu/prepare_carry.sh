@@ -30,9 +30,15 @@ if [ -z "${LSPO_CARRY_NO_DOWNLOAD:-}" ]; then
   ls "$C"/whl/torchao-*.whl >/dev/null 2>&1 || \
     dl torchao==0.18.0 hjson annotated-types typing-inspection pydantic==2.14.3 pydantic-core==2.50.4 ninja py-cpuinfo msgpack
   # DeepSpeed publishes only an sdist: build a py3-none-any wheel here (its CPU Adam op JIT-builds there).
-  ls "$C"/whl/deepspeed-*.whl >/dev/null 2>&1 || \
-    "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$C/whl" deepspeed==0.19.8 || \
-    echo "deepspeed wheel not built (optional peer)"
+  # Its setup.py imports torch (no build isolation), and bdist_wheel needs setuptools >= 70.1 or the
+  # wheel package: both go to a throwaway folder, the project's venv stays untouched.
+  if ! ls "$C"/whl/deepspeed-*.whl >/dev/null 2>&1; then
+    bt=$(mktemp -d)
+    { "$PY" -m pip install -q --target "$bt" "setuptools>=70.1,<82" wheel && \
+      PYTHONPATH="$bt${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pip wheel -q --no-deps --no-build-isolation \
+        -w "$C/whl" deepspeed==0.19.8; } || echo "deepspeed wheel not built (optional peer)"
+    rm -rf "$bt"
+  fi
 fi
 "$PY" "$ROOT/benchmarks/gpu/collect.py" stamp "$C"
 du -sh "$C"

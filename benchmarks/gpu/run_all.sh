@@ -62,7 +62,7 @@ stage() {
   rc=$?
   cat "$TMP/stage.log" >> "$LOG"
   local text
-  text=$(grep -E "^(RESULT|[0-9]+% tests passed|=+ .* (passed|failed|skipped|error).* =+$)" "$TMP/stage.log" | tail -2 | tr '\n' ' ')
+  text=$(grep -E "RESULT|tests passed|tests failed|[0-9]+ (passed|failed|errors?|skipped|deselected)" "$TMP/stage.log" | tail -1)
   (( rc == 124 || rc == 137 )) && text="timeout after $t s $text"
   "${COL[@]}" stage "$OUT" "$name" --rc "$rc" --wall $(( $(date +%s) - t0 )) --text "$text"
   note "$name: rc=$rc in $(( $(date +%s) - t0 )) s $text"
@@ -96,7 +96,8 @@ export -f do_build use_prebuilt check_cuda env_get
 export ROOT BUILD CARRY PY COMMIT OUT
 
 if has build; then
-  if [ -f "$CARRY/prebuilt/COMMIT" ] && stage prebuilt 30 use_prebuilt; then
+  # (not when the C++ tests are to run: they need the build tree)
+  if ! has tests && [ -f "$CARRY/prebuilt/COMMIT" ] && stage prebuilt 30 use_prebuilt; then
     :
   else
     stage build "${LSPO_GPU_BUILD_LIMIT:-360}" do_build || { cat "$OUT/table.md" 2>/dev/null; exit 1; }
@@ -146,7 +147,6 @@ if has bench; then
   source "$BENCHES"
 fi
 
-"${COL[@]}" "$OUT" > /dev/null
 echo
 echo "================ summary ($(( $(date +%s) - T0 )) s of $DEADLINE)"
 printf '%s\n' "${summary[@]}"
