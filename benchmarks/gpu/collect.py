@@ -170,7 +170,7 @@ def status(r):
         return r["error"]
     if "expect-oom" in r.get("tags", []) and r.get("oom"):
         return "OOM (expected)"
-    return "FAILED: " + str(r.get("error", ""))[:160].replace("|", "/")
+    return "FAILED: " + " ".join(str(r.get("error", "")).split())[:160].replace("|", "/")
 
 
 def summary_line(r):
@@ -195,7 +195,7 @@ def table(runs):
         it = r.get("iter_s")
         b = base.get((r.get("model"), r.get("batch"), bool(r.get("ckpt"))))
         it_s = f"{it:.3f}" if it else "-"
-        ratio = f"{it / b:.2f}" if it and b else "-"
+        ratio = f"{it / b:.2f}" if it and b and not r.get("smoke") else "-"
         peak = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
         model = r.get("model", "") + (" (smoke)" if r.get("smoke") else "")
         rows.append(f"| {r.get('bench', '')} | {model} | {opt} | {r.get('batch', '')} | "

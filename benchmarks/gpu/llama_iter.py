@@ -205,8 +205,8 @@ def run(args, res):
         res["build_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
         torch.cuda.reset_peak_memory_stats()  # from here on: optimizer + every iteration, the first included
     res["build_s"] = time.perf_counter() - t0
-    if args.ckpt:
-        model.gradient_checkpointing_enable()
+    if args.ckpt:  # (transformers 5.24 renamed it; the device image has 5.17)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.train()
     opt, engine = make_optimizer(args, model)
     g = torch.Generator(device=args.device).manual_seed(1)
@@ -271,7 +271,7 @@ def main(argv=None):
         run(args, res)
     except Exception as e:  # report, don't hide: the table shows the failure and its reason
         res["ok"] = False
-        res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        res["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         if isinstance(e, torch.cuda.OutOfMemoryError):
             res["oom"] = True
         traceback.print_exc(file=sys.stderr)

@@ -43,7 +43,7 @@ if ls "$CARRY"/whl/*.whl >/dev/null 2>&1; then
     "$CARRY"/whl/*.whl >> "$LOG" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 "${COL[@]}" env "$OUT" --carry "$CARRY" || { echo "collect.py env failed"; exit 1; }
-env_get() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1])).get(sys.argv[2]) or '')" "$OUT/env.json" "$1"; }
+env_get() { "$PY" -c "import json,sys; v = json.load(open(sys.argv[1])).get(sys.argv[2]); print('' if v is None else v)" "$OUT/env.json" "$1"; }
 COMMIT=$(env_get commit)
 
 # stage NAME LIMIT_S FUNCTION: the function under `timeout` (never past the deadline), logged, recorded

@@ -18,7 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPU = os.path.join(ROOT, "benchmarks", "gpu")
 ENV = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"), PY=sys.executable)
-ALL = ["pcie", "projector", "n13_adamw", "n13_lsp", "n13_offload", "n13_torchao", "c67_lsp_24g",
+ALL = ["pcie", "projector", "n13_adamw", "n13_lsp", "c67_lsp_24g", "n13_offload", "n13_torchao",
        "c13_lsp_4g", "c13_torchao_4g", "n13_lsp2048", "c67_torchao_24g", "c13_offload_4g", "n13_deepspeed"]
 CALL1 = ALL[:7]
 
