@@ -116,6 +116,8 @@ def test_run_all_timeout_skip_and_collect_after_every_bench(tmp_path):
         run_bench seen  "t" 1 30 {s} seen
         run_bench late  "t" 1000 2000 {s} ok
     ''')
+    if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("the commit stamp needs a git checkout")
     subprocess.run([sys.executable, os.path.join(GPU, "collect.py"), "stamp", str(tmp_path / "carry")], check=True,
                    capture_output=True)
     commit = (tmp_path / "carry" / "COMMIT").read_text().strip()
