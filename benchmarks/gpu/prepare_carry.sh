@@ -12,11 +12,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
-C=.gpu-carry
-exclude=$(git rev-parse --git-path info/exclude)
-case $exclude in /*) ;; *) exclude=$ROOT/$exclude ;; esac
-mkdir -p "$(dirname "$exclude")"
-grep -qx "/$C/" "$exclude" 2>/dev/null || echo "/$C/" >> "$exclude"
+C=.gpu-carry  # git-ignored (.gitignore), so it travels only when carried
+git check-ignore -q "$C/COMMIT" || { echo "$C is not git-ignored: it would travel and be stamped"; exit 1; }
 mkdir -p "$C/gtest/root" "$C/whl"
 PY=${PY:-python3}
 if [ -z "${LSPO_CARRY_NO_DOWNLOAD:-}" ]; then
