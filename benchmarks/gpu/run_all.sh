@@ -11,7 +11,8 @@
 #   LSPO_GPU_CARRY     the carried folder (default .gpu-carry, made by prepare_carry.sh): COMMIT stamp,
 #                      whl/ (wheels), gtest/ (GoogleTest), prebuilt/ (call 1's extension, for call 2)
 #   LSPO_GPU_BENCHES   the bench list to source (default benchmarks/gpu/benches.sh)
-#   LSPO_JOBS          build jobs (default: nproc);  LSPO_CUDA_ARCH (default 90)
+#   LSPO_JOBS          build jobs (default: nproc);  LSPO_CUDA_ARCH (default 90);
+#   LSPO_GPU_BUILD_LIMIT  timeout of the build stage (default 360 s, never past the deadline)
 # $OUT (default ./gpu-out) receives at most 7 files: env.json, stages.jsonl, bench.jsonl, results.json,
 # table.md, log.txt and, after a build, prebuilt.tar.gz (the extension + its commit).
 set -uo pipefail
