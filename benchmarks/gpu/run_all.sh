@@ -2,7 +2,7 @@
 # One device call: build lspo with CUDA (or take the extension call 1 built), run the CUDA tests, then
 # the selected benchmarks (benches.sh), all under one deadline, every step under `timeout`, results
 # collected into $OUT after every step (so a call cut short still returns what it measured).
-# docs/benchmarks.md ("GPU machine: running the harness") says how to split the run into two calls.
+# benchmarks/gpu/README.md says how to split the run into two calls and what each one costs.
 #
 #   LSPO_GPU_STAGES    which stages: "build tests bench" (default: all)
 #   LSPO_GPU_BENCH     which benches: names and tags of benches.sh (default: all)
