@@ -58,7 +58,7 @@ from .optim import OffloadAdamW, _Slot, eng_name
 
 
 class _LspSlot(_Slot):
-    __slots__ = ("P", "Q", "acc", "acc_count", "u_dev", "backup")
+    __slots__ = ("P", "Q", "acc", "acc_count", "u_dev", "backup", "layer")
 
     def __init__(self, index: int, param: torch.Tensor, group: dict, P: lp.SparseProjector, Q: lp.SparseProjector):
         super().__init__(index, param, group)
@@ -67,6 +67,36 @@ class _LspSlot(_Slot):
         self.acc_count = 0
         self.u_dev = None
         self.backup = None  # (P values, Q values, M, V) before this step's refit: restored on a skip
+        self.layer = None  # its _LspLayer, once a wrapped module asked for one
+
+
+class _LspLayer:
+    """The handle a wrapped layer (lspo/wrap.py) talks to: ``P``, ``Q``, ``dense_this_step()``,
+    ``accept(S)``. (Adapter over the slot until the C++ core provides the handle.)
+    ``dense_this_step()`` only reads a plain bool, refreshed by the optimizer whenever the refit
+    schedule or the accumulation count change, so torch.compile can guard on it."""
+    __slots__ = ("_opt", "_slot", "_dense")
+
+    def __init__(self, opt: "LSPAdamW", slot: "_LspSlot"):
+        self._opt, self._slot = opt, slot
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._dense = self._opt._refit_pending(self._slot.param)
+
+    @property
+    def P(self) -> lp.SparseProjector:
+        return self._slot.P
+
+    @property
+    def Q(self) -> lp.SparseProjector:
+        return self._slot.Q
+
+    def dense_this_step(self) -> bool:
+        return self._dense
+
+    def accept(self, S: torch.Tensor) -> None:
+        self._opt._accept_compressed(self._slot.param, S=S)
 
 
 _HEAD_NAMES = ("lm_head", "embed_out", "output_layer")
@@ -170,6 +200,7 @@ class LSPAdamW(OffloadAdamW):
         st["exp_avg_sq"] = self._engine.exp_avg_sq(s.index).view(shape)
         st["proj_P_indices"], st["proj_P_values"] = s.P.indices, s.P.values
         st["proj_Q_indices"], st["proj_Q_values"] = s.Q.indices, s.Q.values
+        self._refresh_layer(s)  # the step count moved (or was loaded)
 
     @property
     def projected_params(self) -> list:
@@ -211,6 +242,7 @@ class LSPAdamW(OffloadAdamW):
         self.refits.append(rec)
         eng.add_event("refit", eng_name(s), 0, t0, eng.now_us())
 
+    @torch.compiler.disable  # a gradient hook: never traced (a compiled caller's backward runs it)
     @torch.no_grad()
     def _on_grad(self, p: torch.Tensor) -> None:
         s = self._slots[p]
@@ -248,6 +280,20 @@ class LSPAdamW(OffloadAdamW):
         if eng.overlap:
             self._copy_grad(s, s.acc)
             self._submit(s, self._key(s, step, self._spec_scale))
+        self._refresh_layer(s)
+
+    def _refresh_layer(self, s: _LspSlot) -> None:
+        if s.layer is not None:
+            s.layer._refresh()
+
+    def layer_handle(self, p: torch.Tensor) -> _LspLayer:
+        """The handle of a projected parameter's layer, for ``lspo.wrap`` (one per parameter)."""
+        s = self._slots.get(p)
+        if not isinstance(s, _LspSlot):
+            raise KeyError("LSPAdamW.layer_handle: this parameter is not projected")
+        if s.layer is None:
+            s.layer = _LspLayer(self, s)
+        return s.layer
 
     def wrap(self, model: torch.nn.Module) -> int:
         """The memory path: re-classes ``model``'s projected ``nn.Linear`` / ``Conv1D`` layers so their
@@ -289,6 +335,7 @@ class LSPAdamW(OffloadAdamW):
                 self._engine.exp_avg(s.index).copy_(M.reshape(-1))
                 self._engine.exp_avg_sq(s.index).copy_(V.reshape(-1))
                 s.backup = None
+            self._refresh_layer(s)
 
     def _finish(self, s: _Slot) -> None:
         if not isinstance(s, _LspSlot):
@@ -312,6 +359,7 @@ class LSPAdamW(OffloadAdamW):
         s.grad_seen = None
         s.backup = None
 
+    @torch.compiler.disable  # as step(): never traced
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         for s in self._slots.values():

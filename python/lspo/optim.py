@@ -160,6 +160,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._engine.submit(s.index, step, lr, b1, b2, eps, wd, gs, ev)
         s.spec = (key, s.grad_seen)
 
+    @torch.compiler.disable  # a gradient hook: never traced (a compiled caller's backward runs it)
     @torch.no_grad()
     def _on_grad(self, p: torch.Tensor) -> None:
         s = self._slots[p]
@@ -184,6 +185,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         dev = grads[0].device
         return torch.linalg.vector_norm(torch.stack([n.to(dev) for n in norms]), 2.0)
 
+    @torch.compiler.disable  # host engine and Python state: torch.compile runs the step eagerly
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
