@@ -286,11 +286,11 @@ class LSPAdamW(OffloadAdamW):
         if s.layer is not None:
             s.layer._refresh()
 
-    def layer_handle(self, p: torch.Tensor) -> _LspLayer:
+    def _layer(self, p: torch.Tensor) -> _LspLayer:
         """The handle of a projected parameter's layer, for ``lspo.wrap`` (one per parameter)."""
         s = self._slots.get(p)
         if not isinstance(s, _LspSlot):
-            raise KeyError("LSPAdamW.layer_handle: this parameter is not projected")
+            raise KeyError("LSPAdamW._layer: this parameter is not projected")
         if s.layer is None:
             s.layer = _LspLayer(self, s)
         return s.layer

@@ -12,7 +12,7 @@ Parameter names, ``state_dict`` and the forward math are unchanged (``weight.gra
 on the compressed steps).
 
 The interface to the optimizer -- the only one this module uses: every wrapped module gets
-``module._lspo_layer = opt.layer_handle(module.weight)``, an object with
+``module._lspo_layer = opt._layer(module.weight)``, an object with
 
 * ``.P``, ``.Q``: the layer's current :class:`~lspo.projector.SparseProjector` pair (read at every
   forward: they may change between steps);
@@ -128,7 +128,7 @@ def _forward_conv1d(self, x):
 
 def wrap_linear(model: torch.nn.Module, opt) -> int:
     """Re-classes the projected layers of ``model`` (see the module doc); returns how many.
-    Uses ``opt.projected_params`` and ``opt.layer_handle(weight)``."""
+    Uses ``opt.projected_params`` and ``opt._layer(weight)``."""
     projected = {id(p) for p in opt.projected_params}
     n = 0
     for m in model.modules():
@@ -144,7 +144,7 @@ def wrap_linear(model: torch.nn.Module, opt) -> int:
         cls = type(m)
         m.__class__ = type(f"Compressed{cls.__name__}", (cls,),
                            {"forward": fwd, "_lspo_dense_forward": cls.forward, "__module__": __name__})
-        m._lspo_layer = opt.layer_handle(w)
+        m._lspo_layer = opt._layer(w)
         i = m._lspo_layer_id = next(_next_id)
         _MODULES[i] = weakref.ref(m, lambda _, i=i: _MODULES.pop(i, None))
         n += 1

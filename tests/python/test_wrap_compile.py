@@ -38,7 +38,7 @@ class _InterfaceOpt:
             Q = lp.SparseProjector.random(w.shape[1], d, r, seed=2 * i + 1)
             self.handles[id(w)] = _Handle(P, Q)
 
-    def layer_handle(self, w):
+    def _layer(self, w):
         return self.handles[id(w)]
 
 
@@ -67,7 +67,7 @@ def _reference_S(model, opt, x):
     ref(x).square().mean().backward()
     out = []
     for w_ref, w in zip([ref.a.weight, ref.b.weight, ref.c.weight], opt.projected_params):
-        h = opt.layer_handle(w)
+        h = opt._layer(w)
         out.append(lp.compress(h.P, h.Q, w_ref.grad))
     return out
 
@@ -92,13 +92,13 @@ def test_two_same_shape_layers_compiled_equals_eager_outputs_and_S():
         yc.square().mean().backward()
         ref = _reference_S(eager, oe, x)
         for w_e, w_c, r in zip(oe.projected_params, oc.projected_params, ref):
-            Se, Sc = oe.layer_handle(w_e).S[-1], oc.layer_handle(w_c).S[-1]
-            assert len(oe.layer_handle(w_e).S) == len(oc.layer_handle(w_c).S) == i + 1
+            Se, Sc = oe._layer(w_e).S[-1], oc._layer(w_c).S[-1]
+            assert len(oe._layer(w_e).S) == len(oc._layer(w_c).S) == i + 1
             torch.testing.assert_close(Se, r, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(Sc, Se, rtol=1e-5, atol=1e-6)
             assert w_e.grad is None and w_c.grad is None
     # the two same-shape layers received different S (their weights differ)
-    assert not torch.allclose(oc.layer_handle(comp.a.weight).S[-1], oc.layer_handle(comp.b.weight).S[-1])
+    assert not torch.allclose(oc._layer(comp.a.weight).S[-1], oc._layer(comp.b.weight).S[-1])
 
 
 def test_dense_step_runs_the_plain_layer_compiled():
@@ -118,7 +118,7 @@ def test_dense_step_runs_the_plain_layer_compiled():
     plain(x).square().mean().backward()
     for w, w_ref in zip(o.projected_params, [plain.a.weight, plain.b.weight, plain.c.weight]):
         torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-7)
-        assert len(o.layer_handle(w).S) == 1  # nothing accepted on the dense step
+        assert len(o._layer(w).S) == 1  # nothing accepted on the dense step
 
 
 def test_compiled_wrap_shows_lspo_ops_in_profiler():
@@ -146,7 +146,7 @@ def test_wrap_inductor_compile_matches_eager():
     ye.square().mean().backward()
     yc.square().mean().backward()
     for w_e, w_c in zip(oe.projected_params, oc.projected_params):
-        torch.testing.assert_close(oc.layer_handle(w_c).S[-1], oe.layer_handle(w_e).S[-1], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(oc._layer(w_c).S[-1], oe._layer(w_e).S[-1], rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- with LSPAdamW
