@@ -43,13 +43,14 @@ _next_id = itertools.count()
 
 
 @torch.library.custom_op("lspo::accept_compressed", mutates_args=())
-def accept_compressed(S: torch.Tensor, layer: int) -> None:
-    """Hands one micro-batch's compressed gradient ``S`` to the wrapped layer number ``layer``."""
-    _accept(S, layer)
+def accept_compressed(S: torch.Tensor, layer: torch.Tensor) -> None:
+    """Hands one micro-batch's compressed gradient ``S`` to the wrapped layer number ``layer`` (a CPU
+    int64 scalar)."""
+    _accept(S, int(layer))
 
 
 @torch.compiler.disable  # optimizer code: never traced (also not when a compiled caller runs backward)
-def _accept(S: torch.Tensor, layer: int) -> None:
+def _accept(S: torch.Tensor, layer: int) -> None:  # noqa: D103
     ref = _MODULES.get(layer)
     module = ref() if ref is not None else None
     if module is None:
@@ -70,7 +71,7 @@ class _CompressedLinearFn(torch.autograd.Function):
     """y = linear(x); backward: dX, db and S = P^T G Q (handed over), never the dense G."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, P_indices, P_values, Q_indices, Q_values, dP: int, dQ: int, layer: int,
+    def forward(ctx, x, weight, bias, P_indices, P_values, Q_indices, Q_values, dP: int, dQ: int, layer,
                 transposed: bool):
         # transposed: Conv1D (weight [in, out], y = x W + b); else nn.Linear (weight [out, in])
         if transposed:
@@ -83,8 +84,8 @@ class _CompressedLinearFn(torch.autograd.Function):
         # the input side of S: nn.Linear  S = (dY P)^T (X Q);  Conv1D  S = (P^T X^T)(dY Q)
         xp = (_ops.project_input(P_indices, P_values, dP, x2) if transposed
               else _ops.right_project(x2, Q_indices, Q_values, dQ))
-        ctx.save_for_backward(weight, xp, P_indices, P_values, Q_indices, Q_values)
-        ctx.dP, ctx.dQ, ctx.layer, ctx.transposed = dP, dQ, layer, transposed
+        ctx.save_for_backward(weight, xp, P_indices, P_values, Q_indices, Q_values, layer)
+        ctx.dP, ctx.dQ, ctx.transposed = dP, dQ, transposed
         # under autocast y may be bf16 while x and W are fp32: dX is computed in y's dtype, as
         # autocast's own matmul would, then given x's dtype
         ctx.x_dtype, ctx.bias_dtype = x.dtype, (bias.dtype if bias is not None else None)
@@ -92,7 +93,7 @@ class _CompressedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        weight, xp, P_indices, P_values, Q_indices, Q_values = ctx.saved_tensors
+        weight, xp, P_indices, P_values, Q_indices, Q_values, layer = ctx.saved_tensors
         transposed = ctx.transposed
         dx = db = None
         if ctx.needs_input_grad[0]:
@@ -105,7 +106,7 @@ class _CompressedLinearFn(torch.autograd.Function):
             S = xp @ _ops.project_grad_output(Q_indices, Q_values, ctx.dQ, dy2)
         else:  # xp = X Q  [tokens, dQ];  P^T dY^T = (dY P)^T
             S = _ops.project_grad_output(P_indices, P_values, ctx.dP, dy2).t() @ xp
-        _ops.accept_compressed(S, ctx.layer)
+        _ops.accept_compressed(S, layer)
         return dx, None, db, None, None, None, None, None, None, None, None
 
 
@@ -115,7 +116,7 @@ def _compressed_forward(self, x, transposed: bool):
         return self._lspo_dense_forward(x)
     P, Q = layer.P, layer.Q
     return _CompressedLinearFn.apply(x, self.weight, self.bias, P.indices, P.values, Q.indices, Q.values, P.d, Q.d,
-                                     self._lspo_layer_id, transposed)
+                                     self._lspo_layer_key, transposed)
 
 
 def _forward_linear(self, x):
@@ -124,6 +125,18 @@ def _forward_linear(self, x):
 
 def _forward_conv1d(self, x):
     return _compressed_forward(self, x, True)
+
+
+_CLASSES: dict = {}
+
+
+def _compressed_class(cls: type, fwd) -> type:
+    """One wrapped subclass per layer class (torch.compile guards on the module's type: layers of one
+    shape then share a compiled graph)."""
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Compressed{cls.__name__}", (cls,),
+                             {"forward": fwd, "_lspo_dense_forward": cls.forward, "__module__": __name__})
+    return _CLASSES[cls]
 
 
 def wrap_linear(model: torch.nn.Module, opt) -> int:
@@ -141,11 +154,10 @@ def wrap_linear(model: torch.nn.Module, opt) -> int:
             fwd = _forward_conv1d
         else:
             continue
-        cls = type(m)
-        m.__class__ = type(f"Compressed{cls.__name__}", (cls,),
-                           {"forward": fwd, "_lspo_dense_forward": cls.forward, "__module__": __name__})
+        m.__class__ = _compressed_class(type(m), fwd)
         m._lspo_layer = opt._layer(w)
-        i = m._lspo_layer_id = next(_next_id)
+        i = next(_next_id)
+        m._lspo_layer_key = torch.tensor(i, dtype=torch.int64)
         _MODULES[i] = weakref.ref(m, lambda _, i=i: _MODULES.pop(i, None))
         n += 1
     return n

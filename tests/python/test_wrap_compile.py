@@ -101,6 +101,29 @@ def test_two_same_shape_layers_compiled_equals_eager_outputs_and_S():
     assert not torch.allclose(oc._layer(comp.a.weight).S[-1], oc._layer(comp.b.weight).S[-1])
 
 
+def test_same_shape_layers_compiled_one_by_one_share_a_graph():
+    """Per-layer torch.compile (as for repeated blocks): layers of one shape reuse one compiled graph
+    (the layer is a tensor input, not a constant Dynamo specialises on), and each gets its own S."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    m = TwoSame()
+    o = _InterfaceOpt(m)
+    wrap_linear(m, o)
+    cnt = CompileCounterWithBackend("aot_eager")
+    a, b = torch.compile(m.a, backend=cnt), torch.compile(m.b, backend=cnt)
+    x = _x(0)
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(yb, torch.nn.functional.linear(x, m.b.weight, m.b.bias), rtol=1e-6, atol=1e-6)
+    (ya.square().sum() + yb.square().sum()).backward()
+    assert cnt.frame_count == 1
+    for lin, y in ((m.a, ya), (m.b, yb)):
+        h = o._layer(lin.weight)
+        G = (2 * y.detach()).reshape(-1, 24).t() @ x.reshape(-1, 24)  # dL/dW = dY^T X
+        assert len(h.S) == 1
+        torch.testing.assert_close(h.S[0], lp.compress(h.P, h.Q, G), rtol=1e-4, atol=1e-5)
+
+
 def test_dense_step_runs_the_plain_layer_compiled():
     torch._dynamo.reset()
     m = TwoSame()
