@@ -10,6 +10,9 @@ and reports eval loss ratios, the OffloadAdamW-vs-AdamW parameter difference, pe
 the share of the worker's Adam time hidden under backward (from the engine's Chrome trace).
 
   python benchmarks/engine.py --quick          # ~1-2 min on a 2-core VM; last line: JSON
+JSON also holds core_calls_per_layer_step (calls the Python face makes into the C++ core per projected
+layer and step, counted over the last steps) and cpp_vs_python_max_abs_diff (the same run through the
+Python and the C++ optimizers, tests/crosscheck).
   python benchmarks/engine.py --steps 300 --trace docs/img/engine_trace.json
 """
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +32,30 @@ import lspo
 from lspo.tinygpt import TinyGPT, TinyGPTConfig, batches, evaluate, load_text
 
 ROOT = Path(__file__).resolve().parents[1]
+COUNT_STEPS = 3  # the last steps of the LSP run count the calls into the optimizer core
+
+
+def faces_max_abs_diff() -> float | None:
+    """Max |weight difference| after the same run through the Python and the C++ optimizers (the
+    tests/crosscheck driver; None when its executable was not built)."""
+    sys.path.insert(0, str(ROOT / "tests" / "crosscheck"))
+    import driver
+    if not driver.EXE.exists():
+        return None
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the driver's setting: identical ATen reduction order
+    diffs = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind in ("lsp", "offload"):
+                weights, xs, ys = driver.data()
+                m = driver.MLP(weights)
+                driver.train_py(m, driver.optimizer(kind, m), xs, ys, 0, driver.K + driver.M)
+                out = driver.run_cpp(Path(tmp), kind, weights, xs, ys, 0, driver.K + driver.M)
+                diffs += [(p.detach() - q).abs().max().item() for p, q in zip(m.parameters(), out["weights"])]
+    finally:
+        torch.set_num_threads(n)
+    return max(diffs)
 
 
 def _intervals_overlap(a: list, b: list) -> float:
@@ -66,7 +95,11 @@ def run(kind: str, args, train, val, trace_steps: int = 0) -> dict:
     eval0 = evaluate(model, val, batch_size=args.batch, n_batches=args.eval_batches)
     t_fwd = t_bwd = t_step = 0.0
     bar = tqdm(range(args.steps), desc=kind, leave=False, mininterval=2.0)
+    count_from = args.steps - COUNT_STEPS
+    counter = None
     for i in bar:
+        if i == count_from and kind == "lsp":
+            counter = lspo.diag.CoreCallCounter(opt).__enter__()
         record = hasattr(opt, "set_record_timeline") and i >= args.steps - max(trace_steps, 1)
         if hasattr(opt, "set_record_timeline"):
             opt.set_record_timeline(record)
@@ -74,10 +107,10 @@ def run(kind: str, args, train, val, trace_steps: int = 0) -> dict:
         t0 = time.perf_counter()
         _, loss = model(x, y)
         t1 = time.perf_counter()
-        tb0 = opt._engine.now_us() if record else 0.0
+        tb0 = opt._core.now_us() if record else 0.0
         loss.backward()
         if record:
-            opt._engine.add_event("backward", "engine", 0, tb0, opt._engine.now_us())
+            opt._core.add_event("backward", "engine", 0, tb0, opt._core.now_us())
         t2 = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -85,6 +118,8 @@ def run(kind: str, args, train, val, trace_steps: int = 0) -> dict:
         t_fwd, t_bwd, t_step = t_fwd + t1 - t0, t_bwd + t2 - t1, t_step + t3 - t2
         if i % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    if counter is not None:
+        counter.__exit__(None, None, None)
     res = {"optimizer": kind, "eval_loss_before": eval0,
            "eval_loss": evaluate(model, val, batch_size=args.batch, n_batches=args.eval_batches),
            "ms_forward": 1e3 * t_fwd / args.steps, "ms_backward": 1e3 * t_bwd / args.steps,
@@ -95,6 +130,7 @@ def run(kind: str, args, train, val, trace_steps: int = 0) -> dict:
         res["trace"] = tr
     if kind == "lsp":
         res["projected_params"] = sum(p.numel() for p in opt.projected_params)
+        res["core_calls_per_layer_step"] = counter.per_layer_step(COUNT_STEPS)
         res["refits"] = sum(1 for r in opt.refits if r["refit"])
         done = [r for r in opt.refits if r["refit"]]
         if done:
@@ -155,6 +191,8 @@ def main() -> None:
         "eval_loss": {k: r["eval_loss"] for k, r in out.items()},
         "ms_per_step": {k: r["ms_forward"] + r["ms_backward"] + r["ms_step"] for k, r in out.items()},
         "lsp_refits": l_.get("refits", 0),
+        "core_calls_per_layer_step": l_["core_calls_per_layer_step"],
+        "cpp_vs_python_max_abs_diff": faces_max_abs_diff(),
         "lsp_refit_error": [l_.get("refit_error_before"), l_.get("refit_error_after")],
         "steps": args.steps,
     }

@@ -1,17 +1,23 @@
 // Serialisation of lspo::OffloadAdamW / lspo::LSPAdamW (lspo/optim.h): options, and the optimizer
 // state as a torch::serialize archive (torch::save(opt, path) / torch::load(opt, path)).
 //
-// Archive layout (format 1):
-//   optimizer "OffloadAdamW" | "LSPAdamW", format 1, num_groups, num_params, skipped_steps, refits
-//   group<g>: the group's options (every field) and num_params
-//   param<i> (registration order): sizes, step, projected, exp_avg, exp_avg_sq (fp32 host),
-//            master (fp32, non-projected), P_indices/P_values/P_d, Q_indices/Q_values/Q_d (projected)
-// Everything that determines later steps is saved, so save at step k + load into a fresh optimizer
-// over the same parameters (restored to their step-k values) + continue == the uninterrupted run.
+// The checkpoint is the Python face's state_dict(), as a pickled dict (torch.save format):
+//   {"state": {i: {"step", "exp_avg", "exp_avg_sq", "master_param" | "proj_P_indices", "proj_P_values",
+//                   "proj_Q_indices", "proj_Q_values"}},
+//    "param_groups": [{"lr", "betas", "eps", "weight_decay", [refit options], "params": [i, ...]}],
+//    "lspo_optimizer": "OffloadAdamW" | "LSPAdamW", "lspo_format": 2}
+// save_checkpoint / load_checkpoint read and write it as a file; the torch::serialize archive of
+// torch::save(opt, ...) holds the same bytes. Everything that determines later steps is saved.
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/serialize.h>
 
 #include "lspo/optim.h"
-#include "optim_internal.h"
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iterator>
 
 namespace lspo {
 
@@ -20,18 +26,6 @@ namespace {
 template <typename T>
 void put(torch::serialize::OutputArchive& a, const char* key, const T& v) {
   a.write(key, c10::IValue(v));
-}
-
-c10::IValue get(torch::serialize::InputArchive& a, const std::string& key, const char* who) {
-  c10::IValue v;
-  LSPO_CHECK(a.try_read(key, v), who, ": the archive lacks '", key, "' (not an lspo optimizer checkpoint?)");
-  return v;
-}
-
-torch::Tensor get_tensor(torch::serialize::InputArchive& a, const std::string& key, const std::string& who) {
-  torch::Tensor t;
-  LSPO_CHECK(a.try_read(key, t), who, ": the archive lacks tensor '", key, "'");
-  return t;
 }
 
 template <typename T>
@@ -107,130 +101,211 @@ void LSPAdamWOptions::serialize(torch::serialize::InputArchive& archive) {
 #undef LSPO_OPT_WRITE
 #undef LSPO_OPT_READ
 
-// ---------------------------------------------------------------- optimizer state
-void OffloadOptimizerBase::save(torch::serialize::OutputArchive& archive) const {
-  // Registration is a cache of param_groups(): bring it up to date (groups added since the last step).
-  const_cast<OffloadOptimizerBase*>(this)->sync_slots();
-  engine_->wait_all();
-  put(archive, "optimizer", name_);
-  put(archive, "format", int64_t(1));
-  put(archive, "num_groups", static_cast<int64_t>(param_groups_.size()));
-  put(archive, "num_params", static_cast<int64_t>(slots_.size()));
-  put(archive, "skipped_steps", skipped_steps_);
-  put(archive, "refits", refits_);
-  for (size_t g = 0; g < param_groups_.size(); ++g) {
-    torch::serialize::OutputArchive ga;
-    param_groups_[g].options().serialize(ga);
-    put(ga, "num_params", static_cast<int64_t>(param_groups_[g].params().size()));
-    archive.write("group" + std::to_string(g), ga);
+// ---------------------------------------------------------------- the checkpoint (one format)
+namespace {
+
+constexpr int64_t kFormat = 2;
+
+c10::impl::GenericDict group_dict(const torch::optim::OptimizerOptions& options) {
+  c10::impl::GenericDict g(c10::StringType::get(), c10::AnyType::get());
+  if (const auto* o = dynamic_cast<const OffloadAdamWOptions*>(&options)) {
+    g.insert("lr", o->lr());
+    g.insert("betas", c10::ivalue::Tuple::create({std::get<0>(o->betas()), std::get<1>(o->betas())}));
+    g.insert("eps", o->eps());
+    g.insert("weight_decay", o->weight_decay());
+  } else if (const auto* l = dynamic_cast<const LSPAdamWOptions*>(&options)) {
+    g.insert("lr", l->lr());
+    g.insert("betas", c10::ivalue::Tuple::create({std::get<0>(l->betas()), std::get<1>(l->betas())}));
+    g.insert("eps", l->eps());
+    g.insert("weight_decay", l->weight_decay());
+    g.insert("refit_every", l->refit_every());
+    g.insert("refit_threshold", l->refit_threshold());
+    g.insert("refit_iters", l->refit_iters());
+    g.insert("refit_lr", l->refit_lr());
+    if (l->project().has_value()) g.insert("project", *l->project());
   }
-  for (size_t i = 0; i < slots_.size(); ++i) {
-    const ParamSlot& s = *slots_[i];
-    torch::serialize::OutputArchive pa;
-    put(pa, "sizes", s.param.sizes().vec());
-    put(pa, "step", s.step);
-    put(pa, "projected", s.projected);
-    pa.write("exp_avg", engine_->exp_avg(s.slot).clone());
-    pa.write("exp_avg_sq", engine_->exp_avg_sq(s.slot).clone());
-    if (s.projected) {
-      pa.write("P_indices", s.P.indices.cpu());
-      pa.write("P_values", s.P.values.cpu());
-      put(pa, "P_d", s.P.d);
-      pa.write("Q_indices", s.Q.indices.cpu());
-      pa.write("Q_values", s.Q.values.cpu());
-      put(pa, "Q_d", s.Q.d);
-    } else {
-      pa.write("master", engine_->master(s.slot).clone());
-    }
-    archive.write("param" + std::to_string(i), pa);
+  return g;
+}
+
+double num(const c10::IValue& v) { return v.isInt() ? static_cast<double>(v.toInt()) : v.toDouble(); }
+
+// The options of a saved group that both faces understand; others (Python's extra keys) are ignored.
+void apply_group(torch::optim::OptimizerOptions& options, const c10::impl::GenericDict& g) {
+  auto has = [&](const char* k) { return g.contains(k) && !g.at(k).isNone(); };
+  auto betas = [&]() {
+    auto t = g.at("betas");
+    auto el = t.isTuple() ? t.toTupleRef().elements().vec() : t.toListRef().vec();
+    return std::make_tuple(num(el.at(0)), num(el.at(1)));
+  };
+  if (auto* o = dynamic_cast<OffloadAdamWOptions*>(&options)) {
+    if (has("lr")) o->lr(num(g.at("lr")));
+    if (has("betas")) o->betas(betas());
+    if (has("eps")) o->eps(num(g.at("eps")));
+    if (has("weight_decay")) o->weight_decay(num(g.at("weight_decay")));
+  } else if (auto* l = dynamic_cast<LSPAdamWOptions*>(&options)) {
+    if (has("lr")) l->lr(num(g.at("lr")));
+    if (has("betas")) l->betas(betas());
+    if (has("eps")) l->eps(num(g.at("eps")));
+    if (has("weight_decay")) l->weight_decay(num(g.at("weight_decay")));
+    if (has("refit_every")) l->refit_every(static_cast<int64_t>(num(g.at("refit_every"))));
+    if (has("refit_threshold")) l->refit_threshold(num(g.at("refit_threshold")));
+    if (has("refit_iters")) l->refit_iters(static_cast<int64_t>(num(g.at("refit_iters"))));
+    if (has("refit_lr")) l->refit_lr(num(g.at("refit_lr")));
   }
 }
 
-void OffloadOptimizerBase::load(torch::serialize::InputArchive& archive) {
-  sync_slots();
-  engine_->wait_all();
-  const std::string who = name_ + "::load";
-  const std::string kind = get(archive, "optimizer", who.c_str()).toStringRef();
-  LSPO_CHECK(kind == name_, who, ": the archive holds the state of a ", kind, ", not of a ", name_);
-  const int64_t format = get(archive, "format", who.c_str()).toInt();
-  LSPO_CHECK(format == 1, who, ": unknown archive format ", format);
-  const int64_t ng = get(archive, "num_groups", who.c_str()).toInt();
-  const int64_t np = get(archive, "num_params", who.c_str()).toInt();
-  LSPO_CHECK(ng == static_cast<int64_t>(param_groups_.size()), who, ": the archive has ", ng,
-             " param groups, this optimizer ", param_groups_.size());
-  LSPO_CHECK(np == static_cast<int64_t>(slots_.size()), who, ": the archive has ", np,
-             " parameters, this optimizer ", slots_.size());
+// torch.save's file format for a plain dict/list/tensor value, without the TorchScript type tags
+// torch::pickle_save adds (torch.load(weights_only=True) refuses those).
+std::vector<char> save_plain(const c10::IValue& v) {
+  std::vector<char> pickled;
+  torch::jit::Pickler pickler([&](const char* b, size_t n) { pickled.insert(pickled.end(), b, b + n); }, nullptr,
+                              nullptr, nullptr, nullptr, /*tag_aggregates=*/false);
+  pickler.protocol();
+  pickler.pushIValue(v);
+  pickler.stop();
+  std::vector<char> out;
+  caffe2::serialize::PyTorchStreamWriter writer([&](const void* b, size_t n) {
+    out.insert(out.end(), static_cast<const char*>(b), static_cast<const char*>(b) + n);
+    return n;
+  });
+  torch::jit::writeArchiveAndTensors("data", pickled.data(), pickled.size(), pickler.tensorData(), writer);
+  writer.writeEndOfFile();
+  return out;
+}
 
-  // Read and validate everything first, then write: a bad archive leaves the optimizer unchanged.
-  struct Loaded {
-    int64_t step;
-    torch::Tensor m, v, master;
-    SparseProjector P, Q;
-  };
-  std::vector<Loaded> loaded(slots_.size());
-  std::vector<torch::serialize::InputArchive> groups(param_groups_.size());
-  for (size_t g = 0; g < param_groups_.size(); ++g) {
-    LSPO_CHECK(archive.try_read("group" + std::to_string(g), groups[g]), who, ": the archive lacks group ", g);
-    const int64_t n = get(groups[g], "num_params", who.c_str()).toInt();
-    LSPO_CHECK(n == static_cast<int64_t>(param_groups_[g].params().size()), who, ": group ", g, " has ", n,
-               " parameters in the archive, ", param_groups_[g].params().size(), " here");
-  }
-  for (size_t i = 0; i < slots_.size(); ++i) {
-    const ParamSlot& s = *slots_[i];
-    const std::string pw = who + " (parameter " + std::to_string(i) + ")";
-    torch::serialize::InputArchive pa;
-    LSPO_CHECK(archive.try_read("param" + std::to_string(i), pa), pw, ": missing from the archive");
-    const auto sizes = get(pa, "sizes", pw.c_str()).toIntVector();
-    LSPO_CHECK(sizes == s.param.sizes().vec(), pw, ": saved with sizes ", c10::IntArrayRef(sizes),
-               ", the parameter has ", s.param.sizes());
-    const bool projected = get(pa, "projected", pw.c_str()).toBool();
-    LSPO_CHECK(projected == s.projected, pw, ": projected ", projected, " in the archive, ", s.projected,
-               " here (different subspace/min_dim/project options?)");
-    Loaded& L = loaded[i];
-    L.step = get(pa, "step", pw.c_str()).toInt();
-    LSPO_CHECK(L.step >= 0, pw, ": negative step count ", L.step);
-    if (s.projected) {
-      L.P = SparseProjector::from_tensors(get_tensor(pa, "P_indices", pw), get_tensor(pa, "P_values", pw),
-                                          get(pa, "P_d", pw.c_str()).toInt());
-      L.Q = SparseProjector::from_tensors(get_tensor(pa, "Q_indices", pw), get_tensor(pa, "Q_values", pw),
-                                          get(pa, "Q_d", pw.c_str()).toInt());
-      LSPO_CHECK(L.P.n() == s.P.n() && L.P.d == s.P.d && L.Q.n() == s.Q.n() && L.Q.d == s.Q.d, pw,
-                 ": saved projectors are [", L.P.n(), ", ", L.P.d, "] and [", L.Q.n(), ", ", L.Q.d, "], this ",
-                 "optimizer's [", s.P.n(), ", ", s.P.d, "] and [", s.Q.n(), ", ", s.Q.d, "] (different subspace?)");
-      L.P = L.P.to(s.param.device());
-      L.Q = L.Q.to(s.param.device());
-    } else {
-      L.master = get_tensor(pa, "master", pw);
-      const int64_t n = engine_->master(s.slot).numel();
-      LSPO_CHECK(L.master.numel() == n && L.master.scalar_type() == torch::kFloat, pw,
-                 ": saved master must be float32 with ", n, " elements");
+}  // namespace
+
+c10::IValue OffloadOptimizerBase::checkpoint() const {
+  const_cast<OffloadOptimizerBase*>(this)->sync_slots();  // groups added since the last step
+  c10::Dict<int64_t, c10::Dict<std::string, torch::Tensor>> state;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    auto st = core_->state(static_cast<int64_t>(i), /*copy=*/true);
+    if (!st) continue;
+    c10::Dict<std::string, torch::Tensor> d;
+    d.insert("step", torch::tensor(static_cast<double>(st->step), torch::kFloat));
+    d.insert("exp_avg", st->exp_avg);
+    d.insert("exp_avg_sq", st->exp_avg_sq);
+    if (st->master_param.defined()) d.insert("master_param", st->master_param);
+    if (st->P_indices.defined()) {
+      d.insert("proj_P_indices", st->P_indices.cpu());
+      d.insert("proj_P_values", st->P_values.cpu());
+      d.insert("proj_Q_indices", st->Q_indices.cpu());
+      d.insert("proj_Q_values", st->Q_values.cpu());
     }
-    const int64_t n = engine_->exp_avg(s.slot).numel();
-    L.m = get_tensor(pa, "exp_avg", pw);
-    L.v = get_tensor(pa, "exp_avg_sq", pw);
-    for (const torch::Tensor* t : {&L.m, &L.v})
-      LSPO_CHECK(t->numel() == n && t->scalar_type() == torch::kFloat, pw,
-                 ": saved moments must be float32 with ", n, " elements, got ", t->numel(), " of ", t->scalar_type());
+    state.insert(static_cast<int64_t>(i), d);
   }
-  // commit
-  for (size_t g = 0; g < param_groups_.size(); ++g) param_groups_[g].options().serialize(groups[g]);
-  for (size_t i = 0; i < slots_.size(); ++i) {
-    ParamSlot& s = *slots_[i];
-    Loaded& L = loaded[i];
-    engine_->exp_avg(s.slot).copy_(L.m.reshape(-1));
-    engine_->exp_avg_sq(s.slot).copy_(L.v.reshape(-1));
-    if (s.projected) {
-      s.P = L.P;
-      s.Q = L.Q;
-    } else {
-      engine_->master(s.slot).copy_(L.master.reshape(-1));
-    }
-    s.step = L.step;
-    refresh_state(s);
+  c10::impl::GenericList groups(c10::AnyType::get());
+  int64_t next = 0;
+  for (const auto& group : param_groups_) {
+    auto g = group_dict(group.options());
+    c10::impl::GenericList ids(c10::AnyType::get());  // plain lists: no TorchScript list specialisation
+    for (size_t k = 0; k < group.params().size(); ++k) ids.push_back(next++);
+    g.insert("params", ids);
+    groups.push_back(g);
   }
+  c10::impl::GenericDict top(c10::StringType::get(), c10::AnyType::get());
+  top.insert("state", state);
+  top.insert("param_groups", groups);
+  top.insert("lspo_optimizer", name_);
+  top.insert("lspo_format", kFormat);
+  return top;
+}
+
+void OffloadOptimizerBase::load_checkpoint(const c10::IValue& ck) {
+  sync_slots();
+  const std::string who = name_ + "::load";
+  LSPO_CHECK(ck.isGenericDict(), who, ": not an lspo optimizer checkpoint (expected a dict)");
+  auto top = ck.toGenericDict();
+  LSPO_CHECK(top.contains("state") && top.contains("param_groups"), who,
+             ": not an optimizer checkpoint (no 'state' / 'param_groups')");
+  if (top.contains("lspo_optimizer")) {
+    const std::string kind = top.at("lspo_optimizer").toStringRef();
+    LSPO_CHECK(kind == name_, who, ": the checkpoint holds the state of a ", kind, ", not of a ", name_);
+  }
+  auto groups = top.at("param_groups").toListRef();
+  LSPO_CHECK(groups.size() == param_groups_.size(), who, ": the checkpoint has ", groups.size(),
+             " param groups, this optimizer ", param_groups_.size());
+  size_t total = 0;
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    auto g = groups[gi].toGenericDict();
+    const size_t n = g.contains("params") ? g.at("params").toListRef().size() : 0;
+    LSPO_CHECK(n == param_groups_[gi].params().size(), who, ": group ", gi, " has ", n,
+               " parameters in the checkpoint, ", param_groups_[gi].params().size(), " here");
+    total += n;
+  }
+  LSPO_CHECK(total == params_.size(), who, ": the checkpoint has ", total, " parameters, this optimizer ",
+             params_.size());
+  // read and validate every slot first (load_state validates), then adopt the group options
+  std::vector<std::pair<int64_t, SlotState>> slots;
+  for (const auto& kv : top.at("state").toGenericDict()) {
+    const int64_t i = kv.key().toInt();
+    LSPO_CHECK(i >= 0 && i < static_cast<int64_t>(params_.size()), who, ": state for parameter ", i,
+               " of ", params_.size());
+    auto d = kv.value().toGenericDict();
+    auto t = [&](const char* k) { return d.contains(k) ? d.at(k).toTensor() : torch::Tensor(); };
+    SlotState st;
+    st.step = d.contains("step") ? static_cast<int64_t>(d.at("step").isTensor() ? d.at("step").toTensor().item<double>()
+                                                                                 : num(d.at("step")))
+                                 : 0;
+    st.exp_avg = t("exp_avg");
+    st.exp_avg_sq = t("exp_avg_sq");
+    st.master_param = t("master_param");
+    st.P_indices = t("proj_P_indices");
+    st.P_values = t("proj_P_values");
+    st.Q_indices = t("proj_Q_indices");
+    st.Q_values = t("proj_Q_values");
+    slots.emplace_back(i, std::move(st));
+  }
+  for (auto& [i, st] : slots) core_->load_state(i, st, /*dry_run=*/true);  // all or nothing
+  for (auto& [i, st] : slots) core_->load_state(i, st);
+  for (size_t gi = 0; gi < groups.size(); ++gi) apply_group(param_groups_[gi].options(), groups[gi].toGenericDict());
+  sync_groups();
+  refresh_state();
+}
+
+void save_torch_file(const c10::IValue& value, const std::string& path) {
+  std::vector<char> bytes = save_plain(value);
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary);
+    LSPO_CHECK(f.good(), "save_torch_file: cannot open '", tmp, "' for writing");
+    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    f.flush();
+    LSPO_CHECK(f.good(), "save_torch_file: writing '", tmp, "' failed (disk full?)");
+  }
+  LSPO_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "save_torch_file: renaming '", tmp, "' to '", path,
+             "' failed");  // a crash leaves the old file or the new one, never half of one
+}
+
+void OffloadOptimizerBase::save_checkpoint(const std::string& path) const { save_torch_file(checkpoint(), path); }
+
+void OffloadOptimizerBase::load_checkpoint(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  LSPO_CHECK(f.good(), name_, "::load_checkpoint: cannot open '", path, "'");
+  std::vector<char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   c10::IValue v;
-  if (archive.try_read("skipped_steps", v)) skipped_steps_ = v.toInt();
-  if (archive.try_read("refits", v)) refits_ = v.toInt();
+  try {
+    v = torch::pickle_load(bytes);
+  } catch (const std::exception& e) {
+    LSPO_CHECK(false, name_, "::load_checkpoint: '", path, "' is not a readable checkpoint (", e.what(), ")");
+  }
+  load_checkpoint(v);
+}
+
+void OffloadOptimizerBase::save(torch::serialize::OutputArchive& archive) const {
+  std::vector<char> bytes = save_plain(checkpoint());
+  archive.write("lspo_checkpoint",
+                torch::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, torch::kUInt8).clone());
+}
+
+void OffloadOptimizerBase::load(torch::serialize::InputArchive& archive) {
+  torch::Tensor blob;
+  LSPO_CHECK(archive.try_read("lspo_checkpoint", blob), name_,
+             "::load: the archive holds no lspo checkpoint (saved by another optimizer, or by lspo < 0.2?)");
+  blob = blob.contiguous();
+  std::vector<char> bytes(static_cast<size_t>(blob.numel()));
+  std::memcpy(bytes.data(), blob.data_ptr(), bytes.size());
+  load_checkpoint(torch::pickle_load(bytes));
 }
 
 }  // namespace lspo

@@ -1,60 +1,266 @@
-"""Turns one run_all.sh output folder into benchmarks/results/<device>-<date>.json material.
+"""Bookkeeping of the GPU benchmark harness (benchmarks/gpu/run_all.sh): one folder OUT per device call.
 
-  python benchmarks/gpu/collect.py OUT_DIR [--save benchmarks/results]
-
-Reads OUT_DIR/env.json and OUT_DIR/bench.jsonl, writes OUT_DIR/results.json ({"env": ...,
-"runs": [...]}, and a copy under --save when given) and prints a markdown table of the LLaMA runs
-(per-iteration time, peak memory, ratio to torch AdamW of the same model when it ran).
+  collect.py stamp CARRY            HERE, before a call (prepare_carry.sh runs it): CARRY/COMMIT (the git
+                                    commit, "+dirty" with local changes), CARRY/FILES (the files that travel)
+                                    and CARRY/TREEHASH (their contents' sha256): .git does not travel
+  collect.py env OUT [--carry C]    THERE: OUT/env.json (device, torch, CUDA, CPU, commit; the commit is
+                                    marked "(tree differs)" when the tree no longer matches the stamp)
+  collect.py add OUT NAME --rc RC --wall S --stdout F --stderr F [--limit S] [--tags T] [--skipped WHY]
+                                    one bench's row from its STDOUT's last JSON line (stderr only for the
+                                    error text), with env's device/torch/cuda/commit; appends it to
+                                    OUT/bench.jsonl, rewrites OUT/results.json and OUT/table.md, prints one line
+  collect.py stage OUT NAME --rc RC --wall S [--text T]
+                                    a build/test stage's outcome -> OUT/stages.jsonl (+ results, table)
+  collect.py OUT [--save DIR]       print the table (OUT is only read); --save writes the results
+                                    to DIR/<device>-<date>.json (benchmarks/results)
 """
 import argparse
 import datetime
+import hashlib
 import json
 import os
+import platform
 import re
+import subprocess
+import sys
+
+ENV_KEYS = ("device", "torch", "cuda", "commit")
 
 
+# ---------------------------------------------------------------- commit stamp (here) and env (there)
+def tree_hash(root, files):
+    h = hashlib.sha256()
+    for f in files:
+        p = os.path.join(root, f)
+        if not os.path.isfile(p):
+            return None
+        h.update(f.encode() + b"\0")
+        with open(p, "rb") as fh:
+            h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()
+
+
+def stamp(carry, root):
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], check=True, capture_output=True, text=True).stdout
+    files = sorted(f for f in git("ls-files", "--cached", "--others", "--exclude-standard").splitlines()
+                   if os.path.isfile(os.path.join(root, f)))
+    th = tree_hash(root, files)
+    commit = git("rev-parse", "HEAD").strip()
+    if git("status", "--porcelain").strip():  # local changes: the content hash tells two such trees apart
+        commit += f"+dirty.{th[:12]}"
+    os.makedirs(carry, exist_ok=True)
+    with open(os.path.join(carry, "COMMIT"), "w") as f:
+        f.write(commit + "\n")
+    with open(os.path.join(carry, "FILES"), "w") as f:
+        f.write("\n".join(files) + "\n")
+    with open(os.path.join(carry, "TREEHASH"), "w") as f:
+        f.write(th + "\n")
+    print(f"stamped {carry}: {commit}, {len(files)} files")
+
+
+def commit_of(carry, root):
+    """(commit, tree_verified): LSPO_COMMIT wins; else CARRY/COMMIT checked against the tree here."""
+    if os.environ.get("LSPO_COMMIT"):
+        return os.environ["LSPO_COMMIT"], None
+    try:
+        commit = open(os.path.join(carry, "COMMIT")).read().strip()
+        files = [l for l in open(os.path.join(carry, "FILES")).read().splitlines() if l]
+        want = open(os.path.join(carry, "TREEHASH")).read().strip()
+    except OSError:
+        return "unknown", None
+    ok = tree_hash(root, files) == want
+    return (commit if ok else commit + " (tree differs)"), ok
+
+
+def make_env(out, carry, root):
+    import torch
+
+    cuda = torch.cuda.is_available()
+    p = torch.cuda.get_device_properties(0) if cuda else None
+    cpu = ""
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except (OSError, IndexError):
+        pass
+    commit, verified = commit_of(carry, root)
+    env = {"device": torch.cuda.get_device_name() if cuda else "cpu",
+           "sm_count": p.multi_processor_count if p else None,
+           "gpu_mem_gib": round(p.total_memory / 2**30, 1) if p else None,
+           "torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu, "cpu_count": os.cpu_count(),
+           "commit": commit, "tree_verified": verified, "python": platform.python_version()}
+    with open(os.path.join(out, "env.json"), "w") as f:
+        json.dump(env, f)
+    print(json.dumps(env))
+
+
+# ---------------------------------------------------------------- rows
 def load(out):
-    env = json.load(open(os.path.join(out, "env.json")))
-    runs = []
-    path = os.path.join(out, "bench.jsonl")
-    if os.path.exists(path):
-        runs = [json.loads(l) for l in open(path) if l.strip()]
-    return env, runs
+    env = {}
+    if os.path.exists(os.path.join(out, "env.json")):
+        env = json.load(open(os.path.join(out, "env.json")))
+
+    def jsonl(name):
+        path = os.path.join(out, name)
+        return [json.loads(l) for l in open(path) if l.strip()] if os.path.exists(path) else []
+
+    runs = jsonl("bench.jsonl")
+    for r in runs:  # every row names the device, torch, CUDA and commit it ran with
+        for k in ENV_KEYS:
+            r.setdefault(k, env.get(k))
+    return env, runs, jsonl("stages.jsonl")
 
 
+def last_json(text):
+    """The last stdout line that is a JSON object, or None."""
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                d = json.loads(line)
+            except ValueError:
+                return None
+            return d if isinstance(d, dict) else None
+        if line:
+            return None
+    return None
+
+
+def bench_row(name, rc, wall, stdout, stderr, limit=None, tags="", skipped=None):
+    tags = tags.split()
+    if skipped:
+        return {"bench": name, "tags": tags, "ok": False, "skipped": True, "error": f"skipped: {skipped}"}
+    row = last_json(stdout)
+    if rc in (124, 137):
+        err = f"timeout: killed after {limit} s"
+        row = dict(row or {}, ok=False, timeout=True, error=err)
+    elif row is None:
+        tail = " / ".join(l.strip() for l in stderr.strip().splitlines()[-3:])
+        row = {"ok": False, "error": f"rc={rc}, no JSON line on stdout; stderr: {tail[-300:]}"}
+    elif rc != 0 and row.get("ok", True):
+        row = dict(row, ok=False, error=f"rc={rc}")
+    row.update(bench=name, tags=tags, rc=rc, wall_s=wall)
+    if limit is not None:
+        row["limit_s"] = limit
+    return row
+
+
+def write(out):
+    env, runs, stages = load(out)
+    doc = {"env": env, "stages": stages, "runs": runs}
+    tmp = os.path.join(out, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, os.path.join(out, "results.json"))  # a kill mid-write leaves the previous one
+    text = render(env, stages, runs)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    return doc, text
+
+
+def append(out, name, row):
+    with open(os.path.join(out, name), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    write(out)
+
+
+def status(r):
+    if r.get("ok"):
+        return "ok"
+    if r.get("skipped"):
+        return r["error"]
+    if "expect-oom" in r.get("tags", []) and r.get("oom"):
+        return "OOM (expected)"
+    return "FAILED: " + " ".join(str(r.get("error", "")).split())[:160].replace("|", "/")
+
+
+def summary_line(r):
+    keys = [k for k in ("iter_s", "peak_mem_gib", "h2d_gb_s", "d2h_gb_s", "duplex_total_gb_s",
+                        "gather_over_gemm_4096x4096_d1024_r8", "pin_fallbacks") if isinstance(r.get(k), (int, float))]
+    facts = " ".join(f"{k}={r[k]:.3g}" for k in keys)
+    wall = f" ({r['wall_s']} s)" if "wall_s" in r else ""
+    return f"bench {r.get('bench')}: {status(r)}{wall} {facts}".rstrip()
+
+
+# ---------------------------------------------------------------- table
 def table(runs):
+    """Markdown table of the LLaMA runs; 'vs AdamW' divides by torch AdamW's time on the whole card
+    with the same model, batch and checkpointing."""
     llama = [r for r in runs if r.get("opt")]
-    base = {r["model"]: r["iter_s"] for r in llama
+    base = {(r.get("model"), r.get("batch"), bool(r.get("ckpt"))): r["iter_s"] for r in llama
             if r.get("opt") == "adamw" and r.get("ok") and not r.get("mem_cap_gb")}
-    rows = ["| run | model | optimizer | batch | cap GB | iter s | vs AdamW | peak GPU GiB | ok |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | model | optimizer | batch | ckpt | cap GiB | iter s | vs AdamW | peak GPU GiB | pin fallbacks | result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in llama:
         opt = r["opt"] + (f" d={r.get('subspace')} r={r.get('nnz')}" if r["opt"] == "lsp" else "")
         it = r.get("iter_s")
+        b = base.get((r.get("model"), r.get("batch"), bool(r.get("ckpt"))))
         it_s = f"{it:.3f}" if it else "-"
-        ratio = f"{it / base[r['model']]:.2f}" if it and r.get("model") in base else "-"
-        mem = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
-        ok = "yes" if r.get("ok") else "no: " + str(r.get("error", ""))[:80].replace("|", "/")
-        rows.append(f"| {r.get('bench', '')} | {r.get('model', '')} | {opt} | {r.get('batch', '')} | "
-                    f"{r.get('mem_cap_gb') or '-'} | {it_s} | {ratio} | {mem} | {ok} |")
+        ratio = f"{it / b:.2f}" if it and b and not r.get("smoke") else "-"
+        peak = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
+        model = r.get("model", "") + (" (smoke)" if r.get("smoke") else "")
+        rows.append(f"| {r.get('bench', '')} | {model} | {opt} | {r.get('batch', '')} | "
+                    f"{'yes' if r.get('ckpt') else 'no'} | {r.get('mem_cap_gb') or '-'} | {it_s} | {ratio} | "
+                    f"{peak} | {r.get('pin_fallbacks', '-')} | {status(r)} |")
     return "\n".join(rows)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out")
-    ap.add_argument("--save", default=None, help="folder to copy results.json into, named by device and date")
-    a = ap.parse_args()
-    env, runs = load(a.out)
-    doc = {"env": env, "runs": runs}
-    json.dump(doc, open(os.path.join(a.out, "results.json"), "w"), indent=1)
+def render(env, stages, runs):
+    out = [f"device: {env.get('device')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
+           f"commit {env.get('commit')}", ""]
+    out += [f"- {s['stage']}: rc={s['rc']} ({s['wall_s']} s) {s.get('text', '')}".rstrip() for s in stages]
+    out += ["", table(runs), ""]
+    out += ["- " + summary_line(r) for r in runs if not r.get("opt") and "/" not in str(r.get("bench", ""))]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- command line
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cmd = argv[0] if argv and argv[0] in ("stamp", "env", "add", "stage") else "table"
+    if cmd != "table":
+        argv = argv[1:]
+    ap = argparse.ArgumentParser(prog=f"collect.py {cmd}")
+    ap.add_argument("dir")
+    if cmd == "env":
+        ap.add_argument("--carry", default=os.path.join(root, ".gpu-carry"))
+    if cmd in ("add", "stage"):
+        ap.add_argument("name")
+        ap.add_argument("--rc", type=int, default=0)
+        ap.add_argument("--wall", type=int, default=0)
+    if cmd == "add":
+        ap.add_argument("--stdout", default=None)
+        ap.add_argument("--stderr", default=None)
+        ap.add_argument("--limit", type=int, default=None)
+        ap.add_argument("--tags", default="")
+        ap.add_argument("--skipped", default=None)
+    if cmd == "stage":
+        ap.add_argument("--text", default="")
+    if cmd == "table":
+        ap.add_argument("--save", default=None, help="folder to copy results.json into, named by device and date")
+    a = ap.parse_args(argv)
+    if cmd == "stamp":
+        return stamp(a.dir, root)
+    if cmd == "env":
+        return make_env(a.dir, a.carry, root)
+    if cmd == "add":
+        read = lambda p: open(p, errors="replace").read() if p and os.path.exists(p) else ""
+        row = bench_row(a.name, a.rc, a.wall, read(a.stdout), read(a.stderr), a.limit, a.tags, a.skipped)
+        append(a.dir, "bench.jsonl", row)
+        print(summary_line(row))
+        return
+    if cmd == "stage":
+        append(a.dir, "stages.jsonl", {"stage": a.name, "rc": a.rc, "wall_s": a.wall, "text": a.text})
+        return
+    env, runs, stages = load(a.dir)  # (read only: OUT may be the device tool's read-only copy)
+    doc, text = {"env": env, "stages": stages, "runs": runs}, render(env, stages, runs)
     if a.save:
         os.makedirs(a.save, exist_ok=True)
-        dev = re.sub(r"[^A-Za-z0-9]+", "-", env.get("device") or "cpu").strip("-").lower()
+        dev = re.sub(r"[^A-Za-z0-9]+", "-", doc["env"].get("device") or "cpu").strip("-").lower()
         name = f"{dev}-{datetime.date.today().isoformat()}.json"
-        json.dump(doc, open(os.path.join(a.save, name), "w"), indent=1)
-    print(f"device: {env.get('device')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, commit {env.get('commit')}\n")
-    print(table(runs))
+        with open(os.path.join(a.save, name), "w") as f:
+            json.dump(doc, f, indent=1)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
 """Per-iteration time and peak GPU memory of one optimizer on a LLaMA-architecture model.
 
 One configuration per process (so peak-memory counters and memory caps are isolated); prints one
-JSON line. Models are built from a transformers LlamaConfig with random init, bf16 weights.
+JSON line, the last line of stdout (warnings and tracebacks go to stderr). Models are built from a
+transformers LlamaConfig with random init, directly in bf16 (no fp32 copy is ever allocated).
 
   python benchmarks/gpu/llama_iter.py --model 1.3b --opt lsp --subspace 1280 --nnz 4 --batch 4
   python benchmarks/gpu/llama_iter.py --model 1.3b --opt lsp --mem-cap-gb 4 --batch 1 --ckpt
+  python benchmarks/gpu/llama_iter.py --plan --model 1.3b --subspace 1280 --mem-cap-gb 4
+        (no run: the device-memory arithmetic of LSPAdamW under the cap, see memory_plan)
 
 Optimizers: adamw (torch.optim.AdamW fused, bf16 state), lsp (lspo.LSPAdamW), offload
-(lspo.OffloadAdamW), torchao (torchao CPUOffloadOptimizer around fused AdamW), deepspeed
-(ZeRO-Offload: ZeRO-2 with the optimizer on the CPU, DeepSpeedCPUAdam).
+(lspo.OffloadAdamW), torchao (torchao CPUOffloadOptimizer around fused AdamW, offload_gradients=True),
+deepspeed (ZeRO-Offload: ZeRO-2 with the optimizer on the CPU, DeepSpeedCPUAdam).
+
+--mem-cap-gb C emulates a card of C GiB: the caching allocator may hold C - --cuda-context-gib
+(default 0.5 GiB: the CUDA context and cuBLAS workspaces of a real card live outside the allocator).
+Peak memory counts from the end of the model build (optimizer construction and every iteration,
+the first included). --smoke turns any command line into a tiny CPU run of the same options (the
+harness test uses it; it measures nothing).
 """
 import argparse
 import json
@@ -27,43 +36,107 @@ MODELS = {
     "1.3b": (2048, 5504, 24, 16),
     "6.7b": (4096, 11008, 32, 32),
 }
+VOCAB = 32000
+GIB = 2**30
 
 
-def build_model(name, seq, device):
+def build_model(name, seq, device, dtype=torch.bfloat16):
+    """LlamaForCausalLM with random init, every parameter created in ``dtype`` on ``device``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     h, i, l, heads = MODELS[name]
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=h, intermediate_size=i, num_hidden_layers=l,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=h, intermediate_size=i, num_hidden_layers=l,
                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=seq,
                       tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # (building in fp32 and casting held 5.0 GiB at 1.3B, 25.1 GiB at 6.7B)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
     return model
+
+
+def projected_shapes(name):
+    """[out, in] of every weight LSPAdamW(model) projects: the nn.Linear layers of the decoder
+    (q, k, v, o, gate, up, down); embeddings, norms and lm_head stay dense."""
+    h, i, l, _ = MODELS[name]
+    return [(h, h)] * 4 * l + [(i, h)] * 2 * l + [(h, i)] * l
+
+
+def param_count(name):
+    h, i, l, _ = MODELS[name]
+    return 2 * VOCAB * h + l * (4 * h * h + 3 * h * i + 2 * h) + h
+
+
+def memory_plan(name, d, batch=1, seq=1024, cap_gib=None, context_gib=0.5):
+    """Device bytes of an LSPAdamW run with activation checkpointing, by piece (GiB), with today's
+    buffers: per projected layer an fp32 accumulator of S and an fp32 device copy of the update,
+    dP x dQ each (dP = min(d, m), dQ = min(d, n)). The activation terms are estimates (bf16 model,
+    sdpa attention, transformers' fp32 loss); the GPU run's peak_mem_gib is the measurement.
+    With a cap: the largest d (multiple of 64) whose total stays under cap - context."""
+    h, i, l, _ = MODELS[name]
+    tok = batch * seq
+    shapes = projected_shapes(name)
+    n_dense = param_count(name) - sum(m * n for m, n in shapes)
+
+    def pieces(dd):
+        return {
+            "weights_bf16": 2 * param_count(name),
+            # embedding + lm_head + norms: dense bf16 gradients, held until zero_grad
+            "dense_grads_bf16": 2 * n_dense,
+            # bf16 logits, their fp32 copy, the fp32 log-softmax kept for backward, its fp32 gradient
+            "loss_logits": tok * VOCAB * (2 + 4 + 4 + 4),
+            # the checkpointed input of every decoder layer
+            "checkpointed_inputs": l * tok * h * 2,
+            # one layer recomputed and differentiated: q k v o, gate up act product (bf16, twice for
+            # their gradients) and the wrapped layers' saved X Q (fp32, tokens x dQ, 7 layers)
+            "one_layer_backward": 2 * tok * (4 * h + 4 * i) * 2 + 7 * tok * min(dd, h) * 4,
+            "lsp_acc_and_update_fp32": sum(2 * 4 * min(dd, m) * min(dd, n) for m, n in shapes),
+        }
+
+    pc = pieces(d)
+    out = {"model": name, "params_b": param_count(name) / 1e9, "projected_layers": len(shapes), "d": d,
+           "batch": batch, "seq": seq, "pieces_gib": {k: v / GIB for k, v in pc.items()},
+           "total_gib": sum(pc.values()) / GIB}
+    if cap_gib:
+        budget = (cap_gib - context_gib) * GIB
+        fits = [dd for dd in range(64, 4097, 64) if sum(pieces(dd).values()) <= budget]
+        out.update(cap_gib=cap_gib, context_gib=context_gib, allocatable_gib=budget / GIB,
+                   fits=sum(pc.values()) <= budget, max_d=max(fits) if fits else None)
+    return out
 
 
 def make_optimizer(args, model):
     lr = 1e-5
+    pinned = int(args.pinned_gb * GIB)
     if args.opt == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, fused=args.device == "cuda"), None
     if args.opt == "lsp":
         import lspo
 
-        opt = lspo.LSPAdamW(model, lr=lr, subspace=args.subspace, nnz=args.nnz, record_timeline=bool(args.trace))
+        opt = lspo.LSPAdamW(model, lr=lr, subspace=args.subspace, nnz=args.nnz, record_timeline=bool(args.trace),
+                            pinned_limit_bytes=pinned)
         if not args.no_wrap:
             opt.wrap(model)  # the memory path: no dense weight gradient of a projected layer is ever formed
         return opt, None
     if args.opt == "offload":
         import lspo
 
-        return lspo.OffloadAdamW(model.parameters(), lr=lr, record_timeline=bool(args.trace)), None
+        return lspo.OffloadAdamW(model.parameters(), lr=lr, record_timeline=bool(args.trace),
+                                 pinned_limit_bytes=pinned), None
     if args.opt == "torchao":
         try:
             from torchao.optim import CPUOffloadOptimizer
         except ImportError:
             from torchao.prototype.low_bit_optim import CPUOffloadOptimizer
-        return CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, lr=lr, fused=True), None
+        # offload_gradients: each gradient moves to the host as soon as it is complete (its fair setting
+        # under a memory cap: otherwise every bf16 gradient stays on the card until step())
+        return CPUOffloadOptimizer(model.parameters(), torch.optim.AdamW, offload_gradients=True, lr=lr,
+                                   fused=True), None
     if args.opt == "deepspeed":
         import deepspeed
 
@@ -82,13 +155,13 @@ def make_optimizer(args, model):
         }
         engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
         return opt, engine
-    raise SystemExit(f"unknown optimizer {args.opt}")
+    raise ValueError(f"unknown optimizer {args.opt!r} (adamw, lsp, offload, torchao, deepspeed)")
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="1.3b", choices=sorted(MODELS))
-    ap.add_argument("--opt", required=True)
+    ap.add_argument("--opt", default=None, help="adamw | lsp | offload | torchao | deepspeed")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=6)
@@ -96,68 +169,114 @@ def main():
     ap.add_argument("--subspace", type=int, default=1280)
     ap.add_argument("--nnz", type=int, default=4)
     ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
-    ap.add_argument("--mem-cap-gb", type=float, default=None, help="emulate a smaller card")
+    ap.add_argument("--mem-cap-gb", type=float, default=None, help="emulate a card of this many GiB")
+    ap.add_argument("--cuda-context-gib", type=float, default=0.5,
+                    help="subtracted from --mem-cap-gb: what a real card's CUDA context takes outside the allocator")
+    ap.add_argument("--pinned-gb", type=float, default=16.0,
+                    help="lsp/offload: pinned host buffer budget in GiB (the engine's default, 4, is too small for "
+                         "1.3B full offload and 6.7B LSP; fallbacks are reported in the result)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                     help="cpu: smoke test of this script with the tiny model (no timing value)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny CPU run of the same options: model tiny, seq 32, batch 1, 1+1 steps, d <= 32")
+    ap.add_argument("--plan", action="store_true", help="print memory_plan() for --model/--subspace/--batch/--seq/"
+                                                        "--mem-cap-gb and exit (no run)")
     ap.add_argument("--trace", default=None, help="lsp/offload: write the engine timeline (Chrome trace)")
     ap.add_argument("--no-wrap", action="store_true", help="lsp: compress p.grad in hooks instead of wrapping layers")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if not args.plan and args.opt is None:
+        ap.error("--opt is required (unless --plan)")
+    return args
+
+
+def run(args, res):
+    cuda = args.device == "cuda"
+    if args.mem_cap_gb and cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        alloc = (args.mem_cap_gb - args.cuda_context_gib) * GIB
+        torch.cuda.set_per_process_memory_fraction(alloc / total)
+        res["alloc_cap_gib"] = alloc / GIB
+    t0 = time.perf_counter()
+    model = build_model(args.model, args.seq, args.device)
+    res["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
+    res["param_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+    if cuda:
+        torch.cuda.synchronize()
+        res["build_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+        torch.cuda.reset_peak_memory_stats()  # from here on: optimizer + every iteration, the first included
+    res["build_s"] = time.perf_counter() - t0
+    if args.ckpt:  # (transformers 5.24 renamed it; the device image has 5.17)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.train()
+    opt, engine = make_optimizer(args, model)
+    g = torch.Generator(device=args.device).manual_seed(1)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times, losses = [], []
+    for it in range(args.warmup + args.steps):
+        ids = torch.randint(0, VOCAB, (args.batch, args.seq), device=args.device, generator=g)
+        sync()
+        t0 = time.perf_counter()
+        if engine is not None:
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync()
+        dt = time.perf_counter() - t0
+        losses.append(loss.item())
+        if it >= args.warmup:
+            times.append(dt)
+    res["iter_s"] = statistics.median(times)
+    res["iter_s_min"] = min(times)
+    res["tokens_per_s"] = args.batch * args.seq / res["iter_s"]
+    if cuda:
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / GIB
+        res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    import resource
+    res["peak_cpu_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if hasattr(opt, "engine_stats"):
+        st = opt.engine_stats()
+        res.update(pinned_gib=st["pinned_bytes"] / GIB, pageable_gib=st["pageable_bytes"] / GIB,
+                   pin_fallbacks=st["pin_fallbacks"])
+    if hasattr(opt, "projected_params"):
+        res["projected_layers"] = len(opt.projected_params)
+    if args.trace and hasattr(opt, "timeline_json"):
+        with open(args.trace, "w") as f:
+            f.write(opt.timeline_json())
+    res["loss_first_last"] = [losses[0], losses[-1]]
+    res["ok"] = True
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plan:
+        print(json.dumps(memory_plan(args.model, args.subspace, args.batch, args.seq, args.mem_cap_gb,
+                                     args.cuda_context_gib)))
+        return
     res = {"model": args.model, "opt": args.opt, "batch": args.batch, "seq": args.seq, "ckpt": args.ckpt,
-           "mem_cap_gb": args.mem_cap_gb,
-           "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+           "mem_cap_gb": args.mem_cap_gb}
     if args.opt == "lsp":
         res.update(subspace=args.subspace, nnz=args.nnz)
+    if args.smoke:  # keep the requested configuration in the row, run the tiny one
+        res["smoke"] = True
+        args.model, args.device, args.seq, args.batch, args.steps, args.warmup = "tiny", "cpu", 32, 1, 1, 1
+        args.subspace = min(args.subspace, 32)
+        args.nnz = min(args.nnz, args.subspace)
     try:
-        if args.mem_cap_gb and args.device == "cuda":
-            total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(args.mem_cap_gb * 2**30 / total)
-        model = build_model(args.model, args.seq, args.device)
-        res["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
-        if args.ckpt:
-            model.gradient_checkpointing_enable()
-        model.train()
-        opt, engine = make_optimizer(args, model)
-        g = torch.Generator(device=args.device).manual_seed(1)
-        sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-        times, losses = [], []
-        for it in range(args.warmup + args.steps):
-            ids = torch.randint(0, 32000, (args.batch, args.seq), device=args.device, generator=g)
-            sync()
-            t0 = time.perf_counter()
-            if engine is not None:
-                loss = engine(input_ids=ids, labels=ids).loss
-                engine.backward(loss)
-                engine.step()
-            else:
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            sync()
-            dt = time.perf_counter() - t0
-            losses.append(loss.item())
-            if it >= args.warmup:
-                times.append(dt)
-            if it == 0 and args.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-        res["iter_s"] = statistics.median(times)
-        res["iter_s_min"] = min(times)
-        res["tokens_per_s"] = args.batch * args.seq / res["iter_s"]
-        if args.device == "cuda":
-            res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-        import resource
-        res["peak_cpu_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        if args.trace and hasattr(opt, "timeline_json"):
-            with open(args.trace, "w") as f:
-                f.write(opt.timeline_json())
-        res["loss_first_last"] = [losses[0], losses[-1]]
-        res["ok"] = True
+        res["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        run(args, res)
     except Exception as e:  # report, don't hide: the table shows the failure and its reason
         res["ok"] = False
-        res["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        res["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            res["oom"] = True
         traceback.print_exc(file=sys.stderr)
-    print(json.dumps(res))
+    sys.stdout.flush()
+    print(json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,28 +14,14 @@
 // per-group options (param groups), LR schedulers (get_lr/set_lr), save/load through
 // torch::serialize archives (torch::save(opt, path) / torch::load(opt, path)).
 //
-// The step, in order (one call of step()):
-//   1. every gradient's fp32 norm; any non-finite one skips the whole step (weights, moments, step
-//      counts and projectors untouched; last_step_skipped() is true, skipped_steps() counts);
-//   2. per parameter, in registration (forward) order, on the caller's thread: LSP refit when due,
-//      compress (projected) or take the dense gradient (others), copy to the slot's host buffer,
-//      submit the Adam job to the worker thread;
-//   3. global clipping when max_grad_norm > 0 (see below): a coefficient < 1 is folded into the
-//      kernel's grad_scale;
-//   4. per parameter, in forward order: wait for its Adam job, commit, write back (copy the new
-//      weights / apply weight decay and P u Q^T).
-// Overlap: with overlap = true the worker's Adam of parameter k runs while the caller compresses
-// and copies parameters k+1.. (step 2, without clipping) and while it writes back parameters < k
-// (step 4). With clipping on, jobs are submitted once the norm is known (after step 2), so only
-// step 4 overlaps. overlap = false runs every Adam job inline: the serial reference schedule, which
-// gives bitwise the same results. (The Python optimizers also overlap with backward through
-// gradient hooks; in C++ everything happens inside step().) Host<->device copies are synchronous.
-//
-// Clipping (max_grad_norm > 0) uses the global L2 norm over the dense gradients of the
-// non-projected parameters and over the compressed gradients S of the projected ones (S is what
-// Adam consumes; G itself is never clipped), as torch::nn::utils::clip_grad_norm_ does: per-tensor
-// fp32 norms, their L2 norm `total`, coefficient max_grad_norm / (total + 1e-6) when below 1.
-// last_grad_norm() reports `total` (before clipping).
+// The step is lspo::OptimizerCore's (optim_core.h), the same code the Python optimizers run: the
+// global norm (dense gradients, and the compressed S of projected parameters), the non-finite skip,
+// refits on the step's whole dense gradient, clipping folded into the kernel's grad_scale,
+// speculation commit or recompute, and the write-back (weights copied in / W += P u Q^T).
+// overlap = false runs every Adam job inline: the serial reference schedule, bitwise the same.
+// Clipping (max_grad_norm > 0) uses the global L2 norm as torch::nn::utils::clip_grad_norm_ does:
+// per-tensor fp32 norms, their L2 norm `total`, coefficient max_grad_norm / (total + 1e-6) when
+// below 1. last_grad_norm() reports `total` (before clipping).
 #pragma once
 #include <torch/torch.h>
 
@@ -48,6 +34,7 @@
 #include <vector>
 
 #include "lspo/engine.h"
+#include "lspo/optim_core.h"
 #include "lspo/projector.h"
 
 namespace lspo {
@@ -116,18 +103,34 @@ struct OffloadParamState : public torch::optim::OptimizerCloneableParamState<Off
   TORCH_ARG(torch::Tensor, master);      // fp32 host master (undefined for projected parameters)
 };
 
-// The shared machinery of OffloadAdamW and LSPAdamW.
+// The shared machinery of OffloadAdamW and LSPAdamW: a face over lspo::OptimizerCore (optim_core.h),
+// the same core the Python optimizers drive. Gradient hooks are registered from C++ (post-accumulate-
+// grad hooks: each gradient reaches the core as soon as backward completes it, and the worker's Adam
+// overlaps the rest of backward); gradients assigned without backward are taken in step().
 class OffloadOptimizerBase : public torch::optim::Optimizer {
  public:
   ~OffloadOptimizerBase() override;
   torch::Tensor step(LossClosure closure = nullptr) override;
+  // Also forgets compressed gradients accumulated since the last step (LSP).
+  void zero_grad(bool set_to_none = true);
+  // torch::save(opt, path) / torch::load(opt, path): the archive holds the checkpoint dict below.
   void save(torch::serialize::OutputArchive& archive) const override;
   void load(torch::serialize::InputArchive& archive) override;
+  // The checkpoint as the Python face's state_dict() (a torch.save file: torch.load(path,
+  // weights_only=True) + opt.load_state_dict() reads it in Python, and the reverse).
+  void save_checkpoint(const std::string& path) const;
+  void load_checkpoint(const std::string& path);
+  c10::IValue checkpoint() const;
+  void load_checkpoint(const c10::IValue& checkpoint);
 
-  bool last_step_skipped() const { return last_step_skipped_; }
-  int64_t skipped_steps() const { return skipped_steps_; }
-  double last_grad_norm() const { return last_grad_norm_; }  // NaN when the last step was skipped
-  int64_t refits() const { return refits_; }                  // projector refits done so far
+  // AMP: gradients are scaled by `scale` (a loss scaler's); the kernel unscales while it reads, and
+  // a non-finite gradient skips the step (the scaler then backs off). nullopt: unscaled gradients.
+  void set_grad_scale(std::optional<double> scale) { grad_scale_ = scale; }
+
+  bool last_step_skipped() const { return core_->last_step_skipped(); }
+  int64_t skipped_steps() const { return core_->skipped_steps(); }
+  double last_grad_norm() const { return core_->last_grad_norm(); }  // NaN when the last step was skipped
+  int64_t refits() const;                                             // projector refits done so far
 
   // Per-parameter introspection (lspo::Error for a tensor the optimizer does not hold).
   int64_t step_count(const torch::Tensor& param) const;
@@ -135,12 +138,13 @@ class OffloadOptimizerBase : public torch::optim::Optimizer {
   torch::Tensor exp_avg(const torch::Tensor& param) const;     // copies of the committed state
   torch::Tensor exp_avg_sq(const torch::Tensor& param) const;
   torch::Tensor master(const torch::Tensor& param) const;      // undefined for projected params
-  const SparseProjector& row_projector(const torch::Tensor& param) const;  // P (projected only)
-  const SparseProjector& col_projector(const torch::Tensor& param) const;  // Q
+  SparseProjector row_projector(const torch::Tensor& param) const;  // P (projected only)
+  SparseProjector col_projector(const torch::Tensor& param) const;  // Q
 
-  EngineStats engine_stats() const { return engine_->stats(); }
-  std::string timeline_json() const { return engine_->timeline_json(); }
-  void clear_timeline() { engine_->clear_timeline(); }
+  EngineStats engine_stats() const { return core_->engine().stats(); }
+  std::string timeline_json() const { return core_->engine().timeline_json(); }
+  void clear_timeline() { core_->engine().clear_timeline(); }
+  OptimizerCore& core() { return *core_; }
 
  protected:
   struct Hyper {
@@ -163,23 +167,16 @@ class OffloadOptimizerBase : public torch::optim::Optimizer {
   void sync_slots();
 
  private:
-  struct ParamSlot;
-  const ParamSlot& slot_of(const torch::Tensor& param, const char* fn) const;
-  void refresh_state(ParamSlot& s);
-  void refit_if_due(ParamSlot& s, const torch::Tensor& grad, const Hyper& h);
-  AdamConfig adam_config(const ParamSlot& s, const Hyper& h, double grad_scale) const;
-  void write_back(ParamSlot& s, const Hyper& h);
+  int64_t slot_of(const torch::Tensor& param, const char* fn) const;
+  void sync_groups();
+  void refresh_state();
 
   std::string name_;
-  Global global_;
-  std::unique_ptr<OffloadEngine> engine_;
-  std::vector<std::unique_ptr<ParamSlot>> slots_;
-  std::unordered_map<const void*, size_t> index_;  // TensorImpl* -> slots_ index
-  int64_t num_projected_ = 0;
-  bool last_step_skipped_ = false;
-  int64_t skipped_steps_ = 0;
-  double last_grad_norm_ = 0;
-  int64_t refits_ = 0;
+  std::shared_ptr<OptimizerCore> core_;
+  std::vector<torch::Tensor> params_;                 // registration order == core slots
+  std::unordered_map<const void*, int64_t> index_;    // TensorImpl* -> slot
+  std::vector<size_t> group_of_;                      // slot -> param group
+  std::optional<double> grad_scale_;
 };
 
 class OffloadAdamW : public OffloadOptimizerBase {
@@ -203,6 +200,10 @@ class LSPAdamW : public OffloadOptimizerBase {
  protected:
   Hyper hyper(const torch::optim::OptimizerOptions& options) const override;
 };
+
+// Writes a plain value (dicts, lists, tuples, tensors, numbers, strings) as a torch.save file that
+// torch.load(path, weights_only=True) reads; atomically (a temporary file renamed into place).
+void save_torch_file(const c10::IValue& value, const std::string& path);
 
 // Parameter groups for LSPAdamW from a module, by the Python lspo.LSPAdamW(module) rule: group 0
 // holds the weights of torch::nn::Linear layers that are not tied to (the same tensor as) an

@@ -123,8 +123,29 @@ class CPUAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         # torch.optim.Optimizer casts floating-point state to the parameter's dtype; lspo's state is
         # fp32 whatever the parameter dtype, so keep the saved tensors and re-attach them after.
+        # A checkpoint of torch.optim.AdamW / Adam (same math) is converted: its groups have no
+        # adamw_mode / bias_correction; decoupled_weight_decay tells AdamW from Adam.
         saved_state = state_dict.get("state", {})
         saved_groups = state_dict.get("param_groups", [])
+        groups = []
+        for gi, g in enumerate(saved_groups):
+            g = dict(g)
+            if g.get("amsgrad", False):
+                raise ValueError(f"CPUAdamW.load_state_dict: group {gi} was saved with amsgrad=True; CPUAdamW has no "
+                                 "AMSGrad (its max_exp_avg_sq state would be dropped)")
+            for k in ("capturable", "differentiable"):
+                if g.get(k, False):
+                    raise ValueError(f"CPUAdamW.load_state_dict: group {gi} was saved with {k}=True (not supported)")
+            if "adamw_mode" not in g:
+                if "decoupled_weight_decay" not in g:
+                    raise ValueError(f"CPUAdamW.load_state_dict: group {gi} has neither 'adamw_mode' (lspo) nor "
+                                     "'decoupled_weight_decay' (torch.optim.Adam/AdamW): cannot tell decoupled weight "
+                                     "decay from an L2 penalty")
+                g["adamw_mode"] = bool(g["decoupled_weight_decay"])
+            g.setdefault("bias_correction", True)
+            g.setdefault("maximize", False)
+            groups.append(g)
+        state_dict = dict(state_dict, param_groups=groups)
         super().load_state_dict(state_dict)
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

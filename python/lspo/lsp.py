@@ -1,103 +1,59 @@
-"""``lspo.LSPAdamW``: LSP-Offload's learned sparse projectors over lspo's offload engine.
+"""``lspo.LSPAdamW``: LSP-Offload's learned sparse projectors, the Python face of lspo's optimizer core.
 
-Every projected weight ``W [m, n]`` (gradient ``G``, same shape) owns a pair of
+Every projected weight ``W [m, n]`` (gradient ``G``) owns a pair of
 :class:`~lspo.projector.SparseProjector` (``P`` for its rows, ``Q`` for its columns, ``dP = min(d, m)``,
-``dQ = min(d, n)``, ``r`` nonzeros a row). Per step and layer:
+``dQ = min(d, n)``, ``r`` nonzeros a row). Per step and layer, all inside the C++ core:
 
-1. backward (a post-accumulate-grad hook): ``S += P^T G Q`` on G's device, then ``p.grad = None`` --
-   the dense gradient lives for one layer only;
+1. backward (a post-accumulate-grad hook, one call into the core): ``S += P^T G Q`` on G's device,
+   ``p.grad = None`` -- the dense gradient lives for one layer only;
 2. ``S`` (``dP x dQ`` fp32) goes to a host buffer (pinned, copy stream, for CUDA) and the engine's
    worker thread runs the fused Adam on it in the compressed space, speculatively, overlapped with
-   the rest of backward (moments-only: the output is the update ``u = -lr * m_hat/(sqrt(v_hat)+eps)``);
-3. ``step()`` commits (or recomputes, exactly as :class:`~lspo.OffloadAdamW` does when clipping, AMP,
-   lr or accumulation change the inputs), uploads ``u`` and applies, on W's device and in W's dtype:
-   ``W *= 1 - lr * weight_decay`` (if any), then ``W += P u Q^T`` (``lspo.projector.apply_``: no
-   dense fp32 temporary).
+   the rest of backward (the output is the update ``u = -lr * m_hat/(sqrt(v_hat)+eps)``);
+3. ``step()`` commits (or recomputes, when clipping, AMP, lr or accumulation change the inputs),
+   uploads ``u`` and applies, on W's device and in W's dtype: ``W *= 1 - lr * weight_decay`` (if any),
+   then ``W += P u Q^T`` (no dense fp32 temporary).
 
-Projector learning: at steps ``t = 1, 1 + refit_every, 1 + 2 refit_every, ...`` the first gradient
-of the step is a sample; when ``e = ||P P^T G Q Q^T - G|| / ||G||`` exceeds ``refit_threshold`` the
-projectors' values are refitted on it (``lspo.projector.fit``, ``refit_iters`` Adam iterations,
-positions fixed) and the Adam moments are carried into the new subspace
-(``M <- P'^T P M Q^T Q'``, V with squared maps). ``refits`` records every refit.
+Projector learning: steps ``t = 1, 1 + refit_every, ...`` are refit steps. On a refit step the
+projected layers keep their dense gradient through all the step's micro-batches; ``step()`` measures
+``e = ||P P^T G Q Q^T - G|| / ||G||`` on that whole accumulated gradient and, when it exceeds
+``refit_threshold``, refits the projectors' values on it (``refit_iters`` Adam iterations, positions
+fixed), carries the Adam moments into the new subspace (``M <- P'^T P M Q^T Q'``, V with squared
+maps) and then compresses. So gradient accumulation gives the same result as one big batch, refits
+included, and a skipped step never refits. ``refits`` records every check.
 
 Which parameters are projected: given a module, the weights of ``nn.Linear`` (and transformers'
 GPT-2 ``Conv1D``) layers whose both dimensions are ``>= min_dim`` (default: ``subspace``), except a
 weight tied to an ``nn.Embedding`` and the output head (a layer named ``lm_head``/``embed_out``/
-``output_layer``). Given parameters, every 2-D parameter with both dimensions
-``>= min_dim``. A param group may force it with ``"project": True/False``. Every other parameter
-(embeddings, norms, biases, lm_head, small matrices) gets :class:`~lspo.OffloadAdamW`'s full-offload
-AdamW: fp32 master and moments in host memory, the CPU Adam on the worker thread.
+``output_layer``). Given parameters or param groups (e.g. from HF ``Trainer``), the same rule, with
+the module found from the parameters (every ``nn.Module`` alive is searched for the smallest one
+holding them all); if none holds them, every 2-D parameter with both dimensions ``>= min_dim``. A
+param group may force it with ``"project": True/False``. Parameters that do not require grad are
+never projected. Every other parameter gets :class:`~lspo.OffloadAdamW`'s full-offload AdamW.
 
 Semantics to know:
 
-* Gradient accumulation works (compression is linear: ``S`` accumulates over micro-batches).
-  ``zero_grad()`` also clears the accumulated ``S``.
 * ``p.grad`` of a projected weight is ``None`` after backward: clip with ``max_grad_norm`` (global
   L2 norm over the dense gradients of the other parameters and the compressed ``S`` of the projected
-  ones -- the gradients Adam actually sees), not with ``torch.nn.utils.clip_grad_norm_``, which would
-  not see the projected layers.
+  ones -- the gradients Adam actually sees), not with ``torch.nn.utils.clip_grad_norm_`` (or HF
+  Trainer's ``max_grad_norm``), which cannot see the projected layers: lspo warns once when it sees
+  gradients modified between backward and ``step()`` while projected layers exist.
 * AMP: ``scaler.step(optimizer)`` works (the kernel unscales while it reads); calling
-  ``scaler.unscale_(optimizer)`` first raises an error (the compressed gradients cannot be unscaled
-  behind the optimizer's back).
+  ``scaler.unscale_(optimizer)`` first raises an error.
 * A non-finite gradient (in any dense gradient or any ``S``) skips the step: weights, moments,
   projectors and step counts stay untouched.
 * Updates are applied in the weight's dtype: with bf16 weights, updates smaller than half a bf16 ulp
-  of the weight round away (as in any pure-bf16 training); keep projected weights fp32 where that
-  matters.
+  of the weight round away (as in any pure-bf16 training).
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Iterable, Optional
+import gc
+import warnings
+from typing import Any, Optional
 
 import torch
 
-from . import _C
 from . import projector as lp
-from .optim import OffloadAdamW, _Slot, eng_name
-
-
-class _LspSlot(_Slot):
-    __slots__ = ("P", "Q", "acc", "acc_count", "u_dev", "backup", "layer")
-
-    def __init__(self, index: int, param: torch.Tensor, group: dict, P: lp.SparseProjector, Q: lp.SparseProjector):
-        super().__init__(index, param, group)
-        self.P, self.Q = P, Q
-        self.acc = torch.zeros(P.d, Q.d, dtype=torch.float32, device=param.device)  # accumulated S
-        self.acc_count = 0
-        self.u_dev = None
-        self.backup = None  # (P values, Q values, M, V) before this step's refit: restored on a skip
-        self.layer = None  # its _LspLayer, once a wrapped module asked for one
-
-
-class _LspLayer:
-    """The handle a wrapped layer (lspo/wrap.py) talks to: ``P``, ``Q``, ``dense_this_step()``,
-    ``accept(S)``. (Adapter over the slot until the C++ core provides the handle.)
-    ``dense_this_step()`` only reads a plain bool, refreshed by the optimizer whenever the refit
-    schedule or the accumulation count change, so torch.compile can guard on it."""
-    __slots__ = ("_opt", "_slot", "_dense")
-
-    def __init__(self, opt: "LSPAdamW", slot: "_LspSlot"):
-        self._opt, self._slot = opt, slot
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self._dense = self._opt._refit_pending(self._slot.param)
-
-    @property
-    def P(self) -> lp.SparseProjector:
-        return self._slot.P
-
-    @property
-    def Q(self) -> lp.SparseProjector:
-        return self._slot.Q
-
-    def dense_this_step(self) -> bool:
-        return self._dense
-
-    def accept(self, S: torch.Tensor) -> None:
-        self._opt._accept_compressed(self._slot.param, S=S)
-
+from .optim import OffloadAdamW
 
 _HEAD_NAMES = ("lm_head", "embed_out", "output_layer")
 
@@ -106,15 +62,65 @@ def _is_conv1d(m: torch.nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
+def _eligible_weights(mod: torch.nn.Module) -> set:
+    """ids of the weights the module rule projects (size permitting)."""
+    tied = {id(m.weight) for m in mod.modules() if isinstance(m, torch.nn.Embedding)}
+    return {id(m.weight) for name, m in mod.named_modules()
+            if (isinstance(m, torch.nn.Linear) or _is_conv1d(m)) and id(m.weight) not in tied
+            and name.rsplit(".", 1)[-1] not in _HEAD_NAMES}
+
+
+def _owning_module(params: list) -> Optional[torch.nn.Module]:
+    """The smallest live ``nn.Module`` whose parameters include all of ``params`` (None if none)."""
+    want = {id(p) for p in params}
+    best, best_n = None, None
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.nn.Module) or not obj._parameters and not obj._modules:
+            continue
+        try:
+            ids = {id(p) for p in obj.parameters()}
+        except Exception:  # a half-built module
+            continue
+        if want <= ids and (best_n is None or len(ids) < best_n):
+            best, best_n = obj, len(ids)
+    return best
+
+
+class _LayerHandle:
+    """What a wrapped layer (``lspo.wrap``) talks to: ``P``, ``Q``, ``dense_this_step()``, ``accept(S)``.
+    Refreshed by the optimizer after each step, so a forward costs no call into the core."""
+
+    __slots__ = ("_core", "slot", "P", "Q", "_dense")
+
+    def __init__(self, core, slot: int):
+        self._core, self.slot = core, slot
+        self._dense = bool(core.dense_this_step(slot))
+        self.refresh()
+
+    def refresh(self) -> None:
+        pi, pv, pd, qi, qv, qd = self._core.projectors(self.slot)
+        self.P = lp.SparseProjector(pi, pv, pd, validate=False)
+        self.Q = lp.SparseProjector(qi, qv, qd, validate=False)
+
+    def dense_this_step(self) -> bool:
+        return self._dense
+
+    def accept(self, S: torch.Tensor) -> None:
+        self._core.on_compressed(self.slot, S)
+
+
 class LSPAdamW(OffloadAdamW):
     """AdamW in learned sparse subspaces (LSP-Offload) for the big matrices, full-offload AdamW for
     the rest; a drop-in ``torch.optim.Optimizer``. See the module documentation for the semantics.
 
     ``subspace`` (d) and ``nnz`` (r) set the projectors; ``refit_every`` / ``refit_threshold`` /
-    ``refit_iters`` / ``refit_lr`` their learning; ``seed`` their random positions and initial
-    values (layer i uses ``seed + 2 i`` and ``seed + 2 i + 1``). ``max_grad_norm``, ``overlap``,
-    ``record_timeline`` and ``pinned_limit_bytes`` are as for :class:`~lspo.OffloadAdamW`.
+    ``refit_iters`` / ``refit_lr`` their learning (per group too); ``seed`` their random positions and
+    initial values (projected parameter k uses ``seed + 2 k`` and ``seed + 2 k + 1``).
+    ``max_grad_norm``, ``overlap``, ``record_timeline`` and ``pinned_limit_bytes`` are as for
+    :class:`~lspo.OffloadAdamW`.
     """
+
+    _kind = "LSPAdamW"
 
     def __init__(self, params_or_module: Any, lr: float = 1e-4, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, subspace: int = 512, nnz: int = 8, refit_every: int = 100,
@@ -125,12 +131,8 @@ class LSPAdamW(OffloadAdamW):
             raise ValueError(f"LSPAdamW: subspace must be an int >= 1, got {subspace!r}")
         if not (isinstance(nnz, int) and 1 <= nnz <= subspace):
             raise ValueError(f"LSPAdamW: nnz must be an int in [1, subspace={subspace}], got {nnz!r}")
-        if not (isinstance(refit_every, int) and refit_every >= 0):
-            raise ValueError(f"LSPAdamW: refit_every must be an int >= 0 (0: never refit), got {refit_every!r}")
-        if not refit_threshold >= 0.0:
-            raise ValueError(f"LSPAdamW: refit_threshold must be >= 0, got {refit_threshold}")
-        if not (isinstance(refit_iters, int) and refit_iters >= 1):
-            raise ValueError(f"LSPAdamW: refit_iters must be an int >= 1, got {refit_iters!r}")
+        self._check_refit(dict(refit_every=refit_every, refit_threshold=refit_threshold, refit_iters=refit_iters,
+                               refit_lr=refit_lr))
         self.subspace, self.nnz = subspace, nnz
         self.min_dim = subspace if min_dim is None else int(min_dim)
         if self.min_dim < nnz:
@@ -138,162 +140,87 @@ class LSPAdamW(OffloadAdamW):
         self.refit_every, self.refit_threshold = refit_every, float(refit_threshold)
         self.refit_iters, self.refit_lr = refit_iters, float(refit_lr)
         self.seed = int(seed)
-        self.refits: list[dict] = []
-        self._n_projected = 0
-        self._eligible: Optional[set] = None
+        self._handles: dict = {}
+        self._refits: list = []
         if isinstance(params_or_module, torch.nn.Module):
             mod = params_or_module
-            embs = [m.weight for m in mod.modules() if isinstance(m, torch.nn.Embedding)]
-            tied = {id(w) for w in embs}
-            self._eligible = {
-                id(m.weight) for name, m in mod.named_modules()
-                if (isinstance(m, torch.nn.Linear) or _is_conv1d(m)) and id(m.weight) not in tied
-                # an untied output head stays dense, like the embedding
-                and name.rsplit(".", 1)[-1] not in _HEAD_NAMES}
-            params = [p for p in mod.parameters()]
+            params = list(mod.parameters())
         else:
-            params = params_or_module
+            params = list(params_or_module)
+            flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+            flat = [p for p in flat if isinstance(p, torch.Tensor)]
+            mod = _owning_module(flat) if flat else None
+        self._eligible = _eligible_weights(mod) if mod is not None else None
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                         overlap=overlap, record_timeline=record_timeline, pinned_limit_bytes=pinned_limit_bytes)
+                         overlap=overlap, record_timeline=record_timeline, pinned_limit_bytes=pinned_limit_bytes,
+                         seed=seed)
+        self.defaults.update(refit_every=refit_every, refit_threshold=float(refit_threshold), refit_iters=refit_iters,
+                             refit_lr=float(refit_lr))
+
+    @staticmethod
+    def _check_refit(g: dict) -> None:
+        k = g.get("refit_every", 0)
+        if not (isinstance(k, int) and k >= 0):
+            raise ValueError(f"LSPAdamW: refit_every must be an int >= 0 (0: never refit), got {k!r}")
+        if not g.get("refit_threshold", 0.0) >= 0.0:
+            raise ValueError(f"LSPAdamW: refit_threshold must be >= 0, got {g['refit_threshold']}")
+        it = g.get("refit_iters", 1)
+        if not (isinstance(it, int) and it >= 1):
+            raise ValueError(f"LSPAdamW: refit_iters must be an int >= 1, got {it!r}")
+        if not g.get("refit_lr", 1.0) > 0.0:
+            raise ValueError(f"LSPAdamW: refit_lr must be > 0, got {g['refit_lr']}")
 
     # ---------------------------------------------------------------- registration
-    def _projected(self, p: torch.Tensor, group: dict) -> bool:
+    def _projection(self, p: torch.Tensor, group: dict) -> tuple:
         force = group.get("project")
-        big = p.dim() == 2 and min(p.shape) >= self.min_dim
         if force is not None:
             if force and not (p.dim() == 2 and min(p.shape) >= self.nnz):
                 raise ValueError(f"LSPAdamW: cannot project a parameter of shape {tuple(p.shape)} "
                                  f"(need 2-D with both dims >= nnz={self.nnz})")
-            return bool(force)
-        if self._eligible is not None and id(p) not in self._eligible:
-            return False
-        return big and p.requires_grad
-
-    def _register(self, p: torch.Tensor, group: dict) -> None:
-        if not self._projected(p, group):
-            return super()._register(p, group)
-        if p.dtype not in (torch.float32, torch.bfloat16):
+            on = bool(force)
+        else:
+            big = p.dim() == 2 and min(p.shape) >= self.min_dim
+            on = big and p.requires_grad and (self._eligible is None or id(p) in self._eligible)
+        if on and p.dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"LSPAdamW: a projected parameter must be float32 or bfloat16, got {p.dtype}")
-        if p in self._slots:
-            raise ValueError("LSPAdamW: a parameter appears in more than one group")
-        m, n = p.shape
-        i = self._n_projected
-        self._n_projected += 1
-        P = lp.SparseProjector.random(m, min(self.subspace, m), self.nnz, self.seed + 2 * i, device=p.device)
-        Q = lp.SparseProjector.random(n, min(self.subspace, n), self.nnz, self.seed + 2 * i + 1, device=p.device)
-        idx = self._engine.add_slot(f"lsp{i}:{tuple(p.shape)}->{P.d}x{Q.d}", None, P.d * Q.d, torch.float32,
-                                    torch.float32, len(self._slots))
-        s = _LspSlot(idx, p, group, P, Q)
-        self._slots[p] = s
-        s.hook = p.register_post_accumulate_grad_hook(self._on_grad)
-        self._refresh_state(p)
+        return on, self.subspace, self.nnz
 
-    def _refresh_state(self, p: torch.Tensor) -> None:
-        s = self._slots[p]
-        if not isinstance(s, _LspSlot):
-            return super()._refresh_state(p)
-        st = self.state[p]
-        if "step" not in st:
-            st["step"] = torch.tensor(0.0)
-        shape = (s.P.d, s.Q.d)
-        st["exp_avg"] = self._engine.exp_avg(s.index).view(shape)
-        st["exp_avg_sq"] = self._engine.exp_avg_sq(s.index).view(shape)
-        st["proj_P_indices"], st["proj_P_values"] = s.P.indices, s.P.values
-        st["proj_Q_indices"], st["proj_Q_values"] = s.Q.indices, s.Q.values
-        self._refresh_layer(s)  # the step count moved (or was loaded)
+    def _group_tuple(self, g: dict) -> tuple:
+        self._check_refit(g)
+        t = super()._group_tuple(g)
+        return t[:5] + (int(g.get("refit_every", self.refit_every)), float(g.get("refit_threshold", self.refit_threshold)),
+                        int(g.get("refit_iters", self.refit_iters)), float(g.get("refit_lr", self.refit_lr)))
 
     @property
     def projected_params(self) -> list:
         """The parameters LSPAdamW projects (the others get full-offload AdamW)."""
-        return [s.param for s in self._slots.values() if isinstance(s, _LspSlot)]
+        return [p for p, i in self._index.items() if self._core.is_projected(i)]
 
     def projectors(self, p: torch.Tensor) -> tuple:
-        """``(P, Q)`` of a projected parameter."""
-        s = self._slots[p]
-        if not isinstance(s, _LspSlot):
+        """``(P, Q)`` of a projected parameter (the current values)."""
+        i = self._index.get(p)
+        if i is None or not self._core.is_projected(i):
             raise KeyError("LSPAdamW.projectors: this parameter is not projected")
-        return s.P, s.Q
+        pi, pv, pd, qi, qv, qd = self._core.projectors(i)
+        return lp.SparseProjector(pi, pv, pd, validate=False), lp.SparseProjector(qi, qv, qd, validate=False)
 
-    # ---------------------------------------------------------------- backward: compress, refit
-    def _refit_pending(self, p: torch.Tensor) -> bool:
-        """The next gradient of ``p`` is a refit sample: the first micro-batch of a refit step."""
-        step = int(self.state[p]["step"].item()) + 1
-        return self.refit_every > 0 and (step - 1) % self.refit_every == 0 and self._slots[p].acc_count == 0
+    @property
+    def refits(self) -> list:
+        """Every refit check: ``{"step", "param", "error_before", "refit", "error_after", "seconds"}``."""
+        self._refits.extend(self._core.refits(len(self._refits)))
+        return self._refits
 
-    def _refit(self, s: _LspSlot, G: Any, step: int) -> None:
-        eng = self._engine
-        t0 = eng.now_us()
-        try:
-            e = lp.relative_error(s.P, s.Q, [G])
-        except _C.LspoError:  # a non-finite sample: no refit (the step will be skipped anyway)
-            e = math.nan
-        rec = {"step": step, "param": eng_name(s), "error_before": e, "refit": e > self.refit_threshold}
-        if rec["refit"]:
-            P_old = lp.SparseProjector(s.P.indices.cpu(), s.P.values.cpu().clone(), s.P.d, validate=False)
-            Q_old = lp.SparseProjector(s.Q.indices.cpu(), s.Q.values.cpu().clone(), s.Q.d, validate=False)
-            res = lp.fit(s.P, s.Q, [G], lr=self.refit_lr, max_iters=self.refit_iters)
-            rec["error_after"] = res["error_after"]
-            eng.wait(s.index)
-            M = eng.exp_avg(s.index).view(s.P.d, s.Q.d)
-            V = eng.exp_avg_sq(s.index).view(s.P.d, s.Q.d)
-            s.backup = (P_old.values, Q_old.values, M.clone(), V.clone())
-            if step > 1:  # carry the committed moments into the new subspace (host, in place)
-                lp.carry_state(P_old, Q_old, s.P.to("cpu"), s.Q.to("cpu"), M, V)
-        self.refits.append(rec)
-        eng.add_event("refit", eng_name(s), 0, t0, eng.now_us())
-
-    @torch.compiler.disable  # a gradient hook: never traced (a compiled caller's backward runs it)
-    @torch.no_grad()
-    def _on_grad(self, p: torch.Tensor) -> None:
-        s = self._slots[p]
-        if not isinstance(s, _LspSlot):
-            return super()._on_grad(p)
-        g = p.grad
-        if g is None:
-            return
-        if g.is_sparse:
-            raise RuntimeError("LSPAdamW does not support sparse gradients")
-        self._accept_compressed(p, sample=g)
-        p.grad = None  # the dense gradient is not needed any more
-
-    @torch.no_grad()
-    def _accept_compressed(self, p: torch.Tensor, S: Optional[torch.Tensor] = None, sample: Any = None) -> None:
-        """One micro-batch's gradient of a projected parameter: its compressed form ``S``, or a sample
-        (dense G, or an activation pair (X, dY) with G = X^T dY) to refit on and compress."""
-        s = self._slots[p]
-        eng = self._engine
-        step = int(self.state[p]["step"].item()) + 1
-        if sample is not None and self._refit_pending(p):
-            self._refit(s, sample, step)
-        t0 = eng.now_us()
-        if S is None:
-            S = lp.compress(s.P, s.Q, sample) if isinstance(sample, torch.Tensor) else \
-                lp.compress_activations(s.P, s.Q, *sample)
-        if s.acc_count == 0:
-            s.acc.copy_(S)
-        else:
-            s.acc.add_(S)
-        s.acc_count += 1
-        if not s.acc.is_cuda:
-            eng.add_event("compress", eng_name(s), 0, t0, eng.now_us())
-        s.grad_seen = None
-        if eng.overlap:
-            self._copy_grad(s, s.acc)
-            self._submit(s, self._key(s, step, self._spec_scale))
-        self._refresh_layer(s)
-
-    def _refresh_layer(self, s: _LspSlot) -> None:
-        if s.layer is not None:
-            s.layer._refresh()
-
-    def _layer(self, p: torch.Tensor) -> _LspLayer:
-        """The handle of a projected parameter's layer, for ``lspo.wrap`` (one per parameter)."""
-        s = self._slots.get(p)
-        if not isinstance(s, _LspSlot):
-            raise KeyError("LSPAdamW._layer: this parameter is not projected")
-        if s.layer is None:
-            s.layer = _LspLayer(self, s)
-        return s.layer
+    # ---------------------------------------------------------------- the wrap path
+    def _layer(self, p: torch.Tensor) -> _LayerHandle:
+        """The handle a wrapped layer of weight ``p`` uses (see ``lspo.wrap``)."""
+        i = self._index.get(p)
+        if i is None or not self._core.is_projected(i):
+            raise KeyError("LSPAdamW: this weight is not projected")
+        h = self._handles.get(i)
+        if h is None:
+            self._sync_groups()  # dense_this_step needs the groups' refit options
+            h = self._handles[i] = _LayerHandle(self._core, i)
+        return h
 
     def wrap(self, model: torch.nn.Module) -> int:
         """The memory path: re-classes ``model``'s projected ``nn.Linear`` / ``Conv1D`` layers so their
@@ -302,107 +229,30 @@ class LSPAdamW(OffloadAdamW):
         from .wrap import wrap_linear
         return wrap_linear(model, self)
 
-    # ---------------------------------------------------------------- step policy
-    def _has_grad(self, s: _Slot) -> bool:
-        if isinstance(s, _LspSlot):
-            return s.acc_count > 0
-        return super()._has_grad(s)
+    def _after_step(self, dense_next: list, n_refits: int) -> None:
+        if not self._handles:
+            return
+        dense = set(dense_next)
+        changed = n_refits != getattr(self, "_seen_refits", 0)
+        self._seen_refits = n_refits
+        for i, h in self._handles.items():
+            h._dense = i in dense
+            if changed:
+                h.refresh()
 
-    def _grad_src(self, s: _Slot) -> torch.Tensor:
-        return s.acc if isinstance(s, _LspSlot) else super()._grad_src(s)
+    def _after_load(self) -> None:
+        self._sync_groups()
+        for i, h in self._handles.items():
+            h._dense = bool(self._core.dense_this_step(i))
+            h.refresh()
 
-    def _key(self, s: _Slot, step: int, grad_scale: float) -> tuple:
-        key = super()._key(s, step, grad_scale)
-        if isinstance(s, _LspSlot):  # weight decay is applied to W on its device, not in the subspace
-            key = key[:5] + (0.0,) + key[6:]
-        return key
-
-    def _check_amp(self, live: list, amp_scale, found_inf) -> None:
-        if amp_scale is None and found_inf is not None and any(isinstance(s, _LspSlot) for s in live):
-            raise RuntimeError(
-                "LSPAdamW: GradScaler.unscale_(optimizer) before step() is not supported: the projected layers' "
-                "gradients are compressed during backward. Call scaler.step(optimizer) directly and clip with "
-                "LSPAdamW(max_grad_norm=...)")
-
-    def _drop(self, s: _Slot) -> None:
-        if isinstance(s, _LspSlot):
-            s.acc_count = 0
-            s.grad_seen = None
-            if s.backup is not None:  # undo this step's refit: projectors and moments as they were
-                pv, qv, M, V = s.backup
-                s.P.values.copy_(pv)
-                s.Q.values.copy_(qv)
-                self._engine.exp_avg(s.index).copy_(M.reshape(-1))
-                self._engine.exp_avg_sq(s.index).copy_(V.reshape(-1))
-                s.backup = None
-            self._refresh_layer(s)
-
-    def _finish(self, s: _Slot) -> None:
-        if not isinstance(s, _LspSlot):
-            return super()._finish(s)
-        p = s.param
-        u = self._engine.out_buffer(s.index).view(s.P.d, s.Q.d)
-        if p.is_cuda:
-            if s.u_dev is None:
-                s.u_dev = torch.empty(s.P.d, s.Q.d, dtype=torch.float32, device=p.device)
-            self._upload(s, u, s.u_dev)
-            u = s.u_dev
-        t0 = self._engine.now_us()
-        wd = float(s.group["weight_decay"])
-        with torch.no_grad():
-            if wd != 0.0:
-                p.mul_(1.0 - float(s.group["lr"]) * wd)
-            lp.apply_(p.data, s.P, s.Q, u, 1.0)
-        if not p.is_cuda:
-            self._engine.add_event("apply", eng_name(s), 0, t0, self._engine.now_us())
-        s.acc_count = 0
-        s.grad_seen = None
-        s.backup = None
-
-    @torch.compiler.disable  # as step(): never traced
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none=set_to_none)
-        for s in self._slots.values():
-            if isinstance(s, _LspSlot) and s.acc_count:
-                self._engine.wait(s.index)  # a queued speculation may still read the host buffer
-                self._drop(s)  # a discarded batch: also undo a refit it triggered
-                s.spec = None
-
-    # ---------------------------------------------------------------- state
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._engine.wait_all()
-        saved = state_dict["state"]
-        params = [p for g in self.param_groups for p in g["params"]]
-        lsp_saved = {}
-        for i, p in enumerate(params):
-            s = self._slots[p]
-            if not isinstance(s, _LspSlot) or i not in saved:
-                continue
-            st = saved[i]
-            for k in ("exp_avg", "exp_avg_sq", "step", "proj_P_indices", "proj_P_values", "proj_Q_indices",
-                      "proj_Q_values"):
-                if k not in st:
-                    raise ValueError(f"LSPAdamW.load_state_dict: state of projected parameter {i} lacks '{k}' "
-                                     "(was it saved by an LSPAdamW with the same parameters?)")
-            if tuple(st["exp_avg"].shape) != (s.P.d, s.Q.d) or tuple(st["exp_avg_sq"].shape) != (s.P.d, s.Q.d):
-                raise ValueError(f"LSPAdamW.load_state_dict: exp_avg of parameter {i} has shape "
-                                 f"{tuple(st['exp_avg'].shape)}, this optimizer's subspace is {(s.P.d, s.Q.d)}")
-            P = lp.SparseProjector(st["proj_P_indices"].to(p.device), st["proj_P_values"].to(p.device), s.P.d)
-            Q = lp.SparseProjector(st["proj_Q_indices"].to(p.device), st["proj_Q_values"].to(p.device), s.Q.d)
-            if P.n != s.P.n or Q.n != s.Q.n or P.r != s.P.r or Q.r != s.Q.r:
-                raise ValueError(f"LSPAdamW.load_state_dict: projectors of parameter {i} do not fit its shape "
-                                 f"{tuple(p.shape)} / nnz {s.P.r}")
-            lsp_saved[i] = (st, P, Q)
-        # dense slots: the base class validates and loads them; hide the projected ones from it
-        dense_sd = dict(state_dict)
-        dense_sd["state"] = {i: v for i, v in saved.items() if i not in lsp_saved}
-        super().load_state_dict(dense_sd)
-        for i, (st, P, Q) in lsp_saved.items():
-            p = params[i]
-            s = self._slots[p]
-            s.P, s.Q = P, Q
-            self._engine.exp_avg(s.index).copy_(st["exp_avg"].reshape(-1))
-            self._engine.exp_avg_sq(s.index).copy_(st["exp_avg_sq"].reshape(-1))
-            s.acc_count, s.spec, s.grad_seen = 0, None, None
-            self.state[p] = {"step": st["step"].detach().to("cpu", torch.float32).clone()}
-            self._refresh_state(p)
+    def _on_grads_modified(self) -> None:
+        if self._warned_clip or self.max_grad_norm is not None or not self.projected_params:
+            return
+        self._warned_clip = True
+        warnings.warn(
+            "LSPAdamW: gradients were modified between backward and step() (torch.nn.utils.clip_grad_norm_, HF "
+            "Trainer's max_grad_norm, ...). The projected layers' gradients are compressed during backward and "
+            "are invisible to such clipping, so it clips (and reports the norm of) the other parameters only. "
+            "Clip with LSPAdamW(max_grad_norm=...) instead (with HF Trainer: max_grad_norm=0 in TrainingArguments "
+            "and max_grad_norm in the optimizer's kwargs).", RuntimeWarning, stacklevel=3)

@@ -1,29 +1,25 @@
-"""Drop-in offloading optimizers over lspo's OffloadEngine (``lspo._C.OffloadEngine``).
+"""Drop-in offloading optimizers: the Python face of lspo's optimizer core (``lspo._C.OptimizerCore``).
 
-``OffloadAdamW`` -- full offload (the ``Identity`` compressor; ZeRO-Offload / LoHan "active
-gradient offloading"): every parameter has an fp32 master copy and fp32 Adam moments in host
-memory. As soon as a parameter's gradient is complete (a post-accumulate-grad hook), it is copied to
-a host buffer (pinned, on a copy stream, when the parameter is on a GPU) and the engine's worker
-thread runs the fused CPU AdamW on it *speculatively*, overlapped with the rest of backward.
-``step()`` is the step boundary: it knows the global gradient norm, the AMP scale and whether the
-gradient is finite, and
+``OffloadAdamW`` -- full offload (ZeRO-Offload / LoHan "active gradient offloading"): every parameter
+that receives a gradient gets an fp32 master copy and fp32 Adam moments in host memory (nothing for a
+parameter that never gets one). As soon as a gradient is complete (a post-accumulate-grad hook: one
+call into the core), the core copies it to a host buffer (pinned, on its D2H copy stream, when the
+parameter is on a GPU) and the engine's worker thread runs the fused CPU AdamW on it
+*speculatively*, overlapped with the rest of backward. ``step()`` is the step boundary (one call): the
+core knows the global gradient norm, the AMP scale and whether the gradient is finite, and commits
+each speculation that used exactly the right inputs or recomputes it from the untouched committed
+state; on a non-finite gradient everything is dropped (weights, moments and step counts untouched;
+``last_step_skipped``, ``skipped_steps``, a ``RuntimeWarning`` without AMP). The committed state is
+bitwise what the serial schedule (``overlap=False``) computes.
 
-* commits each speculation that used exactly the right inputs (same step, learning rate, betas,
-  eps, weight decay, gradient scale, and a gradient not modified since the hook ran), or
-* recomputes the step from the untouched committed state with the right coefficient
-  (gradient accumulation in progress, clipping active, AMP scale changed, lr changed, the gradient
-  modified in place after backward, e.g. by ``clip_grad_norm_``), or
-* on a non-finite gradient, drops everything: weights, moments and step counts stay untouched;
-  ``last_step_skipped`` is True, ``skipped_steps`` counts, a ``RuntimeWarning`` is issued.
-
-The committed state is therefore always exactly what the serial schedule (``overlap=False``)
-computes -- bitwise, since both run the same kernel on the same inputs.
+Everything that two languages would otherwise have to agree on -- the pipeline, clipping, the skip,
+AMP, refits, the checkpoint content -- lives in the C++ core, shared with the C++ optimizers of
+``lspo/optim.h``. This module only maps options, registers hooks and translates state.
 
 Clipping: ``max_grad_norm`` clips on the global L2 norm of all gradients of the optimizer (as
-``torch.nn.utils.clip_grad_norm_`` with ``eps=1e-6``), folded into the Adam kernel's
-``grad_scale`` (no extra pass over the gradients). AMP: ``torch.amp.GradScaler`` is supported
-through ``_step_supports_amp_scaling``: the scaler hands us ``grad_scale``/``found_inf`` and the
-kernel unscales while it reads the gradient (or ``scaler.unscale_(opt)`` first, as usual).
+``torch.nn.utils.clip_grad_norm_`` with ``eps=1e-6``), folded into the Adam kernel's ``grad_scale``.
+AMP: ``torch.amp.GradScaler`` is supported through ``_step_supports_amp_scaling`` (the kernel unscales
+while it reads the gradient), or ``scaler.unscale_(opt)`` first, as usual.
 """
 from __future__ import annotations
 
@@ -38,25 +34,105 @@ from . import _C
 
 _GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Options torch's AdamW knows that lspo accepts only with these (harmless) values.
+_FIXED_OPTIONS = {
+    "amsgrad": (False,),
+    "maximize": (False,),
+    "capturable": (False,),
+    "differentiable": (False,),
+    "fused": (None, False),
+    "foreach": (None, False),
+    "decoupled_weight_decay": (True,),
+}
 
-def _hparams_key(group: dict, step: int, grad_scale: float) -> tuple:
-    b1, b2 = group["betas"]
-    return (step, float(group["lr"]), float(b1), float(b2), float(group["eps"]), float(group["weight_decay"]),
-            float(grad_scale))
+
+def _check_group(name: str, group: dict) -> None:
+    for k, ok in _FIXED_OPTIONS.items():
+        if k in group and group[k] not in ok:
+            raise ValueError(f"{name}: {k}={group[k]!r} is not supported (lspo's CPU AdamW has no {k}); "
+                             f"accepted values: {', '.join(repr(v) for v in ok)}")
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor):
+        raise TypeError(f"{name}: lr must be a Python float (the CPU kernel reads it every step)")
+    if lr is not None and not lr >= 0.0:
+        raise ValueError(f"{name}: invalid learning rate {lr}")
+    b = group.get("betas")
+    if b is not None and not (0.0 <= b[0] < 1.0 and 0.0 <= b[1] < 1.0):
+        raise ValueError(f"{name}: invalid betas {b} (need 0 <= beta < 1)")
+    if "eps" in group and not group["eps"] >= 0.0:
+        raise ValueError(f"{name}: invalid eps {group['eps']}")
+    if "weight_decay" in group and not group["weight_decay"] >= 0.0:
+        raise ValueError(f"{name}: invalid weight_decay {group['weight_decay']}")
 
 
-class _Slot:
-    __slots__ = ("index", "param", "group", "spec", "hook", "grad_seen", "d2h_event", "h2d_event")
+class _CoreState(dict):
+    """``optimizer.state``: filled from the core when read, so it is always the committed state
+    (views of the host tensors; ``state_dict()`` copies). A parameter without a gradient yet has no
+    state, as in torch's optimizers."""
 
-    def __init__(self, index: int, param: torch.Tensor, group: dict):
-        self.index = index
-        self.param = param
-        self.group = group
-        self.spec = None          # (hparams key, the grad_seen it read) of the queued speculation
-        self.hook = None
-        self.grad_seen = None     # (id(grad), grad._version) copied into the host buffer
-        self.d2h_event = None
-        self.h2d_event = None
+    def __init__(self, opt: "OffloadAdamW"):
+        super().__init__()
+        self._opt = weakref.ref(opt)
+
+    def _fill(self, p) -> None:
+        opt = self._opt()
+        i = opt._index.get(p) if opt is not None else None
+        if i is None:
+            return
+        st = opt._core.state(i, False)
+        if st is None:
+            dict.pop(self, p, None)
+        else:
+            dict.__setitem__(self, p, st)
+
+    def _fill_all(self) -> None:
+        opt = self._opt()
+        if opt is not None:
+            for p in opt._index:
+                self._fill(p)
+
+    def __getitem__(self, p):
+        self._fill(p)
+        if not dict.__contains__(self, p):
+            dict.__setitem__(self, p, {})
+        return dict.__getitem__(self, p)
+
+    def __contains__(self, p):
+        self._fill(p)
+        return dict.__contains__(self, p)
+
+    def get(self, p, default=None):
+        self._fill(p)
+        return dict.get(self, p, default)
+
+    def __iter__(self):
+        self._fill_all()
+        return dict.__iter__(self)
+
+    def __len__(self):
+        self._fill_all()
+        return dict.__len__(self)
+
+    def items(self):
+        self._fill_all()
+        return dict.items(self)
+
+    def keys(self):
+        self._fill_all()
+        return dict.keys(self)
+
+    def values(self):
+        self._fill_all()
+        return dict.values(self)
+
+
+def _hook(opt_ref: "weakref.ref", slot: int):
+    def on_grad(_p: torch.Tensor) -> None:
+        opt = opt_ref()
+        if opt is not None:
+            opt._core.on_grad(slot)
+    # a gradient hook: never traced (the backward of a torch.compile'd training step runs it)
+    return torch.compiler.disable(on_grad)
 
 
 class OffloadAdamW(torch.optim.Optimizer):
@@ -72,118 +148,78 @@ class OffloadAdamW(torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = True
+    _kind = "OffloadAdamW"
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, max_grad_norm: Optional[float] = None, overlap: bool = True,
-                 record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30):
-        if isinstance(lr, torch.Tensor):
-            raise TypeError("OffloadAdamW: lr must be a Python float (the CPU kernel reads it every step)")
-        if not lr >= 0.0:
-            raise ValueError(f"OffloadAdamW: invalid learning rate {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"OffloadAdamW: invalid eps {eps}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"OffloadAdamW: invalid betas {betas} (need 0 <= beta < 1)")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"OffloadAdamW: invalid weight_decay {weight_decay}")
+                 record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30, seed: int = 0):
+        name = self._kind
+        _check_group(name, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"OffloadAdamW: max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        self.max_grad_norm = max_grad_norm
-        self.skipped_steps = 0
-        self.last_step_skipped = False
-        self.last_grad_norm: Optional[float] = None
-        self._engine = _C.OffloadEngine(overlap=overlap, record_timeline=record_timeline,
-                                        pinned_limit_bytes=int(pinned_limit_bytes))
-        self._slots: dict[torch.Tensor, _Slot] = {}
-        self._spec_scale = 1.0  # gradient scale assumed by speculations (the last step's AMP unscale)
-        self._d2h = self._h2d = None
+            raise ValueError(f"{name}: max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        self.max_grad_norm = self._core_max_norm = max_grad_norm
+        self._core = _C.OptimizerCore(name, overlap=overlap, record_timeline=record_timeline,
+                                      pinned_limit_bytes=int(pinned_limit_bytes),
+                                      max_grad_norm=float(max_grad_norm or 0.0), seed=int(seed))
+        self._index: dict = {}    # parameter -> core slot
+        self._hooks: list = []
+        self._grads_modified = 0
+        self._warned_clip = False
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        self.state = _CoreState(self)
 
     # ---------------------------------------------------------------- registration
     def add_param_group(self, param_group: dict) -> None:
+        _check_group(self._kind, param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        gi = len(self.param_groups) - 1
         for p in group["params"]:
-            self._register(p, group)
+            self._register(p, gi, group)
+        self._sync_groups()
 
-    def _register(self, p: torch.Tensor, group: dict) -> None:
+    def _projection(self, p: torch.Tensor, group: dict) -> tuple:
+        """(projected, subspace, nnz) of a parameter (LSPAdamW overrides)."""
+        return False, 0, 0
+
+    def _register(self, p: torch.Tensor, gi: int, group: dict) -> None:
         if p.dtype not in _GRAD_DTYPES:
-            raise TypeError(f"OffloadAdamW: parameter of dtype {p.dtype} (need float32, bfloat16 or float16)")
-        if p in self._slots:
-            raise ValueError("OffloadAdamW: a parameter appears in more than one group")
-        idx = self._engine.add_slot(f"param{len(self._slots)}:{tuple(p.shape)}", p.detach(), p.numel(), p.dtype,
-                                    p.dtype, len(self._slots))
-        s = _Slot(idx, p, group)
-        self._slots[p] = s
+            raise TypeError(f"{self._kind}: parameter of dtype {p.dtype} (need float32, bfloat16 or float16)")
+        if p in self._index:
+            raise ValueError(f"{self._kind}: a parameter appears in more than one group")
+        projected, d, r = self._projection(p, group)
+        i = self._core.add_param(p, gi, projected, d, r)
+        self._index[p] = i
         if p.requires_grad:
-            s.hook = p.register_post_accumulate_grad_hook(self._on_grad)
-        self._refresh_state(p)
+            self._hooks.append(p.register_post_accumulate_grad_hook(_hook(weakref.ref(self), i)))
 
-    def _refresh_state(self, p: torch.Tensor) -> None:
-        s = self._slots[p]
-        st = self.state[p]
-        if "step" not in st:
-            st["step"] = torch.tensor(0.0)
-        st["exp_avg"] = self._engine.exp_avg(s.index).view(p.shape)
-        st["exp_avg_sq"] = self._engine.exp_avg_sq(s.index).view(p.shape)
-        st["master_param"] = self._engine.master(s.index).view(p.shape)
+    def __del__(self):
+        for h in getattr(self, "_hooks", ()):
+            h.remove()
 
-    # ---------------------------------------------------------------- the pipeline
-    def _copy_grad(self, s: _Slot, grad: torch.Tensor) -> None:
-        """Gradient -> the slot's host buffer (on the D2H stream for CUDA tensors)."""
-        eng = self._engine
-        eng.wait(s.index)  # a queued or running (now stale) speculation may still read the buffer
-        buf = eng.grad_buffer(s.index)
-        t0 = eng.now_us()
-        if grad.is_cuda:
-            if self._d2h is None:
-                self._d2h = torch.cuda.Stream(device=grad.device)
-                self._h2d = torch.cuda.Stream(device=grad.device)
-            if s.h2d_event is not None:
-                s.h2d_event.synchronize()  # the previous upload of out_buffer is long done by now
-            self._d2h.wait_stream(torch.cuda.current_stream(grad.device))
-            with torch.cuda.stream(self._d2h):
-                buf.copy_(grad.reshape(-1), non_blocking=True)
-                grad.record_stream(self._d2h)
-                s.d2h_event = torch.cuda.Event()
-                s.d2h_event.record(self._d2h)
-        else:
-            buf.copy_(grad.reshape(-1))
-            s.d2h_event = None
-            eng.add_event("d2h", eng_name(s), 2, t0, eng.now_us())
-        s.grad_seen = (weakref.ref(grad), grad._version)
+    def __deepcopy__(self, memo):
+        raise TypeError(f"{self._kind} cannot be deep-copied: it owns native state (a worker thread, host buffers, "
+                        "gradient hooks on its parameters). Save opt.state_dict() and load it into a new optimizer "
+                        "built over the copied parameters.")
 
-    def _submit(self, s: _Slot, key: tuple) -> None:
-        step, lr, b1, b2, eps, wd, gs = key
-        ev = s.d2h_event.cuda_event if s.d2h_event is not None else 0
-        self._engine.submit(s.index, step, lr, b1, b2, eps, wd, gs, ev)
-        s.spec = (key, s.grad_seen)
-
-    @torch.compiler.disable  # a gradient hook: never traced (a compiled caller's backward runs it)
-    @torch.no_grad()
-    def _on_grad(self, p: torch.Tensor) -> None:
-        s = self._slots[p]
-        g = p.grad
-        s.grad_seen = None  # a new or further-accumulated gradient: the host copy is stale
-        if g is None or not self._engine.overlap:
-            return
-        if g.is_sparse:
-            raise RuntimeError("OffloadAdamW does not support sparse gradients")
-        self._copy_grad(s, g)
-        step = int(self.state[p]["step"].item()) + 1
-        self._submit(s, _hparams_key(s.group, step, self._spec_scale))
+    def __getstate__(self):
+        raise TypeError(f"{self._kind} cannot be pickled (it owns native state); pickle opt.state_dict() instead")
 
     # ---------------------------------------------------------------- step
-    def _grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        by_dev: dict[torch.device, list[torch.Tensor]] = {}
-        for g in grads:
-            by_dev.setdefault(g.device, []).append(g)
-        norms = []
-        for gs in by_dev.values():
-            norms.extend(n.float() for n in torch._foreach_norm(gs, 2.0))
-        dev = grads[0].device
-        return torch.linalg.vector_norm(torch.stack([n.to(dev) for n in norms]), 2.0)
+    def _group_tuple(self, g: dict) -> tuple:
+        b1, b2 = g["betas"]
+        return (float(g["lr"]), float(b1), float(b2), float(g["eps"]), float(g["weight_decay"]), 0, 0.3, 1, 0.05)
+
+    def _sync_groups(self) -> None:
+        for g in self.param_groups:
+            _check_group(self._kind, g)
+        self._core.set_groups([self._group_tuple(g) for g in self.param_groups])
+        if self.max_grad_norm != self._core_max_norm:
+            if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+                raise ValueError(f"{self._kind}: max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+            self._core.set_max_grad_norm(float(self.max_grad_norm or 0.0))
+            self._core_max_norm = self.max_grad_norm
 
     @torch.compiler.disable  # host engine and Python state: torch.compile runs the step eagerly
     @torch.no_grad()
@@ -192,155 +228,105 @@ class OffloadAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        eng = self._engine
-        t_step = eng.now_us()
-        live = [s for s in self._slots.values() if self._has_grad(s)]
-        self.last_step_skipped = False
-        if not live:
-            return loss
-        grads = [self._grad_src(s) for s in live]
+        self._sync_groups()
         # AMP: GradScaler sets grad_scale (None once unscale_ ran) and found_inf on us before step()
         amp_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        self._check_amp(live, amp_scale, found_inf)
-        inv_scale = 1.0 if amp_scale is None else 1.0 / float(amp_scale.double().item())
-        total = self._grad_norm(grads)  # norm of the (possibly scaled) gradients, fp32
-        total_f = float(total.item())
-        nonfinite = not math.isfinite(total_f) or (found_inf is not None and float(found_inf.sum().item()) > 0)
-        if nonfinite:
-            eng.wait_all()  # drop every speculation: committed state is untouched
-            for s in live:
-                s.spec = None
-                self._drop(s)
-            self.last_step_skipped = True
-            self.skipped_steps += 1
+        scale = None if amp_scale is None else float(amp_scale.double().item())
+        inf = found_inf is not None and float(found_inf.sum().item()) > 0
+        ran, skipped, norm, modified, dense_next, n_refits = self._core.step(scale, inf,
+                                                                             amp_scale is None and found_inf is not None)
+        self._after_step(dense_next, n_refits)
+        self.last_step_skipped = skipped
+        if skipped:
             self.last_grad_norm = None
             if amp_scale is None:  # with AMP a skipped step is routine (the scaler backs off)
-                warnings.warn("OffloadAdamW: non-finite gradient, step skipped (weights and state unchanged)",
+                warnings.warn(f"{self._kind}: non-finite gradient, step skipped (weights and state unchanged)",
                               RuntimeWarning, stacklevel=2)
-            return loss
-        scale = inv_scale
-        self.last_grad_norm = total_f * inv_scale
-        if self.max_grad_norm is not None:
-            coef = self.max_grad_norm / (total_f * inv_scale + 1e-6)
-            if coef < 1.0:
-                scale = inv_scale * float(torch.tensor(coef, dtype=torch.float32).item())
-        # resubmit every slot whose speculation does not match, then commit in forward order
-        for s in live:
-            p = s.param
-            key = self._key(s, int(self.state[p]["step"].item()) + 1, scale)
-            g = self._grad_src(s)
-            fresh = s.grad_seen is not None and s.grad_seen[0]() is g and s.grad_seen[1] == g._version
-            ok = fresh and s.spec is not None and s.spec[0] == key and s.spec[1] is s.grad_seen
-            if ok:
-                eng.wait(s.index)
-                ok = eng.has_result(s.index)
-            if not ok:
-                if not fresh:
-                    self._copy_grad(s, g)
-                self._submit(s, key)
-        for s in live:
-            eng.commit(s.index)
-            s.spec = None
-            p = s.param
-            self._finish(s)
-            self.state[p]["step"] += 1
-            self._refresh_state(p)
-        self._spec_scale = inv_scale
-        eng.add_event("step", "engine", 0, t_step, eng.now_us())
+        elif ran:
+            self.last_grad_norm = norm
+        if modified > self._grads_modified:
+            self._grads_modified = modified
+            self._on_grads_modified()
         return loss
 
-    # ---------------------------------------------------------------- per-slot policy (LSPAdamW overrides)
-    def _has_grad(self, s: _Slot) -> bool:
-        """The slot has a gradient to consume this step."""
-        return s.param.grad is not None
+    def _after_step(self, dense_next: list, n_refits: int) -> None:
+        """What the Python side keeps of a step (LSPAdamW: its wrap handles)."""
 
-    def _grad_src(self, s: _Slot) -> torch.Tensor:
-        """The tensor that goes to the slot's host gradient buffer (and into the global norm)."""
-        return s.param.grad
+    def _on_grads_modified(self) -> None:
+        """Dense gradients changed between backward and step() (clip_grad_norm_, ...)."""
 
-    def _key(self, s: _Slot, step: int, grad_scale: float) -> tuple:
-        return _hparams_key(s.group, step, grad_scale)
+    @torch.compiler.disable  # as step(): never traced
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self._core.zero_grad()
+        self._sync_groups()  # an LR scheduler stepped since step(): speculations use the new lr
 
-    def _check_amp(self, live: list, amp_scale, found_inf) -> None:
-        pass
+    @property
+    def skipped_steps(self) -> int:
+        return self._core.skipped_steps
 
-    def _drop(self, s: _Slot) -> None:
-        """A skipped step: forget what the slot accumulated for it (nothing to do for plain grads)."""
+    @property
+    def last_step_skipped(self) -> bool:
+        return getattr(self, "_last_skipped", False)
 
-    def _upload(self, s: _Slot, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Host result -> device tensor on the H2D stream; the compute stream waits on an event."""
-        eng = self._engine
-        t0 = eng.now_us()
-        if dst.is_cuda:
-            self._h2d.wait_stream(torch.cuda.current_stream(dst.device))
-            with torch.cuda.stream(self._h2d):
-                dst.copy_(src, non_blocking=True)
-                s.h2d_event = torch.cuda.Event()
-                s.h2d_event.record(self._h2d)
-            torch.cuda.current_stream(dst.device).wait_event(s.h2d_event)  # GPU-side wait
-        else:
-            dst.copy_(src)
-            eng.add_event("h2d", eng_name(s), 3, t0, eng.now_us())
-
-    def _finish(self, s: _Slot) -> None:
-        """The committed result reaches the parameter: the new weights, copied in."""
-        p = s.param
-        self._upload(s, self._engine.out_buffer(s.index).view(p.shape), p)
+    @last_step_skipped.setter
+    def last_step_skipped(self, v: bool) -> None:
+        self._last_skipped = bool(v)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        self._engine.wait_all()
-        for p in self._slots:
-            self._refresh_state(p)
+        self._core.wait_all()
         sd = super().state_dict()
-        sd["state"] = {k: {n: t.clone() for n, t in v.items()} for k, v in sd["state"].items()}
+        sd["state"] = {k: {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in v.items()}
+                       for k, v in sd["state"].items() if v}
+        sd["lspo_optimizer"] = self._kind  # the C++ face's checkpoints carry the same keys
+        sd["lspo_format"] = 2
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._engine.wait_all()
+        """Loads a checkpoint of this optimizer kind (from Python's ``state_dict()`` or the C++ face's
+        ``save_checkpoint``). The state stays on the host in fp32 (torch's loader would cast it to the
+        parameters' device and dtype)."""
+        self._core.wait_all()
         saved = state_dict["state"]
         params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            if i not in saved:
-                continue
-            st = saved[i]
-            for k in ("exp_avg", "exp_avg_sq", "master_param"):
-                if k not in st:
-                    raise ValueError(f"OffloadAdamW.load_state_dict: state of parameter {i} lacks '{k}'")
-                if st[k].numel() != p.numel():
-                    raise ValueError(f"OffloadAdamW.load_state_dict: '{k}' of parameter {i} has {st[k].numel()} "
-                                     f"elements, the parameter {p.numel()}")
-        super().load_state_dict(state_dict)  # groups (lr, betas, ...) and step counts
-        for i, p in enumerate(params):
-            s = self._slots[p]
-            s.spec = None
-            s.grad_seen = None
-            if i in saved:
-                st = saved[i]
-                self._engine.exp_avg(s.index).copy_(st["exp_avg"].reshape(-1))
-                self._engine.exp_avg_sq(s.index).copy_(st["exp_avg_sq"].reshape(-1))
-                self._engine.master(s.index).copy_(st["master_param"].reshape(-1))
-                self.state[p]["step"] = st["step"].detach().to("cpu", torch.float32).clone()
-            self._refresh_state(p)
-        # the slots' groups are the (new) group dicts
+        for i in saved:
+            if not (isinstance(i, int) and 0 <= i < len(params)):
+                raise ValueError(f"{self._kind}.load_state_dict: state for parameter {i!r}, but the optimizer has "
+                                 f"{len(params)} parameters")
+        if state_dict.get("lspo_optimizer", self._kind) != self._kind:
+            raise ValueError(f"{self._kind}.load_state_dict: the checkpoint holds the state of a "
+                             f"{state_dict['lspo_optimizer']}, not of a {self._kind}")
+        for i, p in enumerate(params):  # validate every slot first: a bad checkpoint changes nothing
+            if i in saved and saved[i]:
+                try:
+                    self._core.load_state(self._index[p], dict(saved[i]), True)
+                except _C.LspoError as e:
+                    raise ValueError(str(e)) from None
+        rest = dict(state_dict)
+        rest["state"] = {}
+        super().load_state_dict(rest)  # groups (lr, betas, ...), checked against ours
+        self.state = _CoreState(self)
         for g in self.param_groups:
-            for p in g["params"]:
-                self._slots[p].group = g
+            _check_group(self._kind, g)
+        for i, p in enumerate(params):
+            if i in saved and saved[i]:
+                self._core.load_state(self._index[p], dict(saved[i]))
+        self._after_load()
+
+    def _after_load(self) -> None:
+        pass
 
     # ---------------------------------------------------------------- introspection
     def engine_stats(self) -> dict:
-        return self._engine.stats()
+        return self._core.stats()
 
     def timeline_json(self) -> str:
-        return self._engine.timeline_json()
+        return self._core.timeline_json()
 
     def clear_timeline(self) -> None:
-        self._engine.clear_timeline()
+        self._core.clear_timeline()
 
     def set_record_timeline(self, on: bool) -> None:
-        self._engine.set_record_timeline(on)
-
-
-def eng_name(s: _Slot) -> str:
-    return f"param{s.index}:{tuple(s.param.shape)}"
+        self._core.set_record_timeline(on)

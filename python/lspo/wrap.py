@@ -21,9 +21,10 @@ The interface to the optimizer -- the only one this module uses: every wrapped m
   weight's device).
 
 torch.compile: the forward, the backward and the hand-over of ``S`` trace into graphs. The hand-over
-is the operator ``lspo::accept_compressed(S, layer)``, where ``layer`` is an int naming the module
-(constant in the graph, so two layers of one shape never share a specialisation); it calls
-``module._lspo_layer.accept(S)``. ``dense_this_step()`` is evaluated while tracing: Dynamo guards
+is the operator ``lspo::accept_compressed(S, layer)``; ``layer``, a CPU int64 scalar tensor naming
+the module, is a graph input (not a constant Dynamo specialises on), so layers of one shape share a
+compiled graph and each still gets its own S; it calls ``module._lspo_layer.accept(S)``. One
+wrapped subclass per layer class (Dynamo guards on the module's type). ``dense_this_step()`` is evaluated while tracing: Dynamo guards
 on what it reads (the handle's flag), so a refit step runs another compiled variant.
 Works under ``torch.autocast`` (the backward computes ``dX`` in the forward's compute dtype) and under
 ``torch.utils.checkpoint`` (the handle comes from the module, never from the weight tensor).

@@ -1,0 +1,137 @@
+// lspo/optim_core.h -- the optimizer core: ONE implementation of lspo's offloading optimizers,
+// used by both faces (the Python torch.optim.Optimizer subclasses in python/lspo and the
+// torch::optim::Optimizer subclasses of lspo/optim.h). The faces only translate options, register
+// gradient hooks (one call into the core per gradient) and map state into their own containers.
+//
+// Slot kinds (one slot per parameter, in registration = forward order):
+//   dense      full offload: fp32 master + moments on the host; the fused CPU AdamW updates them and
+//              the new weights come back (the LoHan / ZeRO-Offload "active gradient offloading").
+//   projected  LSP-Offload: a learned sparse pair (P [m, dP], Q [n, dQ]); the gradient is compressed
+//              to S = P^T G Q on W's device, Adam runs on S in the compressed space (host moments
+//              [dP, dQ]), the update u comes back and W += P u Q^T is applied on W's device.
+// Nothing is allocated for a parameter until its first gradient (frozen parameters cost nothing).
+//
+// One gradient, one step (see docs/architecture.md):
+//   backward   on_grad(slot) (post-accumulate-grad hook) or on_compressed(slot, S) (the wrap path):
+//              dense: G -> host buffer (D2H on the core's copy stream + event on CUDA);
+//              projected: S += P^T G Q on W's device, p.grad freed, S -> host buffer;
+//              then a speculative Adam job on the engine's worker (overlapped with backward).
+//   step()     the step boundary: global norm, the non-finite skip (AMP found_inf included), refits
+//              (on a refit step projected layers kept their dense gradient: the fit sees the step's
+//              whole accumulated gradient, so accumulation stays equivalent), clipping, then each
+//              speculation is committed if its inputs were exactly right or recomputed otherwise,
+//              and the result is applied (H2D on the second copy stream, the compute stream waits
+//              on an event). The committed state is bitwise what the serial schedule computes.
+#pragma once
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lspo/engine.h"
+#include "lspo/projector.h"
+
+namespace lspo {
+
+struct CoreOptions {
+  std::string name = "OffloadAdamW";             // used in error messages
+  bool overlap = true;                           // false: the serial reference schedule
+  bool record_timeline = false;
+  int64_t pinned_limit_bytes = int64_t(4) << 30;
+  double max_grad_norm = 0.0;                    // <= 0: no clipping
+  uint64_t seed = 0;                             // projected slot k: seeds seed + 2k (P), seed + 2k + 1 (Q)
+};
+
+// Per param group, handed to the core before every step (faces read them from their groups, so LR
+// schedulers and option edits take effect).
+struct GroupHyper {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  int64_t refit_every = 0;         // projected slots: refit check at steps 1, 1 + k, ... (0: never)
+  double refit_threshold = 0.3;
+  int64_t refit_iters = 50;
+  double refit_lr = 0.05;
+};
+
+struct StepInputs {
+  std::optional<double> amp_scale;  // GradScaler's scale when the gradients are still scaled
+  bool found_inf = false;           // GradScaler found an inf/NaN (after unscale_)
+  bool unscaled_by_caller = false;  // GradScaler.unscale_(opt) ran before step()
+};
+
+struct StepResult {
+  bool skipped = false;
+  bool ran = false;                 // false: no parameter had a gradient
+  double grad_norm = 0.0;           // global norm before clipping (NaN when skipped)
+};
+
+struct RefitRecord {
+  int64_t step = 0;
+  std::string param;
+  double error_before = 0, error_after = 0;
+  bool refit = false;
+  double seconds = 0;
+};
+
+// The state of one slot, as both faces' checkpoints hold it (keys as torch's Adam state):
+//   step (committed steps), exp_avg, exp_avg_sq (fp32 host; the parameter's shape, or [dP, dQ]),
+//   master_param (dense), proj_P_indices/values, proj_Q_indices/values (projected).
+struct SlotState {
+  int64_t step = 0;
+  torch::Tensor exp_avg, exp_avg_sq, master_param;
+  torch::Tensor P_indices, P_values, Q_indices, Q_values;
+};
+
+class OptimizerCore {
+ public:
+  explicit OptimizerCore(CoreOptions opt);
+  ~OptimizerCore();
+  OptimizerCore(const OptimizerCore&) = delete;
+  OptimizerCore& operator=(const OptimizerCore&) = delete;
+
+  // Registration (no host memory yet). `subspace`/`nnz` only for projected slots. Returns the slot.
+  int64_t add_param(const torch::Tensor& param, int64_t group, bool projected, int64_t subspace = 0,
+                    int64_t nnz = 0);
+  int64_t num_slots() const;
+  void set_groups(std::vector<GroupHyper> groups);
+  void set_max_grad_norm(double v);
+
+  // Backward: the parameter's .grad is complete (post-accumulate-grad hook); or, for a projected
+  // slot, one micro-batch's compressed gradient S [dP, dQ] fp32 on W's device (the wrap path).
+  void on_grad(int64_t slot);
+  void on_compressed(int64_t slot, const torch::Tensor& S);
+  // A projected slot whose next step is a refit step wants its dense gradient (the wrap path then
+  // lets autograd produce it).
+  bool dense_this_step(int64_t slot) const;
+
+  StepResult step(const StepInputs& in = {});
+  void zero_grad();  // forgets accumulated compressed gradients (the faces clear .grad themselves)
+
+  // Introspection and state.
+  bool is_projected(int64_t slot) const;
+  bool allocated(int64_t slot) const;
+  int64_t step_count(int64_t slot) const;
+  const std::string& slot_name(int64_t slot) const;
+  std::pair<SparseProjector, SparseProjector> projectors(int64_t slot) const;  // projected only
+  // Committed state; tensors are views of host state when `copy` is false (valid until the next step).
+  std::optional<SlotState> state(int64_t slot, bool copy) const;
+  // Validates `st` against the slot (lspo::Error naming what does not fit), then adopts it unless
+  // `dry_run` (faces check every slot first, so a bad checkpoint changes nothing).
+  void load_state(int64_t slot, const SlotState& st, bool dry_run = false);
+  std::vector<RefitRecord> refits() const;
+  int64_t skipped_steps() const;
+  bool last_step_skipped() const;
+  double last_grad_norm() const;
+  int64_t grads_modified_after_hook() const;  // steps whose dense grads changed after backward
+
+  OffloadEngine& engine();
+  const OffloadEngine& engine() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lspo

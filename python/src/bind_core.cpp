@@ -1,0 +1,166 @@
+// Bindings of the optimizer core (lspo/optim_core.h): the one object python/lspo/optim.py and lsp.py
+// drive. Per projected layer and step the Python face makes one call (on_grad or on_compressed);
+// per step one call to step() (which also returns what the wrap handles need) and one to zero_grad().
+// Every call that can wait or compute releases the GIL.
+#include "bindings.h"
+#include "lspo/optim_core.h"
+
+namespace py = pybind11;
+
+namespace {
+
+py::object state_to_py(const std::optional<lspo::SlotState>& st) {
+  if (!st) return py::none();
+  py::dict d;
+  d["step"] = torch::tensor(static_cast<double>(st->step), torch::kFloat);
+  d["exp_avg"] = st->exp_avg;
+  d["exp_avg_sq"] = st->exp_avg_sq;
+  if (st->master_param.defined()) d["master_param"] = st->master_param;
+  if (st->P_indices.defined()) {
+    d["proj_P_indices"] = st->P_indices;
+    d["proj_P_values"] = st->P_values;
+    d["proj_Q_indices"] = st->Q_indices;
+    d["proj_Q_values"] = st->Q_values;
+  }
+  return std::move(d);
+}
+
+lspo::SlotState state_from_py(const py::dict& d) {
+  auto get = [&](const char* k) -> torch::Tensor {
+    if (!d.contains(k) || d[k].is_none()) return {};
+    return d[k].cast<torch::Tensor>();
+  };
+  lspo::SlotState st;
+  LSPO_CHECK(d.contains("step"), "load_state_dict: a parameter's state lacks 'step'");
+  py::object step = d["step"];
+  st.step = py::isinstance<py::int_>(step) || py::isinstance<py::float_>(step)
+                ? static_cast<int64_t>(step.cast<double>())
+                : static_cast<int64_t>(step.cast<torch::Tensor>().item<double>());
+  st.exp_avg = get("exp_avg");
+  st.exp_avg_sq = get("exp_avg_sq");
+  st.master_param = get("master_param");
+  st.P_indices = get("proj_P_indices");
+  st.P_values = get("proj_P_values");
+  st.Q_indices = get("proj_Q_indices");
+  st.Q_values = get("proj_Q_values");
+  return st;
+}
+
+}  // namespace
+
+LSPO_REGISTER_BINDINGS(core) {
+  using lspo::OptimizerCore;
+  py::class_<OptimizerCore, std::shared_ptr<OptimizerCore>>(m, "OptimizerCore")
+      .def(py::init([](const std::string& name, bool overlap, bool record_timeline, int64_t pinned_limit_bytes,
+                       double max_grad_norm, int64_t seed) {
+             LSPO_CHECK(seed >= 0, name, ": seed must be >= 0, got ", seed);
+             lspo::CoreOptions o;
+             o.name = name;
+             o.overlap = overlap;
+             o.record_timeline = record_timeline;
+             o.pinned_limit_bytes = pinned_limit_bytes;
+             o.max_grad_norm = max_grad_norm;
+             o.seed = static_cast<uint64_t>(seed);
+             return std::make_shared<OptimizerCore>(o);
+           }),
+           py::arg("name"), py::arg("overlap") = true, py::arg("record_timeline") = false,
+           py::arg("pinned_limit_bytes") = int64_t(4) << 30, py::arg("max_grad_norm") = 0.0, py::arg("seed") = 0)
+      .def("add_param", &OptimizerCore::add_param, py::arg("param"), py::arg("group"), py::arg("projected"),
+           py::arg("subspace") = 0, py::arg("nnz") = 0)
+      .def_property_readonly("num_slots", &OptimizerCore::num_slots)
+      .def("set_groups",
+           [](OptimizerCore& c, const std::vector<std::tuple<double, double, double, double, double, int64_t, double,
+                                                            int64_t, double>>& gs) {
+             std::vector<lspo::GroupHyper> v;
+             for (const auto& t : gs) {
+               lspo::GroupHyper h;
+               std::tie(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.refit_every, h.refit_threshold,
+                        h.refit_iters, h.refit_lr) = t;
+               v.push_back(h);
+             }
+             c.set_groups(std::move(v));
+           },
+           "Per group: (lr, beta1, beta2, eps, weight_decay, refit_every, refit_threshold, refit_iters, refit_lr).")
+      .def("set_max_grad_norm", &OptimizerCore::set_max_grad_norm)
+      .def("on_grad", &OptimizerCore::on_grad, py::call_guard<py::gil_scoped_release>())
+      .def("on_compressed", &OptimizerCore::on_compressed, py::call_guard<py::gil_scoped_release>())
+      .def("dense_this_step", &OptimizerCore::dense_this_step)
+      .def(
+          "step",
+          [](OptimizerCore& c, std::optional<double> amp_scale, bool found_inf, bool unscaled_by_caller) {
+            lspo::StepInputs in;
+            in.amp_scale = amp_scale;
+            in.found_inf = found_inf;
+            in.unscaled_by_caller = unscaled_by_caller;
+            lspo::StepResult r;
+            std::vector<int64_t> dense_next;
+            {
+              py::gil_scoped_release nogil;
+              r = c.step(in);
+              for (int64_t i = 0; i < c.num_slots(); ++i)
+                if (c.is_projected(i) && c.dense_this_step(i)) dense_next.push_back(i);
+            }
+            return py::make_tuple(r.ran, r.skipped, r.grad_norm, c.grads_modified_after_hook(), dense_next,
+                                  static_cast<int64_t>(c.refits().size()));
+          },
+          py::arg("amp_scale") = py::none(), py::arg("found_inf") = false, py::arg("unscaled_by_caller") = false,
+          "Returns (ran, skipped, grad_norm, grads_modified_after_hook, slots whose next step is dense, "
+          "number of refit records).")
+      .def("zero_grad", &OptimizerCore::zero_grad, py::call_guard<py::gil_scoped_release>())
+      .def("is_projected", &OptimizerCore::is_projected)
+      .def("allocated", &OptimizerCore::allocated)
+      .def("step_count", &OptimizerCore::step_count)
+      .def("slot_name", &OptimizerCore::slot_name)
+      .def("projectors",
+           [](const OptimizerCore& c, int64_t i) {
+             auto pq = c.projectors(i);
+             return py::make_tuple(pq.first.indices, pq.first.values, pq.first.d, pq.second.indices,
+                                   pq.second.values, pq.second.d);
+           })
+      .def("state", [](const OptimizerCore& c, int64_t i, bool copy) { return state_to_py(c.state(i, copy)); },
+           py::arg("slot"), py::arg("copy") = false)
+      .def("load_state", [](OptimizerCore& c, int64_t i, const py::dict& d,
+                            bool dry_run) { c.load_state(i, state_from_py(d), dry_run); },
+           py::arg("slot"), py::arg("state"), py::arg("dry_run") = false)
+      .def("refits",
+           [](const OptimizerCore& c, int64_t start) {
+             py::list l;
+             auto rs = c.refits();
+             for (size_t k = static_cast<size_t>(std::max<int64_t>(start, 0)); k < rs.size(); ++k) {
+               const auto& r = rs[k];
+               py::dict d;
+               d["step"] = r.step;
+               d["param"] = r.param;
+               d["error_before"] = r.error_before;
+               d["refit"] = r.refit;
+               if (r.refit) d["error_after"] = r.error_after;
+               d["seconds"] = r.seconds;
+               l.append(d);
+             }
+             return l;
+           },
+           py::arg("start") = 0)
+      .def_property_readonly("skipped_steps", &OptimizerCore::skipped_steps)
+      .def_property_readonly("last_step_skipped", &OptimizerCore::last_step_skipped)
+      .def_property_readonly("last_grad_norm", &OptimizerCore::last_grad_norm)
+      .def("wait_all", [](OptimizerCore& c) { c.engine().wait_all(); }, py::call_guard<py::gil_scoped_release>())
+      .def("stats",
+           [](const OptimizerCore& c) {
+             auto s = c.engine().stats();
+             py::dict d;
+             d["pinned_bytes"] = s.pinned_bytes;
+             d["pageable_bytes"] = s.pageable_bytes;
+             d["pin_fallbacks"] = s.pin_fallbacks;
+             d["jobs_run"] = s.jobs_run;
+             d["commits"] = s.commits;
+             d["slots_allocated"] = c.engine().num_slots();
+             return d;
+           })
+      .def_property_readonly("overlap", [](const OptimizerCore& c) { return c.engine().options().overlap; })
+      .def("now_us", [](const OptimizerCore& c) { return c.engine().now_us(); })
+      .def("add_event", [](OptimizerCore& c, const std::string& name, const std::string& cat, int64_t tid, double t0,
+                           double t1) { c.engine().add_event(name, cat, tid, t0, t1); })
+      .def("timeline_json", [](const OptimizerCore& c) { return c.engine().timeline_json(); })
+      .def("clear_timeline", [](OptimizerCore& c) { c.engine().clear_timeline(); })
+      .def("set_record_timeline", [](OptimizerCore& c, bool on) { c.engine().set_record_timeline(on); });
+}

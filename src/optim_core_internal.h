@@ -1,0 +1,89 @@
+// Internal: the slot record and private state of lspo::OptimizerCore (optim_core*.cpp only).
+#pragma once
+#include <c10/util/intrusive_ptr.h>
+
+#include <memory>
+#include <optional>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "lspo/optim_core.h"
+#ifdef LSPO_WITH_CUDA
+#include "lspo/cuda.h"
+#endif
+
+namespace lspo {
+
+// The inputs a speculative Adam job used; a job is committed only if they equal the step's.
+struct SpecKey {
+  int64_t step = 0;
+  double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0, grad_scale = 1;
+  bool operator==(const SpecKey& o) const;
+};
+
+struct CoreSlot {
+  torch::Tensor param;       // same TensorImpl as the face's parameter
+  int64_t group = 0;
+  int64_t index = 0;         // registration (forward) order; the engine queue's priority
+  bool projected = false;
+  std::string name;          // one name everywhere: engine slot, timeline, refit records
+  int64_t eslot = -1;        // engine slot; -1 until the first gradient (nothing allocated before)
+  int64_t step = 0;          // committed steps
+  uint32_t param_version = 0;  // the parameter's version when the host master last matched it
+  SparseProjector P, Q;      // projected: on the parameter's device
+  torch::Tensor acc;         // projected: accumulated S [dP, dQ] fp32 (undefined between steps)
+  int64_t acc_count = 0;
+  // speculation
+  bool has_spec = false;     // a job was submitted for the coming step
+  SpecKey spec;
+  bool host_fresh = false;   // the host gradient buffer holds the slot's current gradient
+  // dense: the gradient tensor copied to the host (weakly held) and its version then
+  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>> grad_seen;
+  uint32_t grad_version = 0;
+  torch::Tensor inflight;    // CUDA: the gradient being copied (kept referenced, see copy_to_host)
+#ifdef LSPO_WITH_CUDA
+  cuda::Event d2h_done, h2d_done, compute_ready;
+  bool d2h_pending = false, h2d_pending = false;
+#endif
+};
+
+struct OptimizerCore::Impl {
+  CoreOptions opt;
+  std::unique_ptr<OffloadEngine> engine;
+  std::vector<std::unique_ptr<CoreSlot>> slots;
+  std::vector<GroupHyper> groups;
+  std::vector<RefitRecord> refits;
+  int64_t num_projected = 0;
+  double spec_scale = 1.0;   // gradient scale speculations assume (the last step's AMP unscale)
+  int64_t skipped = 0;
+  bool last_skipped = false;
+  double last_norm = 0;
+  int64_t grads_modified = 0;
+  mutable std::mutex mu;     // hooks (autograd threads) vs step() vs introspection
+#ifdef LSPO_WITH_CUDA
+  cuda::Stream d2h, h2d;     // the two copy streams (created on first CUDA use)
+  int device = -1;
+#endif
+
+  CoreSlot& slot(int64_t i, const char* fn) const;
+  const GroupHyper& hyper(const CoreSlot& s) const;
+  bool refit_pending(const CoreSlot& s) const;
+  bool has_grad(const CoreSlot& s) const;
+  SpecKey key(const CoreSlot& s, int64_t step, double grad_scale) const;
+  void ensure_allocated(CoreSlot& s);
+  void sync_master(CoreSlot& s);
+  void submit(CoreSlot& s, const SpecKey& k);
+  void accumulate(CoreSlot& s, const torch::Tensor& S, bool owned);
+  void refit(CoreSlot& s, const torch::Tensor& G);
+  void drop(CoreSlot& s);
+  // optim_core_copy.cpp: host <-> device
+  void copy_to_host(CoreSlot& s, const torch::Tensor& src);  // src -> grad buffer (+ marks fresh)
+  bool same_grad(const CoreSlot& s, const torch::Tensor& g) const;
+  uintptr_t ready_event(CoreSlot& s);   // the D2H copy's event for the worker (0: none)
+  void wait_upload(CoreSlot& s);        // the last H2D from out_buffer finished
+  void before_acc_write(CoreSlot& s);   // the compute stream waits for the last D2H of acc
+  void finish(CoreSlot& s);             // committed result -> the parameter
+};
+
+}  // namespace lspo

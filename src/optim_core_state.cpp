@@ -1,0 +1,87 @@
+// The optimizer core's state (lspo/optim_core.h): what both faces' checkpoints hold, one format.
+#include "optim_core_internal.h"
+
+namespace lspo {
+
+std::optional<SlotState> OptimizerCore::state(int64_t i, bool copy) const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  const CoreSlot& s = impl_->slot(i, "state");
+  if (s.eslot < 0) return std::nullopt;  // no gradient yet: no state (as torch's optimizers)
+  OffloadEngine& eng = *impl_->engine;
+  eng.wait(s.eslot);
+  const std::vector<int64_t> shape = s.projected ? std::vector<int64_t>{s.P.d, s.Q.d} : s.param.sizes().vec();
+  auto view = [&](const torch::Tensor& t) { return copy ? t.view(shape).clone() : t.view(shape); };
+  auto keep = [&](const torch::Tensor& t) { return copy ? t.clone() : t; };
+  SlotState st;
+  st.step = s.step;
+  st.exp_avg = view(eng.exp_avg(s.eslot));
+  st.exp_avg_sq = view(eng.exp_avg_sq(s.eslot));
+  if (s.projected) {
+    st.P_indices = keep(s.P.indices);
+    st.P_values = keep(s.P.values);
+    st.Q_indices = keep(s.Q.indices);
+    st.Q_values = keep(s.Q.values);
+  } else {
+    st.master_param = view(eng.master(s.eslot));
+  }
+  return st;
+}
+
+void OptimizerCore::load_state(int64_t i, const SlotState& st, bool dry_run) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lk(I.mu);
+  CoreSlot& s = I.slot(i, "load_state");
+  const std::string who = I.opt.name + ".load_state_dict (parameter " + std::to_string(i) + ", '" + s.name + "')";
+  torch::NoGradGuard ng;
+  LSPO_CHECK(st.step >= 0, who, ": step must be >= 0, got ", st.step);
+  LSPO_CHECK(st.exp_avg.defined() && st.exp_avg_sq.defined(), who, ": the state lacks exp_avg / exp_avg_sq");
+  LSPO_CHECK(!(s.projected && !st.P_indices.defined() && st.master_param.defined()), who,
+             ": saved as a dense parameter, projected here (different subspace/min_dim/project options?)");
+  LSPO_CHECK(!(!s.projected && st.P_indices.defined()), who,
+             ": saved as a projected parameter, dense here (different subspace/min_dim/project options?)");
+  SparseProjector P, Q;
+  if (s.projected) {
+    LSPO_CHECK(st.P_indices.defined() && st.P_values.defined() && st.Q_indices.defined() && st.Q_values.defined(),
+               who, ": the state of a projected parameter lacks its projectors (proj_P_indices, proj_P_values, ",
+               "proj_Q_indices, proj_Q_values); was it saved by an LSPAdamW over the same parameters?");
+    LSPO_CHECK(st.exp_avg.numel() == s.P.d * s.Q.d && st.exp_avg_sq.numel() == s.P.d * s.Q.d, who,
+               ": exp_avg has ", st.exp_avg.numel(), " elements, this optimizer's subspace is ", s.P.d, " x ", s.Q.d,
+               " (different subspace?)");
+    P = SparseProjector::from_tensors(st.P_indices.to(s.param.device()), st.P_values.to(s.param.device()), s.P.d);
+    Q = SparseProjector::from_tensors(st.Q_indices.to(s.param.device()), st.Q_values.to(s.param.device()), s.Q.d);
+    LSPO_CHECK(P.n() == s.P.n() && Q.n() == s.Q.n() && P.r() == s.P.r() && Q.r() == s.Q.r(), who,
+               ": the saved projectors (", P.n(), " x ", P.r(), ", ", Q.n(), " x ", Q.r(),
+               ") do not fit this parameter's (", s.P.n(), " x ", s.P.r(), ", ", s.Q.n(), " x ", s.Q.r(),
+               ") (different subspace?)");
+    LSPO_CHECK(st.exp_avg.numel() == s.P.d * s.Q.d && st.exp_avg_sq.numel() == s.P.d * s.Q.d, who,
+               ": exp_avg has ", st.exp_avg.numel(), " elements, this optimizer's subspace is ", s.P.d, " x ", s.Q.d,
+               " (different subspace?)");
+  } else {
+    LSPO_CHECK(st.master_param.defined(), who, ": the state lacks 'master_param' (was it saved by an lspo ",
+               "offloading optimizer? torch's AdamW state has no master copy)");
+    const int64_t n = s.param.numel();
+    LSPO_CHECK(st.exp_avg.numel() == n && st.exp_avg_sq.numel() == n && st.master_param.numel() == n, who,
+               ": exp_avg / exp_avg_sq / master_param have ", st.exp_avg.numel(), " / ", st.exp_avg_sq.numel(), " / ",
+               st.master_param.numel(), " elements, the parameter ", n);
+  }
+  for (const torch::Tensor* t : {&st.exp_avg, &st.exp_avg_sq, &st.master_param})
+    if (t->defined())
+      LSPO_CHECK(t->is_floating_point(), who, ": state tensors must be floating point, got ", t->scalar_type());
+  if (dry_run) return;
+  I.ensure_allocated(s);
+  OffloadEngine& eng = *I.engine;
+  eng.wait(s.eslot);
+  eng.exp_avg(s.eslot).copy_(st.exp_avg.reshape(-1));
+  eng.exp_avg_sq(s.eslot).copy_(st.exp_avg_sq.reshape(-1));
+  if (s.projected) {
+    s.P = std::move(P);
+    s.Q = std::move(Q);
+  } else {
+    eng.master(s.eslot).copy_(st.master_param.reshape(-1));
+    s.param_version = s.param._version();  // the loaded master is the truth for the current weights
+  }
+  s.step = st.step;
+  I.drop(s);
+}
+
+}  // namespace lspo
