@@ -131,7 +131,8 @@ def _hook(opt_ref: "weakref.ref", slot: int):
         opt = opt_ref()
         if opt is not None:
             opt._core.on_grad(slot)
-    return on_grad
+    # a gradient hook: never traced (the backward of a torch.compile'd training step runs it)
+    return torch.compiler.disable(on_grad)
 
 
 class OffloadAdamW(torch.optim.Optimizer):
@@ -220,6 +221,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             self._core.set_max_grad_norm(float(self.max_grad_norm or 0.0))
             self._core_max_norm = self.max_grad_norm
 
+    @torch.compiler.disable  # host engine and Python state: torch.compile runs the step eagerly
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -254,6 +256,7 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _on_grads_modified(self) -> None:
         """Dense gradients changed between backward and step() (clip_grad_norm_, ...)."""
 
+    @torch.compiler.disable  # as step(): never traced
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         self._core.zero_grad()

@@ -5,6 +5,8 @@ nonzeros per row: ``indices`` int32 ``[n, r]`` (fixed positions) and ``values`` 
 (learned). A layer with weight gradient ``G [m, n]`` uses a pair ``(P, Q)``; the compressed gradient is
 ``S = P^T G Q`` (``[dP, dQ]``). Every function takes fp32 or bf16 inputs, accumulates in fp32 and
 returns fp32; CPU and CUDA tensors (the projector's device). Errors raise ``lspo.LspoError``.
+The tensor operations are PyTorch operators ``torch.ops.lspo.<name>`` (named in the profiler,
+traceable by ``torch.compile``); the functions here call them.
 
 Serialisation: ``torch.save(P.state_dict(), f)`` and
 ``SparseProjector.from_state_dict(torch.load(f, weights_only=True))``.
@@ -93,45 +95,114 @@ class SparseProjector:
         return f"SparseProjector(n={self.n}, d={self.d}, r={self.r}, device={self.device})"
 
 
+# ---------------------------------------------------------------- the dispatcher operators
+# torch.ops.lspo.* (python/src/ops_projector.cpp: CPU and CUDA kernels). Their fake implementations
+# below give torch.compile / FakeTensor the output shapes (every output is fp32 and contiguous, on
+# the input's device); the real kernels check the arguments.
+_ops = torch.ops.lspo
+
+
+def _f32(like: torch.Tensor, *shape) -> torch.Tensor:
+    return like.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("lspo::right_project")
+def _(X, P_indices, P_values, P_d):
+    torch._check(X.dim() == 2, lambda: "lspo::right_project: X must be 2-D")
+    return _f32(X, X.shape[0], P_d)
+
+
+@torch.library.register_fake("lspo::left_project")
+def _(P_indices, P_values, P_d, Y):
+    torch._check(Y.dim() == 2, lambda: "lspo::left_project: Y must be 2-D")
+    return _f32(Y, P_d, Y.shape[1])
+
+
+@torch.library.register_fake("lspo::compress")
+def _(P_indices, P_values, P_d, Q_indices, Q_values, Q_d, G):
+    return _f32(G, P_d, Q_d)
+
+
+@torch.library.register_fake("lspo::project_input")
+def _(P_indices, P_values, P_d, X):
+    torch._check(X.dim() == 2, lambda: "lspo::project_input: X must be 2-D")
+    return _f32(X, P_d, X.shape[0])
+
+
+@torch.library.register_fake("lspo::project_grad_output")
+def _(Q_indices, Q_values, Q_d, dY):
+    torch._check(dY.dim() == 2, lambda: "lspo::project_grad_output: dY must be 2-D")
+    return _f32(dY, dY.shape[0], Q_d)
+
+
+@torch.library.register_fake("lspo::compress_activations")
+def _(P_indices, P_values, P_d, Q_indices, Q_values, Q_d, X, dY):
+    return _f32(X, P_d, Q_d)
+
+
+@torch.library.register_fake("lspo::decompress")
+def _(P_indices, P_values, P_d, Q_indices, Q_values, Q_d, Delta):
+    return _f32(Delta, P_indices.shape[0], Q_indices.shape[0])
+
+
+@torch.library.register_fake("lspo::apply_")
+def _(W, P_indices, P_values, P_d, Q_indices, Q_values, Q_d, Delta, alpha):
+    return None
+
+
+def _call(op, *args):
+    """Runs a dispatcher operator; an lspo check that failed inside it raises ``lspo.LspoError``
+    (the dispatcher reports C++ exceptions as RuntimeError)."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    try:
+        return op(*args)
+    except RuntimeError as e:
+        msg = str(e)
+        if isinstance(e, _C.LspoError) or not msg.startswith("lspo: "):
+            raise
+        raise _C.LspoError(msg) from None
+
+
 def right_project(X: torch.Tensor, P: SparseProjector) -> torch.Tensor:
     """``X [k, n] @ P -> [k, d]``."""
-    return _C.projector_right_project(X, *P._t())
+    return _call(_ops.right_project, X, *P._t())
 
 
 def left_project(P: SparseProjector, Y: torch.Tensor) -> torch.Tensor:
     """``P^T @ Y [n, k] -> [d, k]``."""
-    return _C.projector_left_project(*P._t(), Y)
+    return _call(_ops.left_project, *P._t(), Y)
 
 
 def compress(P: SparseProjector, Q: SparseProjector, G: torch.Tensor) -> torch.Tensor:
     """``S = P^T G Q`` for ``G [m, n]``."""
-    return _C.projector_compress(*P._t(), *Q._t(), G)
+    return _call(_ops.compress, *P._t(), *Q._t(), G)
 
 
 def project_input(P: SparseProjector, X: torch.Tensor) -> torch.Tensor:
     """``A = P^T X^T`` (``[dP, tokens]``) for ``X [tokens, m]``; can be kept from forward instead of X."""
-    return _C.projector_project_input(*P._t(), X)
+    return _call(_ops.project_input, *P._t(), X)
 
 
 def project_grad_output(Q: SparseProjector, dY: torch.Tensor) -> torch.Tensor:
     """``B = dY Q`` (``[tokens, dQ]``) for ``dY [tokens, n]``."""
-    return _C.projector_project_grad_output(*Q._t(), dY)
+    return _call(_ops.project_grad_output, *Q._t(), dY)
 
 
 def compress_activations(P: SparseProjector, Q: SparseProjector, X: torch.Tensor, dY: torch.Tensor) -> torch.Tensor:
     """``S = (P^T X^T)(dY Q)``: the compressed gradient of ``G = X^T dY`` without forming G.
     (For ``torch.nn.Linear``, weight ``[out, in]`` and ``G = dY^T X``: pass ``(dY, X)`` as ``(X, dY)``.)"""
-    return _C.projector_compress_activations(*P._t(), *Q._t(), X, dY)
+    return _call(_ops.compress_activations, *P._t(), *Q._t(), X, dY)
 
 
 def decompress(P: SparseProjector, Q: SparseProjector, Delta: torch.Tensor) -> torch.Tensor:
     """``P Delta Q^T -> [m, n]`` fp32."""
-    return _C.projector_decompress(*P._t(), *Q._t(), Delta)
+    return _call(_ops.decompress, *P._t(), *Q._t(), Delta)
 
 
 def apply_(W: torch.Tensor, P: SparseProjector, Q: SparseProjector, Delta: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``W += alpha * P Delta Q^T`` in place, in W's dtype (fp32 or bf16), without an fp32 m x n temporary."""
-    _C.projector_apply_(W, *P._t(), *Q._t(), Delta, float(alpha))
+    _call(_ops.apply_, W, *P._t(), *Q._t(), Delta, float(alpha))
     return W
 
 

@@ -1,6 +1,8 @@
 // Bindings of the public projector API (include/lspo/projector.h). A projector crosses the boundary
 // as the plain triple (indices int32 [n, r], values fp32 [n, r], d); python/lspo/projector.py wraps
 // it in lspo.SparseProjector. The C++ operations check every argument (named lspo::Error messages).
+// The tensor-in, tensor-out operations (right_project, compress, apply_, ...) are dispatcher
+// operators instead (torch.ops.lspo.*, ops_projector.cpp); this file binds the rest.
 #include <string>
 #include <tuple>
 #include <vector>
@@ -60,32 +62,6 @@ LSPO_REGISTER_BINDINGS(projector) {
       py::arg("init") = "gaussian", "Random (d, r)-sparse projector of a dimension n: (indices, values).");
   m.def("projector_validate", [](PJ(P)) { PW(P).validate(); }, PA(P),
         "Full check of a projector (shapes, dtypes, index range, distinct positions per row, finite values).");
-  m.def("projector_right_project", [](const torch::Tensor& X, PJ(P)) { return lspo::right_project(X, PW(P)); },
-        py::arg("X"), PA(P), "X [k, n] @ P -> [k, d] fp32.");
-  m.def("projector_left_project", [](PJ(P), const torch::Tensor& Y) { return lspo::left_project(PW(P), Y); }, PA(P),
-        py::arg("Y"), "P^T @ Y [n, k] -> [d, k] fp32.");
-  m.def("projector_compress", [](PJ(P), PJ(Q), const torch::Tensor& G) { return lspo::compress(PW(P), PW(Q), G); },
-        PA(P), PA(Q), py::arg("G"), "P^T G Q -> [dP, dQ] fp32.");
-  m.def("projector_project_input", [](PJ(P), const torch::Tensor& X) { return lspo::project_input(PW(P), X); },
-        PA(P), py::arg("X"), "A = P^T X^T -> [dP, tokens] fp32.");
-  m.def("projector_project_grad_output",
-        [](PJ(Q), const torch::Tensor& dY) { return lspo::project_grad_output(PW(Q), dY); }, PA(Q), py::arg("dY"),
-        "B = dY Q -> [tokens, dQ] fp32.");
-  m.def(
-      "projector_compress_activations",
-      [](PJ(P), PJ(Q), const torch::Tensor& X, const torch::Tensor& dY) {
-        return lspo::compress_activations(PW(P), PW(Q), X, dY);
-      },
-      PA(P), PA(Q), py::arg("X"), py::arg("dY"), "(P^T X^T)(dY Q) -> [dP, dQ] fp32.");
-  m.def("projector_decompress",
-        [](PJ(P), PJ(Q), const torch::Tensor& Delta) { return lspo::decompress(PW(P), PW(Q), Delta); }, PA(P), PA(Q),
-        py::arg("Delta"), "P Delta Q^T -> [m, n] fp32.");
-  m.def(
-      "projector_apply_",
-      [](torch::Tensor W, PJ(P), PJ(Q), const torch::Tensor& Delta, double alpha) {
-        lspo::apply_(W, PW(P), PW(Q), Delta, alpha);
-      },
-      py::arg("W"), PA(P), PA(Q), py::arg("Delta"), py::arg("alpha"), "W += alpha P Delta Q^T in place (W's dtype).");
   m.def(
       "projector_relative_error",
       [](PJ(P), PJ(Q), const py::list& samples) { return lspo::relative_error(PW(P), PW(Q), samples_from(samples)); },
