@@ -474,6 +474,11 @@ bool OptimizerCore::is_projected(int64_t i) const {
   std::lock_guard<std::mutex> lk(impl_->mu);
   return impl_->slot(i, "is_projected").projected;
 }
+torch::Tensor OptimizerCore::accumulated(int64_t i) const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  const CoreSlot& s = impl_->slot(i, "accumulated");
+  return s.projected && s.acc_count > 0 ? s.acc.clone() : torch::Tensor();
+}
 bool OptimizerCore::allocated(int64_t i) const {
   std::lock_guard<std::mutex> lk(impl_->mu);
   return impl_->slot(i, "allocated").eslot >= 0;

@@ -111,6 +111,8 @@ class OptimizerCore {
 
   // Introspection and state.
   bool is_projected(int64_t slot) const;
+  // projected: the compressed gradient accumulated since the last step (a copy; undefined if none)
+  torch::Tensor accumulated(int64_t slot) const;
   bool allocated(int64_t slot) const;
   int64_t step_count(int64_t slot) const;
   const std::string& slot_name(int64_t slot) const;

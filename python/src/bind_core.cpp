@@ -109,6 +109,11 @@ LSPO_REGISTER_BINDINGS(core) {
       .def("zero_grad", &OptimizerCore::zero_grad, py::call_guard<py::gil_scoped_release>())
       .def("is_projected", &OptimizerCore::is_projected)
       .def("allocated", &OptimizerCore::allocated)
+      .def("accumulated", [](const OptimizerCore& c, int64_t i) -> py::object {
+        torch::Tensor t = c.accumulated(i);
+        if (!t.defined()) return py::none();
+        return py::cast(t);
+      })
       .def("step_count", &OptimizerCore::step_count)
       .def("slot_name", &OptimizerCore::slot_name)
       .def("projectors",

@@ -200,7 +200,7 @@ def test_autocast_bf16_wrapped_backward_matches_plain():
     for p1, p2 in zip(o1.projected_params, o2.projected_params):
         # m1: S = P^T G Q of the dense G that autocast computed from bf16 X and dY; m2: from fp32 X Q
         # and bf16 dY -- they differ by the bf16 rounding of X (relative 2^-9 per element)
-        S1, S2 = o1._slots[p1].acc, o2._slots[p2].acc
+        S1, S2 = o1._core.accumulated(o1._index[p1]), o2._core.accumulated(o2._index[p2])
         assert float((S2 - S1).norm() / S1.norm()) < 1e-2
     o1.step()
     o2.step()
