@@ -1,0 +1,323 @@
+#!/usr/bin/env python3
+"""MEFT sparse adapters (lspo.meft): the lazy CPU Adam against the memory roofline and its peers, the
+bytes crossing host <-> device, and fine-tuning quality against LoRA at equal device memory.
+
+1. Sparse Adam: a host adapter state of --rows rows x --row-len fp32 (master + 2 moments, bf16 working
+   copy); each step touches a random --touch fraction of the rows (bf16 gradients). Timed (best of
+   --reps): lspo._C.sparse_adam_step; torch.optim.SparseAdam (torch's lazy Adam, fp32 sparse COO
+   gradient, no working copy, no weight decay: a lighter job, charged nothing extra); and the dense
+   fused step lspo._C.adam_step over the whole matrix (what a dense CPU adapter update -- MEFT's
+   public code -- does). Bytes per touched element: bf16 grad 2 + p, m, v read and written 24 +
+   bf16 out 2 = 28; roofline_fraction = 28 * elements / time / the best STREAM bandwidth measured in
+   the same run (benchmarks/cpu_adam.py's triad()).
+2. Fine-tuning protocol (written here: no shared protocol module exists yet): lspo.tinygpt.TinyGPT
+   (bytes as tokens) pretrained from scratch on examples/data/tinyshakespeare.txt with torch AdamW,
+   then supervised fine-tuning on GSM8K (examples/data/gsm8k: "Question: ...\\nAnswer: ..." as bytes,
+   the loss on the answer bytes only, sequences cut to the context keeping at least half for the
+   answer). Everything of the base model frozen; two runs from the same pretrained weights, the
+   same batches, steps and seed:
+     meft   lspo.meft adapters beside every FFN (--neurons, --topk, --experts, --probe), MeftAdamW;
+     lora   peft LoRA on every block linear (qkv, proj, fc, fc_out) + torch AdamW, its rank chosen so
+            that its device bytes (weights + grads + 2 Adam moments, fp32) match MEFT's measured peak
+            device bytes (the gathered rows of all layers + their gradients, fp32).
+   Held-out loss: answer-token cross-entropy on the first --eval-examples GSM8K test problems.
+   bytes_moved_vs_dense = (rows host->device + inputs and row gradients device->host) / (a dense
+   adapter of the same N: every row down, every row's gradient up), summed over the MEFT run.
+
+  python benchmarks/meft.py --quick      small sizes (a few minutes on a 2-core VM)
+Last stdout line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+import lspo  # noqa: E402
+from lspo import meft  # noqa: E402
+from lspo.tinygpt import TinyGPT, TinyGPTConfig, batches, load_text  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from cpu_adam import triad  # noqa: E402  (one copy of the roofline measurement)
+
+BYTES_PER_ELEM = 28
+TARGETS = ("qkv", "proj", "fc", "fc_out")
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------ 1. sparse Adam
+def best_time(fn, reps):
+    fn()  # warm-up
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_sparse_adam(rows, row_len, touch, reps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(rows, row_len, generator=g)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    steps = torch.zeros(rows, dtype=torch.long)
+    work = p.to(torch.bfloat16)
+    n = max(1, int(rows * touch))
+    idx = torch.sort(torch.randperm(rows, generator=g)[:n]).values
+    grad = torch.randn(n, row_len, generator=g).to(torch.bfloat16)
+    hp = dict(lr=1e-3, weight_decay=0.01)
+    t_sparse = best_time(lambda: lspo._C.sparse_adam_step(p, m, v, steps, idx, grad, param_out=work, **hp), reps)
+    # the dense fused step over the whole matrix (a dense CPU adapter update)
+    gd = torch.zeros(rows, row_len, dtype=torch.bfloat16)
+    gd[idx] = grad
+    t_dense = best_time(lambda: lspo._C.adam_step(p, m, v, gd, param_out=work, step=1, **hp), reps)
+    del gd
+    # torch's lazy Adam on a sparse COO gradient
+    tp = torch.nn.Parameter(p.clone())
+    opt = torch.optim.SparseAdam([tp], lr=1e-3)
+    sg = torch.sparse_coo_tensor(idx.unsqueeze(0), grad.float(), (rows, row_len)).coalesce()
+
+    def torch_step():
+        tp.grad = sg
+        opt.step()
+    t_torch = best_time(torch_step, reps)
+    return dict(touched_rows=n, t_sparse=t_sparse, t_dense=t_dense, t_torch=t_torch)
+
+
+# ------------------------------------------------------------------ 2. the fine-tuning protocol
+def gsm8k_examples(split, limit=None):
+    out = []
+    with open(ROOT / "examples" / "data" / "gsm8k" / f"{split}.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            out.append((f"Question: {r['question']}\nAnswer: ".encode(), (r["answer"] + "\n").encode()))
+            if limit and len(out) >= limit:
+                break
+    return out
+
+
+def encode(ex, block):
+    """(input, target) of block+1 bytes max; targets -100 outside the answer."""
+    q, a = ex
+    q = q[-max(block + 1 - len(a), (block + 1) // 2):]
+    seq = (q + a)[:block + 1]
+    lab = ([-100] * len(q) + list(a))[:block + 1]
+    x = torch.tensor(list(seq[:-1]), dtype=torch.long)
+    y = torch.tensor(lab[1:], dtype=torch.long)
+    return x, y
+
+
+def collate(items, block):
+    xs, ys = zip(*(encode(e, block) for e in items))
+    t = max(len(x) for x in xs)
+    X = torch.zeros(len(xs), t, dtype=torch.long)
+    Y = torch.full((len(xs), t), -100, dtype=torch.long)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        X[i, :len(x)] = x
+        Y[i, :len(y)] = y
+    return X, Y
+
+
+def answer_loss(model, X, Y):
+    logits = model(X)[0]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1),
+                                             ignore_index=-100)
+
+
+@torch.no_grad()
+def heldout_loss(model, test, block, bs=16):
+    was = model.training
+    model.eval()
+    tot, n = 0.0, 0
+    for i in range(0, len(test), bs):
+        X, Y = collate(test[i:i + bs], block)
+        k = int((Y != -100).sum())
+        tot += float(answer_loss(model, X, Y)) * k
+        n += k
+    model.train(was)
+    return tot / max(n, 1)
+
+
+def pretrain(cfg, steps, lr, seed):
+    torch.manual_seed(seed)
+    model = TinyGPT(cfg)
+    train, _ = load_text(ROOT / "examples" / "data" / "tinyshakespeare.txt")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    it = batches(train, 16, 128, seed=seed)
+    for _ in range(steps):
+        x, y = next(it)
+        loss = model(x, y)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.state_dict(), float(loss)
+
+
+def sft(model, opt, train, test, steps, bs, block, seed, max_norm=1.0):
+    g = torch.Generator().manual_seed(seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    t0 = time.perf_counter()
+    losses = []
+    for _ in range(steps):
+        ix = torch.randint(len(train), (bs,), generator=g).tolist()
+        X, Y = collate([train[i] for i in ix], block)
+        loss = answer_loss(model, X, Y)
+        loss.backward()
+        if trainable:
+            torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return dict(heldout_loss=heldout_loss(model, test, block), train_loss_last10=sum(losses[-10:]) / 10,
+                seconds=time.perf_counter() - t0)
+
+
+def lora_params_per_rank(model):
+    return sum(getattr(b, t).in_features + getattr(b, t).out_features for b in model.blocks for t in TARGETS)
+
+
+def run_lora(cfg, base, rank, lr, data, a):
+    from peft import LoraConfig, inject_adapter_in_model
+    model = TinyGPT(cfg)
+    model.load_state_dict(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(a.seed)
+    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(TARGETS)),
+                                    model)
+    trainable = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    r = sft(model, opt, *data, a.sft_steps, a.batch, cfg.block_size, a.seed)
+    r["device_bytes"] = 16 * sum(p.numel() for p in trainable)
+    return r
+
+
+def run_meft(cfg, base, lr, data, a):
+    model = TinyGPT(cfg)
+    model.load_state_dict(base)
+    ads = meft.add_sparse_adapters(model, neurons=a.neurons, topk=a.topk, experts=a.experts, probe=a.probe,
+                                   seed=a.seed)
+    opt = meft.MeftAdamW(model, lr=lr, weight_decay=0.0)
+    r = sft(model, opt, *data, a.sft_steps, a.batch, cfg.block_size, a.seed)
+    st = [ad.stats for ad in ads]
+    moved = sum(s["bytes_h2d"] + s["bytes_d2h"] for s in st)
+    dense = sum(s["dense_bytes"] for s in st)
+    r.update(device_bytes=sum(ad.device_bytes() for ad in ads), bytes_moved=moved, dense_bytes=dense,
+             union_fraction=sum(s["rows_moved"] for s in st) / sum(s["forwards"] * ad.neurons for s, ad in zip(st, ads)),
+             selected_per_token=sum(s["selected"] for s in st) / max(1, sum(s["tokens"] for s in st)),
+             host_bytes=sum(ad.master.numel() * (4 * 3 + 2) + ad.row_steps.numel() * 8 for ad in ads))
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rows", type=int, default=None, help="sparse Adam: state rows (default 65536; quick 16384)")
+    ap.add_argument("--row-len", type=int, default=2048, help="sparse Adam: row length (2 x hidden)")
+    ap.add_argument("--touch", type=float, default=0.05, help="sparse Adam: fraction of rows touched per step")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--n-embd", type=int, default=None, help="TinyGPT width (default 192; quick 128)")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="(default 1500; quick 300)")
+    ap.add_argument("--sft-steps", type=int, default=None, help="(default 600; quick 150)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--neurons", type=int, default=None, help="MEFT neurons per layer (default 16 x n_embd)")
+    ap.add_argument("--topk", type=int, default=16)
+    ap.add_argument("--experts", type=int, default=None, help="default round(sqrt(neurons))")
+    ap.add_argument("--probe", type=int, default=4)
+    ap.add_argument("--lr-meft", type=float, default=3e-3)
+    ap.add_argument("--lr-lora", type=float, default=3e-3)
+    ap.add_argument("--eval-examples", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    q = a.quick
+    a.rows = a.rows or (16384 if q else 65536)
+    a.n_embd = a.n_embd or (128 if q else 192)
+    a.pretrain_steps = a.pretrain_steps if a.pretrain_steps is not None else (300 if q else 1500)
+    a.sft_steps = a.sft_steps if a.sft_steps is not None else (150 if q else 600)
+    a.neurons = a.neurons or 16 * a.n_embd
+    a.experts = a.experts or max(1, round(math.sqrt(a.neurons)))
+    lspo.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
+    load0 = os.getloadavg()
+    log(f"# MEFT benchmark: {a.threads} threads, lspo ISA {lspo.active_isa()}, {platform.processor() or platform.machine()},"
+        f" torch {torch.__version__}, load average {load0[0]:.2f}")
+
+    # 1. sparse Adam
+    tri = max(triad(1 << 24, 3))
+    sa = bench_sparse_adam(a.rows, a.row_len, a.touch, a.reps, a.seed)
+    elems = sa["touched_rows"] * a.row_len
+    rows_per_s = sa["touched_rows"] / sa["t_sparse"]
+    frac = BYTES_PER_ELEM * elems / sa["t_sparse"] / tri
+    log(f"# sparse Adam: {a.rows} x {a.row_len} state, {sa['touched_rows']} rows touched: lspo {sa['t_sparse'] * 1e3:.2f} ms "
+        f"({rows_per_s:.0f} rows/s, {BYTES_PER_ELEM * elems / sa['t_sparse'] / 1e9:.1f} GB/s = {frac:.2f} of the "
+        f"{tri / 1e9:.1f} GB/s STREAM roofline); torch.optim.SparseAdam {sa['t_torch'] * 1e3:.2f} ms; dense fused step "
+        f"over all rows {sa['t_dense'] * 1e3:.2f} ms")
+
+    # 2. fine-tuning protocol
+    cfg = TinyGPTConfig(n_layer=4, n_head=4, n_embd=a.n_embd, block_size=256)
+    t0 = time.perf_counter()
+    base, pre_loss = pretrain(cfg, a.pretrain_steps, 1e-3, a.seed)
+    log(f"# pretrained TinyGPT n_embd {a.n_embd} for {a.pretrain_steps} steps on tinyshakespeare (last loss "
+        f"{pre_loss:.3f}, {time.perf_counter() - t0:.0f}s)")
+    data = (gsm8k_examples("train"), gsm8k_examples("test", a.eval_examples))
+    m0 = TinyGPT(cfg)
+    m0.load_state_dict(base)
+    base_loss = heldout_loss(m0, data[1], cfg.block_size)
+    rm = run_meft(cfg, base, a.lr_meft, data, a)
+    per_rank = 16 * lora_params_per_rank(m0)
+    rank = max(1, round(rm["device_bytes"] / per_rank))
+    rl = run_lora(cfg, base, rank, a.lr_lora, data, a)
+    topk_fraction = a.topk / a.neurons
+    ratio = rm["bytes_moved"] / rm["dense_bytes"]
+    log(f"# GSM8K SFT {a.sft_steps} steps x {a.batch}: held-out answer loss before {base_loss:.4f}; "
+        f"MEFT (N {a.neurons}, k {a.topk}, E {a.experts}, p {a.probe}, lr {a.lr_meft}) {rm['heldout_loss']:.4f} in "
+        f"{rm['seconds']:.0f}s, device {rm['device_bytes'] / 2**20:.2f} MiB, host {rm['host_bytes'] / 2**20:.1f} MiB; "
+        f"LoRA r {rank} (lr {a.lr_lora}) {rl['heldout_loss']:.4f} in {rl['seconds']:.0f}s, device "
+        f"{rl['device_bytes'] / 2**20:.2f} MiB")
+    log(f"# transfer: {ratio:.4f} of a dense adapter's bytes (k/N = {topk_fraction:.4f}); rows moved per step and "
+        f"layer = {rm['union_fraction']:.3f} of N; neurons used per token {rm['selected_per_token']:.1f}")
+    out = {
+        "bytes_moved_vs_dense": round(ratio, 5),
+        "topk_fraction": round(topk_fraction, 5),
+        "bytes_target_met": ratio <= 1.5 * topk_fraction,
+        "rows_moved_fraction": round(rm["union_fraction"], 4),
+        "sparse_adam_rows_per_s": round(rows_per_s, 1),
+        "sparse_adam_row_len": a.row_len,
+        "sparse_adam_roofline_fraction": round(frac, 3),
+        "triad_gbytes_per_s": round(tri / 1e9, 2),
+        "sparse_adam_vs_torch_sparse_adam": round(sa["t_torch"] / sa["t_sparse"], 2),
+        "sparse_adam_vs_dense_step": round(sa["t_dense"] / sa["t_sparse"], 2),
+        "meft_vs_lora_loss_ratio": round(rm["heldout_loss"] / rl["heldout_loss"], 4),
+        "meft_heldout_loss": round(rm["heldout_loss"], 4),
+        "lora_heldout_loss": round(rl["heldout_loss"], 4),
+        "base_heldout_loss": round(base_loss, 4),
+        "lora_rank": rank,
+        "meft_device_bytes": rm["device_bytes"],
+        "lora_device_bytes": rl["device_bytes"],
+        "meft_seconds": round(rm["seconds"], 1),
+        "lora_seconds": round(rl["seconds"], 1),
+        "isa": lspo.active_isa(),
+        "threads": a.threads,
+        "quick": q,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
