@@ -12,6 +12,7 @@ from .projector import SparseProjector
 from .optim import OffloadAdamW
 from .lsp import LSPAdamW
 from . import tinygpt
+from . import meft
 
 __version__ = "0.1.0"
 with_cuda = bool(_C.with_cuda)

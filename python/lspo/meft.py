@@ -379,9 +379,9 @@ def add_sparse_adapters(model: nn.Module, neurons: int, topk: int, experts: Opti
     ``mlp`` module, lspo.tinygpt blocks) through forward hooks; freezes the model's own parameters
     unless freeze=False. Returns the adapters (also reachable as adapters_of(model))."""
     _check(not hasattr(model, _ATTR), "add_sparse_adapters: the model already has MEFT adapters")
-    hidden = _hidden_size(model)
     sites = _ffn_sites(model)
     _check(len(sites) > 0, "add_sparse_adapters: found no FFN block (a module with .mlp, or .fc and .fc_out)")
+    hidden = _hidden_size(model)
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)

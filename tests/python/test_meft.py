@@ -73,10 +73,12 @@ def test_sparse_forward_and_grad_equal_dense_masked(shape):
     x2 = x.detach().reshape(-1, h).clone().requires_grad_(True)
     yr, kv = _dense_reference(a, x2, ids)
     (yr.reshape(2, 13, h) * w).sum().backward()
-    torch.testing.assert_close(y.detach().reshape(-1, h), yr.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gx.reshape(-1, h), x2.grad, rtol=1e-5, atol=1e-6)
+    # fp32 sums of at most 26 O(1) products in another order: differences of a few 1e-6 (absolute)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y.detach().reshape(-1, h), yr.detach(), **tol)
+    torch.testing.assert_close(gx.reshape(-1, h), x2.grad, **tol)
     assert torch.equal(idx, torch.unique(ids[ids >= 0]))
-    torch.testing.assert_close(g, kv.grad[idx], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, kv.grad[idx], **tol)
     rest = torch.ones(n, dtype=torch.bool)
     rest[idx] = False
     assert bool((kv.grad[rest] == 0).all())  # the dense gradient lives on the selected rows only
@@ -146,14 +148,25 @@ def _train(model, opt, steps, seed=5):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
-def test_training_overlap_equals_serial_and_untouched_rows_stay():
+@pytest.fixture
+def one_torch_thread():
+    # torch's multi-threaded CPU GEMMs may split their reductions differently when another thread
+    # (here the Adam worker) keeps a core busy, which changes gradients in the last bits; with one
+    # torch thread the two schedules must agree bit for bit.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_training_overlap_equals_serial_and_untouched_rows_stay(one_torch_thread):
     ms, mo = _model(), _model()
-    a_s = meft.add_sparse_adapters(ms, neurons=96, topk=4, experts=8, probe=2)
-    a_o = meft.add_sparse_adapters(mo, neurons=96, topk=4, experts=8, probe=2)
+    a_s = meft.add_sparse_adapters(ms, neurons=1024, topk=2, experts=32, probe=1)
+    a_o = meft.add_sparse_adapters(mo, neurons=1024, topk=2, experts=32, probe=1)
     start = [a.master.clone() for a in a_s]
     ls = _train(ms, meft.MeftAdamW(ms, lr=1e-2, overlap=False), 4)
     lo = _train(mo, meft.MeftAdamW(mo, lr=1e-2, overlap=True), 4)
@@ -180,7 +193,7 @@ def test_adapters_learn_a_fixed_batch():
         loss = model(x[:, :-1], x[:, 1:])[1]
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.5, losses
 
 
@@ -195,7 +208,7 @@ def test_overlap_rejects_accumulation():
     opt.step()
 
 
-def test_checkpoint_resume_is_bit_exact():
+def test_checkpoint_resume_is_bit_exact(one_torch_thread):
     ref = _model()
     meft.add_sparse_adapters(ref, neurons=64, topk=4, experts=8, probe=2)
     opt = meft.MeftAdamW(ref, lr=1e-2)
