@@ -88,7 +88,7 @@ def bench_sparse_adam(rows, row_len, touch, reps, seed=0):
     # torch's lazy Adam on a sparse COO gradient
     tp = torch.nn.Parameter(p.clone())
     opt = torch.optim.SparseAdam([tp], lr=1e-3)
-    sg = torch.sparse_coo_tensor(idx.unsqueeze(0), grad.float(), (rows, row_len)).coalesce()
+    sg = torch.sparse_coo_tensor(idx.unsqueeze(0), grad.float(), (rows, row_len), check_invariants=False).coalesce()
 
     def torch_step():
         tp.grad = sg
@@ -163,7 +163,7 @@ def pretrain(cfg, steps, lr, seed):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return model.state_dict(), float(loss)
+    return model.state_dict(), float(loss.detach())
 
 
 def sft(model, opt, train, test, steps, bs, block, seed, max_norm=1.0):
@@ -180,7 +180,7 @@ def sft(model, opt, train, test, steps, bs, block, seed, max_norm=1.0):
             torch.nn.utils.clip_grad_norm_(trainable, max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return dict(heldout_loss=heldout_loss(model, test, block), train_loss_last10=sum(losses[-10:]) / 10,
                 seconds=time.perf_counter() - t0)
 
@@ -244,6 +244,8 @@ def main():
     ap.add_argument("--lr-lora", type=float, default=3e-3)
     ap.add_argument("--eval-examples", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "lspo"),
+                    help="keep the pretrained TinyGPT here and reuse it ('' disables)")
     a = ap.parse_args()
     q = a.quick
     a.rows = a.rows or (16384 if q else 65536)
@@ -272,9 +274,17 @@ def main():
     # 2. fine-tuning protocol
     cfg = TinyGPTConfig(n_layer=4, n_head=4, n_embd=a.n_embd, block_size=256)
     t0 = time.perf_counter()
-    base, pre_loss = pretrain(cfg, a.pretrain_steps, 1e-3, a.seed)
-    log(f"# pretrained TinyGPT n_embd {a.n_embd} for {a.pretrain_steps} steps on tinyshakespeare (last loss "
-        f"{pre_loss:.3f}, {time.perf_counter() - t0:.0f}s)")
+    cache = Path(a.cache_dir) / f"meft_bench_tinygpt_e{a.n_embd}_s{a.pretrain_steps}_seed{a.seed}.pt"
+    if a.cache_dir and cache.is_file():
+        base, pre_loss = torch.load(cache, weights_only=True), float("nan")
+        log(f"# pretrained TinyGPT loaded from {cache} (written by an earlier run of this script)")
+    else:
+        base, pre_loss = pretrain(cfg, a.pretrain_steps, 1e-3, a.seed)
+        log(f"# pretrained TinyGPT n_embd {a.n_embd} for {a.pretrain_steps} steps on tinyshakespeare (last loss "
+            f"{pre_loss:.3f}, {time.perf_counter() - t0:.0f}s)")
+        if a.cache_dir:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(base, cache)
     data = (gsm8k_examples("train"), gsm8k_examples("test", a.eval_examples))
     m0 = TinyGPT(cfg)
     m0.load_state_dict(base)

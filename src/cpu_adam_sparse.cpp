@@ -2,6 +2,7 @@
 // dispatch and the row gather. Compiled with -ffp-contract=off like every cpu_adam*.cpp file; the
 // element math is the dense kernel of each ISA (cpu_adam_kernels.h) applied row by row.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -13,6 +14,8 @@ namespace lspo {
 namespace {
 
 constexpr int64_t kMinElemsPerChunk = 1 << 14;  // as the dense step: below this a thread costs more
+constexpr int64_t kBlockElems = 1 << 16;
+constexpr int64_t kRowPrefetchLines = 8;         // 64-byte lines of each stream fetched ahead per row
 
 ThreadPool& pool_or_global(ThreadPool* pool) { return pool ? *pool : ThreadPool::global(); }
 
@@ -30,6 +33,21 @@ AdamBuffers row_buffers(const SparseAdamBuffers& b, const SparseRows& r, int64_t
   d.out_dtype = b.out_dtype;
   d.n = b.row_len;
   return d;
+}
+
+// The touched rows are scattered: the hardware prefetchers restart at each one. Touch the first
+// lines of the next row's streams while the current row runs (the dense kernel prefetches within
+// a row itself).
+void prefetch_row_start(const SparseAdamBuffers& b, const SparseRows& r, int64_t j) {
+  const int64_t off = r.idx[j] * b.row_len;
+  const int64_t lines = std::min<int64_t>(kRowPrefetchLines, (b.row_len * 4 + 63) / 64);
+  const char* g = static_cast<const char*>(r.grad) + j * b.row_len * dtype_size(r.grad_dtype);
+  for (int64_t l = 0; l < lines; ++l) {
+    __builtin_prefetch(reinterpret_cast<const char*>(b.param + off) + 64 * l, 1, 3);
+    __builtin_prefetch(reinterpret_cast<const char*>(b.exp_avg + off) + 64 * l, 1, 3);
+    __builtin_prefetch(reinterpret_cast<const char*>(b.exp_avg_sq + off) + 64 * l, 1, 3);
+    __builtin_prefetch(g + 64 * l, 0, 3);
+  }
 }
 
 }  // namespace
@@ -72,17 +90,28 @@ void sparse_adam_step_isa(Isa isa, const AdamConfig& cfg, const SparseAdamBuffer
       isa == Isa::kAVX512 ? detail::adam_chunk_avx512
       : isa == Isa::kAVX2 ? detail::adam_chunk_avx2
                           : detail::adam_chunk_scalar;
-  const int64_t min_rows = std::max<int64_t>(1, kMinElemsPerChunk / b.row_len);
-  pool_or_global(pool).parallel_for(r.n, min_rows, 1, [&](int64_t begin, int64_t end) {
+  // Rows are pulled in blocks of about kBlockElems elements from a shared counter (as the dense
+  // step does), so a core slowed by another process delays the step by one block at most.
+  ThreadPool& tp = pool_or_global(pool);
+  const int64_t rows_per_block = std::max<int64_t>(1, kBlockElems / b.row_len);
+  const int64_t nblocks = (r.n + rows_per_block - 1) / rows_per_block;
+  const int64_t workers =
+      std::min<int64_t>({tp.num_threads(), nblocks, std::max<int64_t>(1, r.n * b.row_len / kMinElemsPerChunk)});
+  std::atomic<int64_t> next{0};
+  tp.parallel_for(workers, 1, 1, [&](int64_t, int64_t) {
     int64_t last_step = -1;
     detail::AdamScalars s;
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t step = ++b.row_steps[r.idx[j]];
-      if (step != last_step) {  // rows touched equally often share their scalars
-        s = detail::adam_scalars(cfg, step);
-        last_step = step;
+    for (int64_t blk; (blk = next.fetch_add(1, std::memory_order_relaxed)) < nblocks;) {
+      const int64_t end = std::min(r.n, (blk + 1) * rows_per_block);
+      for (int64_t j = blk * rows_per_block; j < end; ++j) {
+        if (j + 1 < r.n) prefetch_row_start(b, r, j + 1);
+        const int64_t step = ++b.row_steps[r.idx[j]];
+        if (step != last_step) {  // rows touched equally often share their scalars
+          s = detail::adam_scalars(cfg, step);
+          last_step = step;
+        }
+        chunk(s, row_buffers(b, r, j), 0, b.row_len);
       }
-      chunk(s, row_buffers(b, r, j), 0, b.row_len);
     }
   });
 }

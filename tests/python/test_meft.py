@@ -228,3 +228,40 @@ def test_checkpoint_resume_is_bit_exact(one_torch_thread):
     meft.add_sparse_adapters(bad, neurons=65, topk=4, experts=8, probe=2)
     with pytest.raises(lspo.LspoError, match="neurons 65 differs"):
         meft.load_adapter_state_dict(bad, ck["adapters"])
+
+
+# ---------------------------------------------------------------------- examples/finetune_lm.py --method meft
+def test_finetune_example_meft_gsm8k_and_resume(tmp_path, one_torch_thread):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    pytest.importorskip("peft")
+    from pathlib import Path
+    from test_finetune import ft, write_checkpoint  # the tiny llama checkpoint writer and the script
+    root = Path(__file__).resolve().parents[2]
+    model_dir, data = tmp_path / "tiny", tmp_path / "gsm"
+    write_checkpoint(model_dir, "llama")
+    data.mkdir()
+    for name in ("train.jsonl", "test.jsonl"):
+        lines = (root / "examples" / "data" / "gsm8k" / name).read_text().splitlines(True)[:16]
+        (data / name).write_text("".join(lines))
+
+    def run(*extra):
+        return ft.main(["--model", str(model_dir), "--data", str(data), "--batch-size", "2", "--seq-len", "48",
+                        "--lr", "1e-2", "--warmup", "1", "--eval-windows", "4", "--sample-tokens", "0",
+                        "--eval-examples", "1", "--answer-tokens", "4", "--quiet", "--device", "cpu", "--amp", "off",
+                        "--threads", "1", "--method", "meft", "--meft-neurons", "256", "--meft-topk", "4",
+                        "--meft-probe", "2", "--steps", "6", *extra])
+
+    full = run("--save", str(tmp_path / "c"))
+    assert full["val_loss_after"] < full["val_loss_before"]  # the adapters learn (the model is frozen)
+    run("--stop-after", "3", "--save", str(tmp_path / "a"))
+    resumed = ft.main(["--resume", str(tmp_path / "a"), "--eval-windows", "4", "--sample-tokens", "0",
+                       "--eval-examples", "0", "--quiet", "--device", "cpu", "--threads", "1",
+                       "--save", str(tmp_path / "b")])
+    assert resumed["train_losses"] == full["train_losses"][3:]
+    sb = torch.load(tmp_path / "b" / "meft_adapters.pt", weights_only=False)
+    sc = torch.load(tmp_path / "c" / "meft_adapters.pt", weights_only=False)
+    for x, y in zip(sb["adapters"], sc["adapters"]):
+        assert torch.equal(x["master"], y["master"])
+    with pytest.raises(ValueError, match="drop --optimizer"):
+        run("--optimizer", "adamw")
