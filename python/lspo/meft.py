@@ -73,6 +73,7 @@ class SparseAdapter:
                f"SparseAdapter: probe must be in [1, experts={experts}], got {probe}")
         self.hidden, self.neurons, self.topk, self.experts, self.probe = hidden, neurons, topk, experts, probe
         self.scale, self.name = float(scale), name
+        self.compute = "auto"  # device compute: "masked" ([T, U] mask, GEMMs), "gather" (per slot), "auto"
         pin = torch.cuda.is_available()
         g = torch.Generator().manual_seed(seed)
         # fp32 master [K | V]: keys ~ N(0, 1/hidden) (so x . K_i ~ N(0, 1) for a normalised x), V = 0
@@ -128,11 +129,21 @@ class SparseAdapter:
         ar = torch.arange(self.gmax)
         cand = self.bounds[top_e].unsqueeze(-1) + ar                          # [T, p, gmax]
         valid = ar < self.sizes[top_e].unsqueeze(-1)
-        cs = torch.full((T, self.probe, self.gmax), -math.inf)
-        for e in torch.unique(top_e).tolist():
-            tok, slot = (top_e == e).nonzero(as_tuple=True)
-            b0, b1 = int(self.bounds[e]), int(self.bounds[e + 1])
-            cs[tok, slot, :b1 - b0] = x[tok] @ self.work[b0:b1, :h].float().t()
+        # candidate scores, grouped by expert: the (token, expert) pairs sorted by expert and padded to
+        # the busiest expert's count, then one batched matmul against the experts' padded keys
+        p, E = self.probe, self.experts
+        flat_e = top_e.reshape(-1)
+        order = torch.sort(flat_e, stable=True).indices
+        se = flat_e[order]
+        counts = torch.bincount(flat_e, minlength=E)
+        rank = torch.arange(se.numel()) - (torch.cumsum(counts, 0) - counts)[se]
+        xg = torch.zeros(E, int(counts.max()), h)
+        xg[se, rank] = x[order // p]
+        kpad = self.work[cand_rows(self.bounds, self.sizes, self.gmax), :h].float()   # [E, gmax, h]
+        sc = torch.bmm(xg, kpad.transpose(1, 2))                                     # [E, cmax, gmax]
+        cs = torch.empty(T * p, self.gmax)
+        cs[order] = sc[se, rank]
+        cs = cs.reshape(T, p, self.gmax)
         cs = cs.masked_fill(~valid, -math.inf).reshape(T, -1)
         kk = min(self.topk, cs.shape[1])
         order = torch.sort(cs, dim=1, descending=True, stable=True)
@@ -167,7 +178,9 @@ class SparseAdapter:
         self._x_host = None
         ids = self.route(xh)
         mask = ids >= 0
-        uniq = torch.unique(ids[mask])                 # sorted
+        present = torch.zeros(self.neurons, dtype=torch.bool)
+        present[ids[mask]] = True
+        uniq = present.nonzero().squeeze(1)            # sorted
         U = uniq.numel()
         st = self.stats
         esz = x.element_size()
@@ -191,11 +204,23 @@ class SparseAdapter:
             idx = uniq
             kv.register_post_accumulate_grad_hook(lambda t: self._grad_arrived(idx, t))
         # each token's k slots: rows of the gathered block (an empty slot reads row 0, weighted 0)
-        local = torch.searchsorted(uniq, ids.clamp(min=0)).to(x.device)
-        sel = kv[local]                                                    # [T, k, 2 hidden]
-        act = torch.relu(torch.einsum("th,tkh->tk", x2, sel[..., :h])) * mask.to(x.device, x.dtype)
-        y = torch.einsum("tk,tkh->th", act, sel[..., h:]) * self.scale
-        return y.reshape(shape)
+        pos = torch.zeros(self.neurons, dtype=torch.long)
+        pos[uniq] = torch.arange(U)
+        local = pos[ids.clamp(min=0)].to(x.device)      # each token's slots in the gathered block
+        w = mask.to(x.device, x.dtype)                   # an empty slot points at row 0 with weight 0
+        k_u, v_u = kv[:, :h], kv[:, h:]
+        if self.compute == "masked" or (self.compute == "auto" and U <= 256 * ids.shape[1]):
+            # [T, U] selection mask: dense GEMMs, on CPU cheaper than the gathers' index_add backward up to U ~ 256 k (measured)
+            sel = torch.zeros(T, U, dtype=x.dtype, device=x.device).scatter_add_(1, local, w)
+            y = (torch.relu(x2 @ k_u.t()) * sel) @ v_u
+        else:
+            # per-slot gathers: O(T k hidden) memory and work whatever U is
+            flat = local.reshape(-1)
+            ks = k_u.index_select(0, flat).reshape(T, -1, h)
+            vs = v_u.index_select(0, flat).reshape(T, -1, h)
+            act = torch.relu(torch.einsum("th,tkh->tk", x2, ks)) * w
+            y = torch.einsum("tk,tkh->th", act, vs)
+        return (y * self.scale).reshape(shape)
 
     def _stage(self, n: int) -> torch.Tensor:
         if self._staging is None or self._staging.shape[0] < n:
@@ -251,6 +276,13 @@ class SparseAdapter:
         """Adapter bytes the device held at the peak of one training step: the gathered rows and their
         gradient in the compute dtype (the routing and the representative keys stay on the host)."""
         return self.stats["peak_rows"] * 2 * self.hidden * elem_size * 2
+
+
+def cand_rows(bounds: torch.Tensor, sizes: torch.Tensor, gmax: int) -> torch.Tensor:
+    """[E, gmax] neuron index of each expert's slots (slots past an expert's size repeat its last
+    neuron; their scores are masked)."""
+    ar = torch.arange(gmax)
+    return bounds[:-1].unsqueeze(1) + torch.minimum(ar, (sizes - 1).unsqueeze(1))
 
 
 def route_reference(adapter: SparseAdapter, x: torch.Tensor) -> torch.Tensor:

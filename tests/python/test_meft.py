@@ -56,11 +56,13 @@ def _dense_reference(a, x, ids):
     return y, kv
 
 
+@pytest.mark.parametrize("compute", ["masked", "gather"])
 @pytest.mark.parametrize("shape", [(16, 64, 4, 8, 2), (9, 33, 1, 5, 5), (4, 5, 5, 1, 1)],
                          ids=lambda s: "h{}_N{}_k{}_E{}_p{}".format(*s))
-def test_sparse_forward_and_grad_equal_dense_masked(shape):
+def test_sparse_forward_and_grad_equal_dense_masked(shape, compute):
     h, n, k, e, p = shape
     a = meft.SparseAdapter(h, n, k, e, p, seed=3)
+    a.compute = compute
     a.master[:, h:] = torch.randn(n, h)  # non-zero values so that the key gradients are non-zero too
     a.reset_working_copy()
     x = torch.randn(2, 13, h, requires_grad=True)
