@@ -52,16 +52,7 @@ void sparse_adam_step_tensors(const at::Tensor& param, const at::Tensor& exp_avg
     lspo::tensor_checks::check_no_overlap(fn, {&o, &p, &m, &v, &g});
   }
   lspo::tensor_checks::check_no_overlap(fn, {&p, &m, &v, &g});
-  lspo::AdamConfig cfg;
-  cfg.lr = lr;
-  cfg.beta1 = beta1;
-  cfg.beta2 = beta2;
-  cfg.eps = eps;
-  cfg.weight_decay = weight_decay;
-  cfg.adamw_mode = adamw_mode;
-  cfg.bias_correction = bias_correction;
-  cfg.maximize = maximize;
-  cfg.grad_scale = grad_scale;
+  const lspo::AdamConfig cfg{lr, beta1, beta2, eps, weight_decay, adamw_mode, bias_correction, maximize, grad_scale};
   lspo::SparseRows r{n ? idx.data_ptr<int64_t>() : nullptr, g.ptr(), g.lspo_dtype(), n};
   lspo::check_sparse_adam_args(cfg, b, r);
   pybind11::gil_scoped_release nogil;

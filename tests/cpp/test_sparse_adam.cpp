@@ -26,13 +26,6 @@ using lspo::Isa;
 using lspo::SparseAdamBuffers;
 using lspo::SparseRows;
 
-std::vector<Isa> available_isas() {
-  std::vector<Isa> v{Isa::kScalar};
-  if (static_cast<int>(lspo::detected_isa()) >= static_cast<int>(Isa::kAVX2)) v.push_back(Isa::kAVX2);
-  if (lspo::detected_isa() == Isa::kAVX512) v.push_back(Isa::kAVX512);
-  return v;
-}
-
 // The host state of a sparse adapter: rows x row_len fp32 master and moments, per-row steps, and an
 // optional working copy.
 struct State {
