@@ -35,7 +35,7 @@ import concurrent.futures
 import math
 import threading
 import weakref
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
