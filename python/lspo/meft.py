@@ -121,7 +121,12 @@ class SparseAdapter:
     # ------------------------------------------------------------------ routing
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """Selected neurons of each token of the host fp32 matrix x [T, hidden]: [T, k'] int64
-        (k' = min(k, p * largest expert)), -1 where a slot holds no neuron."""
+        (k' = min(k, p * largest expert)), -1 where a slot holds no neuron. Runs in fp32 whatever
+        autocast says (routing is a host computation on fp32 copies)."""
+        with torch.autocast("cpu", enabled=False):
+            return self._route(x.float())
+
+    def _route(self, x: torch.Tensor) -> torch.Tensor:
         T, h = x.shape
         es = x @ self.centroids.t()                                          # [T, E]
         top_e = torch.sort(es, dim=1, descending=True, stable=True).indices[:, :self.probe]

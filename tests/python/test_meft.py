@@ -45,6 +45,16 @@ def test_route_no_neuron_case():
     assert torch.equal(y, torch.zeros_like(x))
 
 
+def test_adapter_under_bf16_autocast():
+    a = meft.SparseAdapter(16, 64, 4, 8, 2, seed=1)
+    x = torch.randn(10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = a(x)
+        ids = a.route(x)
+    assert torch.equal(ids, a.route(x))  # routing ignores autocast (fp32 on the host)
+    assert y.shape == x.shape and bool(torch.isfinite(y.float()).all())
+
+
 def _dense_reference(a, x, ids):
     h = a.hidden
     kv = a.work.float().clone().requires_grad_(True)
