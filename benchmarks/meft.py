@@ -10,19 +10,20 @@ bytes crossing host <-> device, and fine-tuning quality against LoRA at equal de
    public code -- does). Bytes per touched element: bf16 grad 2 + p, m, v read and written 24 +
    bf16 out 2 = 28; roofline_fraction = 28 * elements / time / the best STREAM bandwidth measured in
    the same run (benchmarks/cpu_adam.py's triad()).
-2. Fine-tuning protocol (written here: no shared protocol module exists yet): lspo.tinygpt.TinyGPT
-   (bytes as tokens) pretrained from scratch on examples/data/tinyshakespeare.txt with torch AdamW,
-   then supervised fine-tuning on GSM8K (examples/data/gsm8k: "Question: ...\\nAnswer: ..." as bytes,
-   the loss on the answer bytes only, sequences cut to the context keeping at least half for the
-   answer). Everything of the base model frozen; two runs from the same pretrained weights, the
-   same batches, steps and seed:
+2. Fine-tuning protocol: benchmarks/ft_protocol.py (the protocol of convergence.py --finetune):
+   lspo.tinygpt.TinyGPT (4 layers, --n-embd, context 256, bytes as tokens) pretrained on
+   tinyshakespeare with torch AdamW (cached), then GSM8K SFT as bytes (ft_protocol.ByteSFT: loss on
+   the answer bytes; train = GSM8K train's first 90%, val = the next --eval-examples problems,
+   test = the first --eval-examples test problems), --sft-steps steps of --batch sequences,
+   warmup + cosine (ft_protocol.warmup_cosine), one backward per step. Everything of the base model
+   frozen; two runs from the same pretrained weights, the same batches and seed:
      meft   lspo.meft adapters beside every FFN (--neurons, --topk, --experts, --probe), MeftAdamW;
-     lora   peft LoRA on every block linear (qkv, proj, fc, fc_out) + torch AdamW, its rank chosen so
-            that its device bytes (weights + grads + 2 Adam moments, fp32) match MEFT's measured peak
-            device bytes (the gathered rows of all layers + their gradients, fp32).
-   Held-out loss: answer-token cross-entropy on the first --eval-examples GSM8K test problems; each
-   method runs at each of its learning rates (quick: 3e-3; full: 1e-3, 3e-3, 1e-2) and its best is
-   compared (meft_vs_lora_loss_ratio).
+     lora   peft LoRA on every block linear (qkv, proj, fc, fc_out), alpha = rank, + torch AdamW and
+            clipping at 1.0, its rank chosen so that its device bytes (weights + grads + 2 Adam
+            moments, fp32) match MEFT's measured peak device bytes (the gathered rows of all layers
+            + their gradients, fp32).
+   Each method runs at each of its learning rates (quick: 3e-3; full: 1e-3, 3e-3, 1e-2); its lr is
+   picked on val; meft_vs_lora_loss_ratio = the picked runs' held-out test answer losses.
    bytes_moved_vs_dense = (rows host->device + inputs and row gradients device->host) / (a dense
    adapter of the same N: every row down, every row's gradient up), summed over the MEFT run.
 
@@ -46,14 +47,14 @@ import torch  # noqa: E402
 
 import lspo  # noqa: E402
 from lspo import meft  # noqa: E402
-from lspo.tinygpt import TinyGPT, TinyGPTConfig, batches, load_text  # noqa: E402
+from lspo.tinygpt import TinyGPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from cpu_adam import triad  # noqa: E402  (one copy of the roofline measurement)
+from ft_protocol import TARGETS, ByteSFT, TinySpec, pretrained_tinygpt, warmup_cosine  # noqa: E402  (the protocol)
 
 BYTES_PER_ELEM = 28
-TARGETS = ("qkv", "proj", "fc", "fc_out")
 
 
 def log(*a):
@@ -114,101 +115,41 @@ def bench_sparse_adam(rows, row_len, touch, reps, seed=0):
 
 
 # ------------------------------------------------------------------ 2. the fine-tuning protocol
-def gsm8k_examples(split, limit=None):
-    out = []
-    with open(ROOT / "examples" / "data" / "gsm8k" / f"{split}.jsonl") as f:
-        for line in f:
-            r = json.loads(line)
-            out.append((f"Question: {r['question']}\nAnswer: ".encode(), (r["answer"] + "\n").encode()))
-            if limit and len(out) >= limit:
-                break
-    return out
-
-
-def encode(ex, block):
-    """(input, target) of block+1 bytes max; targets -100 outside the answer."""
-    q, a = ex
-    q = q[-max(block + 1 - len(a), (block + 1) // 2):]
-    seq = (q + a)[:block + 1]
-    lab = ([-100] * len(q) + list(a))[:block + 1]
-    x = torch.tensor(list(seq[:-1]), dtype=torch.long)
-    y = torch.tensor(lab[1:], dtype=torch.long)
-    return x, y
-
-
-def collate(items, block):
-    xs, ys = zip(*(encode(e, block) for e in items))
-    t = max(len(x) for x in xs)
-    X = torch.zeros(len(xs), t, dtype=torch.long)
-    Y = torch.full((len(xs), t), -100, dtype=torch.long)
-    for i, (x, y) in enumerate(zip(xs, ys)):
-        X[i, :len(x)] = x
-        Y[i, :len(y)] = y
-    return X, Y
-
-
-def answer_loss(model, X, Y):
-    logits = model(X)[0]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), Y.reshape(-1),
-                                             ignore_index=-100)
-
-
-@torch.no_grad()
-def heldout_loss(model, test, block, bs=16):
-    was = model.training
-    model.eval()
-    tot, n = 0.0, 0
-    for i in range(0, len(test), bs):
-        X, Y = collate(test[i:i + bs], block)
-        k = int((Y != -100).sum())
-        tot += float(answer_loss(model, X, Y)) * k
-        n += k
-    model.train(was)
-    return tot / max(n, 1)
-
-
-def pretrain(cfg, steps, lr, seed):
-    torch.manual_seed(seed)
-    model = TinyGPT(cfg)
-    train, _ = load_text(ROOT / "examples" / "data" / "tinyshakespeare.txt")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    it = batches(train, 16, 128, seed=seed)
-    for _ in range(steps):
-        x, y = next(it)
-        loss = model(x, y)[1]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return model.state_dict(), float(loss.detach())
-
-
-def sft(model, opt, train, test, steps, bs, block, seed, max_norm=1.0):
-    g = torch.Generator().manual_seed(seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+def sft(model, opt, data, lr, a, clip_params=()):
+    """a.sft_steps steps of a.batch sequences, warmup + cosine (ft_protocol.warmup_cosine), one
+    backward per step; returns the held-out test loss, the validation loss and the time."""
+    sched = warmup_cosine(a.sft_steps)
+    it = data.train_batches(a.batch, a.seed)
     t0 = time.perf_counter()
-    losses = []
-    for _ in range(steps):
-        ix = torch.randint(len(train), (bs,), generator=g).tolist()
-        X, Y = collate([train[i] for i in ix], block)
-        loss = answer_loss(model, X, Y)
+    for step in range(a.sft_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * sched(step)
+        x, y = next(it)
+        logits = model(x)[0]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+                                                 ignore_index=-100)
         loss.backward()
-        if trainable:
-            torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+        if clip_params:
+            torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return dict(heldout_loss=heldout_loss(model, test, block), train_loss_last10=sum(losses[-10:]) / 10,
-                seconds=time.perf_counter() - t0)
+    secs = time.perf_counter() - t0
+    return dict(heldout_loss=data.loss(model, "test"), val_loss=data.loss(model, "val"), seconds=secs)
 
 
 def lora_params_per_rank(model):
     return sum(getattr(b, t).in_features + getattr(b, t).out_features for b in model.blocks for t in TARGETS)
 
 
-def run_lora(cfg, base, rank, lr, data, a):
-    from peft import LoraConfig, inject_adapter_in_model
-    model = TinyGPT(cfg)
+def base_model(spec, base):
+    model = TinyGPT(spec.config())
     model.load_state_dict(base)
+    return model
+
+
+def run_lora(spec, base, rank, lr, data, a):
+    from peft import LoraConfig, inject_adapter_in_model
+    model = base_model(spec, base)
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(a.seed)
@@ -218,18 +159,17 @@ def run_lora(cfg, base, rank, lr, data, a):
     for p in trainable:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    r = sft(model, opt, *data, a.sft_steps, a.batch, cfg.block_size, a.seed)
+    r = sft(model, opt, data, lr, a, clip_params=trainable)
     r["device_bytes"] = 16 * sum(p.numel() for p in trainable)
     return r
 
 
-def run_meft(cfg, base, lr, data, a):
-    model = TinyGPT(cfg)
-    model.load_state_dict(base)
+def run_meft(spec, base, lr, data, a):
+    model = base_model(spec, base)
     ads = meft.add_sparse_adapters(model, neurons=a.neurons, topk=a.topk, experts=a.experts, probe=a.probe,
                                    seed=a.seed)
     opt = meft.MeftAdamW(model, lr=lr, weight_decay=0.0)
-    r = sft(model, opt, *data, a.sft_steps, a.batch, cfg.block_size, a.seed)
+    r = sft(model, opt, data, lr, a)
     st = [ad.stats for ad in ads]
     moved = sum(s["bytes_h2d"] + s["bytes_d2h"] for s in st)
     dense = sum(s["dense_bytes"] for s in st)
@@ -260,8 +200,6 @@ def main():
     ap.add_argument("--lr-lora", default=None, help="comma-separated lrs (default as --lr-meft)")
     ap.add_argument("--eval-examples", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "lspo"),
-                    help="keep the pretrained TinyGPT here and reuse it ('' disables)")
     a = ap.parse_args()
     q = a.quick
     a.rows = a.rows or 65536
@@ -291,36 +229,29 @@ def main():
         f"{', '.join(f'{x:.2f}' for x in sa['fracs'])}); torch.optim.SparseAdam {sa['t_torch'] * 1e3:.2f} ms; dense fused "
         f"step over all rows {sa['t_dense'] * 1e3:.2f} ms ({dense_bw / 1e9:.1f} GB/s)")
 
-    # 2. fine-tuning protocol
-    cfg = TinyGPTConfig(n_layer=4, n_head=4, n_embd=a.n_embd, block_size=256)
+    # 2. fine-tuning protocol (benchmarks/ft_protocol.py: pretrained TinyGPT, GSM8K as bytes)
+    spec = TinySpec(n_layer=4, n_embd=a.n_embd, n_head=4, block=256, pretrain_steps=a.pretrain_steps, seed=a.seed)
     t0 = time.perf_counter()
-    cache = Path(a.cache_dir) / f"meft_bench_tinygpt_e{a.n_embd}_s{a.pretrain_steps}_seed{a.seed}.pt"
-    if a.cache_dir and cache.is_file():
-        base, pre_loss = torch.load(cache, weights_only=True), float("nan")
-        log(f"# pretrained TinyGPT loaded from {cache} (written by an earlier run of this script)")
-    else:
-        base, pre_loss = pretrain(cfg, a.pretrain_steps, 1e-3, a.seed)
-        log(f"# pretrained TinyGPT n_embd {a.n_embd} for {a.pretrain_steps} steps on tinyshakespeare (last loss "
-            f"{pre_loss:.3f}, {time.perf_counter() - t0:.0f}s)")
-        if a.cache_dir:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(base, cache)
-    data = (gsm8k_examples("train"), gsm8k_examples("test", a.eval_examples))
-    m0 = TinyGPT(cfg)
-    m0.load_state_dict(base)
-    base_loss = heldout_loss(m0, data[1], cfg.block_size)
-    # each method at each of its learning rates; the best held-out loss of each is compared. LoRA's
-    # rank matches the device bytes of the best MEFT run.
-    rms = {lr: run_meft(cfg, base, lr, data, a) for lr in a.lr_meft}
-    lr_m = min(rms, key=lambda k: rms[k]["heldout_loss"])
+    base, info = pretrained_tinygpt(spec, log=log)
+    log(f"# pretrained TinyGPT ({spec.tag()}): tinyshakespeare val loss {info['val_loss']:.3f} "
+        f"({time.perf_counter() - t0:.0f} s here; cached under ~/.cache/lspo or $LSPO_CACHE)")
+    data = ByteSFT(spec.block, n_val=a.eval_examples, n_test=a.eval_examples)
+    m0 = base_model(spec, base)
+    base_loss = data.loss(m0, "test")
+    # each method at each of its learning rates; the lr of each is picked on the validation split
+    # (GSM8K train's last 10%), the test losses of the picks are compared. LoRA's rank matches the
+    # device bytes of the picked MEFT run.
+    rms = {lr: run_meft(spec, base, lr, data, a) for lr in a.lr_meft}
+    lr_m = min(rms, key=lambda k: rms[k]["val_loss"])
     rm = rms[lr_m]
     per_rank = 16 * lora_params_per_rank(m0)
     rank = max(1, round(rm["device_bytes"] / per_rank))
-    rls = {lr: run_lora(cfg, base, rank, lr, data, a) for lr in a.lr_lora}
-    lr_l = min(rls, key=lambda k: rls[k]["heldout_loss"])
+    rls = {lr: run_lora(spec, base, rank, lr, data, a) for lr in a.lr_lora}
+    lr_l = min(rls, key=lambda k: rls[k]["val_loss"])
     rl = rls[lr_l]
     for name, runs in (("MEFT", rms), ("LoRA", rls)):
-        log(f"# {name} held-out answer loss by lr: " + ", ".join(f"{k:g}: {v['heldout_loss']:.4f}" for k, v in runs.items()))
+        log(f"# {name} answer loss by lr (val / test): " +
+            ", ".join(f"{k:g}: {v['val_loss']:.4f} / {v['heldout_loss']:.4f}" for k, v in runs.items()))
     topk_fraction = a.topk / a.neurons
     ratio = rm["bytes_moved"] / rm["dense_bytes"]
     log(f"# GSM8K SFT {a.sft_steps} steps x {a.batch}: held-out answer loss before {base_loss:.4f}; "
