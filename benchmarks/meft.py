@@ -72,7 +72,7 @@ def best_time(fn, reps):
     return best
 
 
-def bench_sparse_adam(rows, row_len, touch, reps, seed=0):
+def bench_sparse_adam(rows, row_len, touch, reps, seed=0, triad_n=1 << 26):
     g = torch.Generator().manual_seed(seed)
     p = torch.randn(rows, row_len, generator=g)
     m, v = torch.zeros_like(p), torch.zeros_like(p)
@@ -91,7 +91,7 @@ def bench_sparse_adam(rows, row_len, touch, reps, seed=0):
     # the round with the median fraction is reported
     rounds = []
     for _ in range(3):
-        tri = max(triad(1 << 26, 2))  # 3 x 256 MB: past the host's L3 (the VM may see 384 MB of it)
+        tri = max(triad(triad_n, 2))  # default 3 x 256 MB: past the host's L3 (the VM may see 384 MB of it)
         t = best_time(lambda: lspo._C.sparse_adam_step(p, m, v, steps, sets[next(it) % len(sets)], grad,
                                                       param_out=work, **hp), reps)
         rounds.append((BYTES_PER_ELEM * n * row_len / t / tri, t, tri))
@@ -188,6 +188,7 @@ def main():
     ap.add_argument("--row-len", type=int, default=2048, help="sparse Adam: row length (2 x hidden)")
     ap.add_argument("--touch", type=float, default=0.05, help="sparse Adam: fraction of rows touched per step")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--triad-elems", type=int, default=1 << 26, help="STREAM array length (default 64M floats)")
     ap.add_argument("--n-embd", type=int, default=None, help="TinyGPT width (default 192; quick 128)")
     ap.add_argument("--pretrain-steps", type=int, default=None, help="(default 1500; quick 300)")
     ap.add_argument("--sft-steps", type=int, default=None, help="(default 600; quick 150)")
@@ -218,7 +219,7 @@ def main():
         f" torch {torch.__version__}, load average {load0[0]:.2f}")
 
     # 1. sparse Adam
-    sa = bench_sparse_adam(a.rows, a.row_len, a.touch, a.reps, a.seed)
+    sa = bench_sparse_adam(a.rows, a.row_len, a.touch, a.reps, a.seed, a.triad_elems)
     tri, frac = sa["triad"], sa["frac"]
     elems = sa["touched_rows"] * a.row_len
     rows_per_s = sa["touched_rows"] / sa["t_sparse"]

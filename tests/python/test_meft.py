@@ -277,3 +277,24 @@ def test_finetune_example_meft_gsm8k_and_resume(tmp_path, one_torch_thread):
         assert torch.equal(x["master"], y["master"])
     with pytest.raises(ValueError, match="drop --optimizer"):
         run("--optimizer", "adamw")
+
+
+def test_benchmark_smoke(tmp_path):
+    """benchmarks/meft.py end to end at toy sizes: its last line is the JSON the report quotes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("peft")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root / "python"), LSPO_CACHE=str(tmp_path))
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "meft.py"), "--quick", "--threads", "1", "--rows", "256",
+                        "--row-len", "64", "--reps", "2", "--triad-elems", "65536", "--n-embd", "32", "--pretrain-steps", "2", "--sft-steps", "2",
+                        "--batch", "2", "--eval-examples", "4", "--neurons", "64", "--topk", "4"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["topk_fraction"] == 4 / 64
+    assert 0 < out["bytes_moved_vs_dense"] and out["sparse_adam_rows_per_s"] > 0
+    assert out["lora_rank"] >= 1 and out["meft_vs_lora_loss_ratio"] > 0
