@@ -11,6 +11,7 @@ progress bar with loss, tokens/s and memory.
     python examples/finetune_lm.py --data examples/data/gsm8k --seq-len 256   # GSM8K, accuracy too
     python examples/finetune_lm.py --model ./my-hf-checkpoint --save out/      # any local HF checkpoint
     python examples/finetune_lm.py --resume out/ --steps 200                   # continue bit-exactly
+    python examples/finetune_lm.py --method meft --data examples/data/gsm8k     # MEFT sparse adapters
 
 The checkpoint directory written by --save is a Hugging Face model directory
 (``AutoModelForCausalLM.from_pretrained(DIR)``) plus ``trainer_state.pt`` (optimizer state, RNG
@@ -41,13 +42,16 @@ import torch  # noqa: E402
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "tinyshakespeare.txt"
 OPTIMIZERS = ("lsp", "offload", "adamw", "lora")
+METHODS = ("optimizer", "meft")
 # Flags that define the training run: a resumed run takes them from the checkpoint.
 RUN_FLAGS = ("model", "data", "optimizer", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "refit_every",
-             "refit_iters", "lr", "warmup", "weight_decay", "max_grad_norm", "lora_rank", "seed", "amp", "steps")
+             "refit_iters", "lr", "warmup", "weight_decay", "max_grad_norm", "lora_rank", "seed", "amp", "steps",
+             "method", "meft_neurons", "meft_topk", "meft_experts", "meft_probe")
 DEFAULTS = dict(model="smollm2", data=str(DEFAULT_DATA), optimizer="lsp", batch_size=4, seq_len=128,
                 grad_accum=1, subspace=256, nnz=8, refit_every=100, refit_iters=10, lr=1e-4, warmup=5,
                 weight_decay=0.0, max_grad_norm=1.0,
-                lora_rank=16, seed=0, amp="auto", steps=30)
+                lora_rank=16, seed=0, amp="auto", steps=30,
+                method="optimizer", meft_neurons=4096, meft_topk=32, meft_experts=0, meft_probe=4)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--optimizer", choices=OPTIMIZERS, help="lsp: lspo.LSPAdamW (learned sparse projectors, default); offload: "
                                               "lspo.OffloadAdamW (full offload); adamw: torch AdamW (full "
                                               "fine-tuning); lora: peft LoRA + torch AdamW")
+    a("--method", choices=METHODS, help="optimizer (default): train as --optimizer says; meft: freeze the model and "
+                                        "train lspo.meft sparse adapters beside every FFN block (host-resident, "
+                                        "top-k neurons per token, lazy CPU Adam: lspo.meft.MeftAdamW)")
+    a("--meft-neurons", type=int, help="MEFT: adapter neurons per FFN block (default 4096)")
+    a("--meft-topk", type=int, help="MEFT: neurons used per token (default 32)")
+    a("--meft-experts", type=int, help="MEFT: key experts per adapter (default 0: round(sqrt(neurons)))")
+    a("--meft-probe", type=int, help="MEFT: experts probed per token (default 4)")
     a("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     a("--steps", type=int, help="optimizer steps in the schedule (default 30)")
     a("--batch-size", type=int, help="sequences per micro-batch (default 4)")
@@ -105,7 +116,8 @@ def resolve(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
                              f"{saved.get(k)}: a resumed run keeps its run flags (only --steps may change)")
     if args.refit_every < 0:
         raise ValueError(f"--refit-every must be >= 0, got {args.refit_every}")
-    for k in ("steps", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "refit_iters", "lora_rank"):
+    for k in ("steps", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "refit_iters", "lora_rank",
+              "meft_neurons", "meft_topk", "meft_probe"):
         if getattr(args, k) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     if not args.lr > 0:
@@ -114,7 +126,9 @@ def resolve(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
         raise ValueError("--warmup, --weight-decay and --max-grad-norm must be >= 0")
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
-    if args.trace and args.optimizer not in ("offload", "lsp"):
+    if args.method == "meft" and "optimizer" in args.explicit:
+        raise ValueError("--method meft trains the adapters with lspo.meft.MeftAdamW: drop --optimizer")
+    if args.trace and (args.optimizer not in ("offload", "lsp") or args.method == "meft"):
         raise ValueError(f"--trace records lspo's engine timeline: needs --optimizer offload or lsp, "
                          f"not {args.optimizer}")
     if args.device is None:
@@ -164,6 +178,15 @@ def memory_str(device: str) -> str:
 # ----------------------------------------------------------------------------- model + optimizer
 def build_model(args, resume_dir: Path | None):
     from lspo import hf
+    if args.method == "meft":
+        model, tok = hf.load_checkpoint(resume_dir) if resume_dir is not None else hf.load_causal_lm(args.model)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        from lspo import meft
+        model = model.to(args.device)
+        meft.add_sparse_adapters(model, neurons=args.meft_neurons, topk=args.meft_topk,
+                                 experts=args.meft_experts or None, probe=args.meft_probe, seed=args.seed)
+        return model, tok
     if resume_dir is not None and args.optimizer != "lora":
         model, tok = hf.load_checkpoint(resume_dir)
     else:
@@ -186,6 +209,8 @@ def build_optimizer(args, model):
     import lspo
     trainable = [p for p in model.parameters() if p.requires_grad]
     clip = args.max_grad_norm or None
+    if args.method == "meft":  # one backward per step overlaps the CPU updates; accumulation cannot
+        return lspo.meft.MeftAdamW(model, lr=args.lr, weight_decay=args.weight_decay, overlap=args.grad_accum == 1)
     if args.optimizer == "offload":
         return lspo.OffloadAdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=clip,
                                  record_timeline=bool(args.trace))
@@ -230,6 +255,10 @@ def save_checkpoint(out: Path, args, model, tok, opt, data, step: int, history: 
     run = {k: getattr(args, k) for k in RUN_FLAGS}
     state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state(), "data": data.state_dict(),
              "args": run, "history": history, "format": 1}
+    if args.method == "meft":  # the adapters beside the (frozen, unchanged) model; no merge
+        from lspo import meft
+        state["meft_adapters"] = meft.adapter_state_dict(model)
+        torch.save(state["meft_adapters"], out / "meft_adapters.pt")
     tmp = out / "trainer_state.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, out / "trainer_state.pt")
@@ -307,6 +336,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from lspo import lmdata
+    from lspo import meft as lspo_meft
 
     torch.manual_seed(args.seed)
     t_load = time.perf_counter()
@@ -318,13 +348,21 @@ def main(argv=None) -> dict:
     n_proj = len(opt.projected_params) if hasattr(opt, "projected_params") else 0
     step, history = 0, []
     if saved:
+        if args.method == "meft":
+            lspo_meft.load_adapter_state_dict(model, saved["meft_adapters"])
         opt.load_state_dict(saved["optimizer"])
         data.load_state_dict(saved["data"])
         step, history = int(saved["step"]), list(saved["history"])
     amp = amp_context(args)
     proj = f", {n_proj} matrices projected" if n_proj else ""
+    if args.method == "meft":
+        ads = lspo_meft.adapters_of(model)
+        n_train = sum(a.master.numel() for a in ads)
+        proj = (f" in {len(ads)} MEFT adapters of {args.meft_neurons} neurons on the host, top {args.meft_topk} "
+                f"per token, {ads[0].experts} experts, probe {args.meft_probe}")
     print(f"model {args.model if not resume_dir else resume_dir} ({n_params / 1e6:.1f}M params, "
-          f"{n_train / 1e6:.1f}M trained{proj}), data {args.data} ({data.kind}), optimizer {args.optimizer}, "
+          f"{n_train / 1e6:.1f}M trained{proj}), data {args.data} ({data.kind}), "
+          f"optimizer {'meft' if args.method == 'meft' else args.optimizer}, "
           f"device {args.device}, amp {'bf16' if amp else 'off'}, loaded in {time.perf_counter() - t_load:.1f}s"
           + (f", resuming at step {step}" if saved else ""), flush=True)
 

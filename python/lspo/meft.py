@@ -1,0 +1,467 @@
+"""MEFT: large sparse adapters in host memory (arXiv 2406.04984), with a real CPU side.
+
+``add_sparse_adapters(model, neurons=N, topk=k, experts=E, probe=p)`` puts beside every FFN block a
+parallel adapter of N neurons: key rows K and value rows V (N x hidden each, V zero-initialised),
+
+    y = FFN(x) + sum_{i in S(x)} relu(x . K_i) V_i
+
+held on the HOST as one fp32 master matrix [K | V] (N x 2 hidden), its Adam moments, a per-row step
+count and a bf16 working copy. Per token only S(x), at most k neurons, is used:
+
+  routing   neurons are split into E contiguous "key experts" (sizes differ by at most one); each has
+            a representative key, the mean of its keys (working copy). A token scores the experts
+            (x . c_e), takes the top p, scores the neurons of those experts (x . K_i) and keeps the
+            top k with a positive score. Ties: the lower expert / neuron index first. Fewer than k
+            candidates, or fewer than k positive scores: fewer neurons; none: the adapter adds 0.
+            Batched over tokens; the candidate scoring runs on the host, where K lives, for p/E of
+            the cost of a dense x K^T.
+  transfer  only the union U of the selected rows of [K | V] is gathered (lspo._C.gather_rows, a
+            threaded memcpy into a pinned staging buffer when CUDA is present) and copied to the
+            device (non_blocking, on a copy stream); the adapter then computes on the device and
+            autograd yields the gradient of those U rows only, which goes back to the host.
+            On a CUDA device the input's device->host copy starts before the FFN runs (a pre-hook), so
+            the FFN's kernels overlap the host routing and the row copy.
+  update    lspo._C.sparse_adam_step: lazy AdamW over the touched rows only (per-row step counts,
+            exact bias correction; untouched rows bitwise unchanged), on the fused SIMD Adam kernel
+            of lspo/cpu_adam.h. With ``MeftAdamW(overlap=True)`` each layer's update runs on a worker
+            thread as soon as its gradient arrives, overlapped with the rest of the backward pass.
+
+Bytes crossing host <-> device are counted either way (on a CPU-only run the "transfer" is the copy
+into the staging buffer): ``adapter.stats``.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import threading
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from . import _C
+from ._C import LspoError
+
+__all__ = ["SparseAdapter", "MeftAdamW", "add_sparse_adapters", "adapters_of", "adapter_state_dict",
+           "load_adapter_state_dict", "route_reference"]
+
+_ATTR = "_lspo_meft_adapters"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise LspoError(msg)
+
+
+class SparseAdapter:
+    """One MEFT adapter (host state + routing + the device compute). Not an nn.Module on purpose:
+    its tensors stay on the host whatever ``model.to(device)`` does."""
+
+    def __init__(self, hidden: int, neurons: int, topk: int, experts: Optional[int] = None, probe: int = 1,
+                 scale: float = 1.0, seed: int = 0, name: str = "adapter"):
+        _check(isinstance(hidden, int) and hidden >= 1, f"SparseAdapter: hidden must be >= 1, got {hidden}")
+        _check(isinstance(neurons, int) and neurons >= 1, f"SparseAdapter: neurons must be >= 1, got {neurons}")
+        if experts is None:
+            experts = max(1, round(math.sqrt(neurons)))
+        _check(isinstance(experts, int) and experts >= 1,
+               f"SparseAdapter: experts must be >= 1 (the number of key experts), got {experts}")
+        _check(experts <= neurons, f"SparseAdapter: experts ({experts}) > neurons ({neurons}): an expert would be empty")
+        _check(isinstance(topk, int) and 1 <= topk <= neurons,
+               f"SparseAdapter: topk must be in [1, neurons={neurons}], got {topk}")
+        _check(isinstance(probe, int) and 1 <= probe <= experts,
+               f"SparseAdapter: probe must be in [1, experts={experts}], got {probe}")
+        self.hidden, self.neurons, self.topk, self.experts, self.probe = hidden, neurons, topk, experts, probe
+        self.scale, self.name = float(scale), name
+        self.compute = "auto"  # device compute: "masked" ([T, U] mask, GEMMs), "gather" (per slot), "auto"
+        pin = torch.cuda.is_available()
+        g = torch.Generator().manual_seed(seed)
+        # fp32 master [K | V]: keys ~ N(0, 1/hidden) (so x . K_i ~ N(0, 1) for a normalised x), V = 0
+        self.master = torch.zeros(neurons, 2 * hidden)
+        self.master[:, :hidden] = torch.randn(neurons, hidden, generator=g) / math.sqrt(hidden)
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.row_steps = torch.zeros(neurons, dtype=torch.long)
+        self.work = self.master.to(torch.bfloat16)  # the working copy the device computes with
+        if pin:
+            self.work = self.work.pin_memory()
+        self.bounds = torch.tensor([e * neurons // experts for e in range(experts + 1)], dtype=torch.long)
+        self.sizes = self.bounds[1:] - self.bounds[:-1]
+        self.gmax = int(self.sizes.max())
+        self.centroids = torch.empty(experts, hidden)
+        self._refresh_centroids(torch.arange(experts))
+        self._staging: Optional[torch.Tensor] = None
+        self._x_host = None  # (pinned copy of x, event) started by begin()
+        self._copy_stream = None
+        self.pending: List[tuple] = []  # (idx, grad rows on the host) since the last step
+        self.optimizer = None           # weakref to the MeftAdamW that owns this adapter
+        self.lock = threading.Lock()
+        self.stats = dict(forwards=0, rows_moved=0, bytes_h2d=0, bytes_d2h=0, dense_bytes=0, tokens=0,
+                          selected=0, peak_rows=0)
+
+    # ------------------------------------------------------------------ host state
+    def _refresh_centroids(self, experts: torch.Tensor) -> None:
+        """Representative key of each listed expert: the mean of its keys in the working copy
+        (computed one expert at a time, so a value never depends on which others are refreshed)."""
+        h = self.hidden
+        for e in experts.tolist():
+            b0, b1 = int(self.bounds[e]), int(self.bounds[e + 1])
+            self.centroids[e] = self.work[b0:b1, :h].float().mean(0)
+
+    def rows_updated(self, idx: torch.Tensor) -> None:
+        """After an update of rows `idx` (sorted): refresh the experts they belong to."""
+        if idx.numel():
+            ex = torch.unique(torch.searchsorted(self.bounds, idx, right=True) - 1)
+            self._refresh_centroids(ex)
+
+    def reset_working_copy(self) -> None:
+        self.work.copy_(self.master)
+        self._refresh_centroids(torch.arange(self.experts))
+
+    # ------------------------------------------------------------------ routing
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Selected neurons of each token of the host fp32 matrix x [T, hidden]: [T, k'] int64
+        (k' = min(k, p * largest expert)), -1 where a slot holds no neuron. Runs in fp32 whatever
+        autocast says (routing is a host computation on fp32 copies)."""
+        with torch.autocast("cpu", enabled=False):
+            return self._route(x.float())
+
+    def _route(self, x: torch.Tensor) -> torch.Tensor:
+        T, h = x.shape
+        es = x @ self.centroids.t()                                          # [T, E]
+        top_e = torch.sort(es, dim=1, descending=True, stable=True).indices[:, :self.probe]
+        top_e = torch.sort(top_e, dim=1).values                             # candidates in neuron order
+        ar = torch.arange(self.gmax)
+        cand = self.bounds[top_e].unsqueeze(-1) + ar                          # [T, p, gmax]
+        valid = ar < self.sizes[top_e].unsqueeze(-1)
+        # candidate scores, grouped by expert: the (token, expert) pairs sorted by expert and padded to
+        # the busiest expert's count, then one batched matmul against the experts' padded keys
+        p, E = self.probe, self.experts
+        flat_e = top_e.reshape(-1)
+        order = torch.sort(flat_e, stable=True).indices
+        se = flat_e[order]
+        counts = torch.bincount(flat_e, minlength=E)
+        rank = torch.arange(se.numel()) - (torch.cumsum(counts, 0) - counts)[se]
+        xg = torch.zeros(E, int(counts.max()), h)
+        xg[se, rank] = x[order // p]
+        kpad = self.work[cand_rows(self.bounds, self.sizes, self.gmax), :h].float()   # [E, gmax, h]
+        sc = torch.bmm(xg, kpad.transpose(1, 2))                                     # [E, cmax, gmax]
+        cs = torch.empty(T * p, self.gmax)
+        cs[order] = sc[se, rank]
+        cs = cs.reshape(T, p, self.gmax)
+        cs = cs.masked_fill(~valid, -math.inf).reshape(T, -1)
+        kk = min(self.topk, cs.shape[1])
+        order = torch.sort(cs, dim=1, descending=True, stable=True)
+        val, pos = order.values[:, :kk], order.indices[:, :kk]
+        ids = cand.reshape(T, -1).gather(1, pos)
+        return ids.masked_fill(~(val > 0), -1)
+
+    # ------------------------------------------------------------------ device side
+    def begin(self, x: torch.Tensor) -> None:
+        """Start the device->host copy of the adapter's input (CUDA: before the FFN is launched)."""
+        if x.device.type != "cuda":
+            return
+        xs = x.detach().reshape(-1, self.hidden)
+        buf = torch.empty(xs.shape, dtype=xs.dtype, pin_memory=True)
+        buf.copy_(xs, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self._x_host = (buf, ev)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _check(x.shape[-1] == self.hidden,
+               f"SparseAdapter {self.name}: input has {x.shape[-1]} features, the adapter {self.hidden}")
+        shape, h = x.shape, self.hidden
+        x2 = x.reshape(-1, h)
+        T = x2.shape[0]
+        if self._x_host is not None and x.device.type == "cuda":
+            buf, ev = self._x_host
+            ev.synchronize()
+            xh = buf.float()
+        else:
+            xh = x2.detach().float().cpu()
+        self._x_host = None
+        ids = self.route(xh)
+        mask = ids >= 0
+        present = torch.zeros(self.neurons, dtype=torch.bool)
+        present[ids[mask]] = True
+        uniq = present.nonzero().squeeze(1)            # sorted
+        U = uniq.numel()
+        st = self.stats
+        esz = x.element_size()
+        st["forwards"] += 1
+        st["tokens"] += T
+        st["selected"] += int(mask.sum())
+        st["rows_moved"] += U
+        st["peak_rows"] = max(st["peak_rows"], U)
+        st["bytes_d2h"] += T * h * esz                  # the input, for the host routing
+        st["dense_bytes"] += self.neurons * 2 * h * 2   # a dense adapter sends every bf16 row...
+        if U == 0:
+            return torch.zeros_like(x)
+        stage = self._stage(U)
+        _C.gather_rows(self.work, uniq, stage)
+        st["bytes_h2d"] += U * 2 * h * 2
+        kv = self._to_device(stage[:U], x.device).to(x.dtype)
+        track = torch.is_grad_enabled()
+        if track:
+            kv.requires_grad_(True)
+            st["dense_bytes"] += self.neurons * 2 * h * esz  # ...and receives every row's gradient
+            idx = uniq
+            kv.register_post_accumulate_grad_hook(lambda t: self._grad_arrived(idx, t))
+        # each token's k slots: rows of the gathered block (an empty slot reads row 0, weighted 0)
+        pos = torch.zeros(self.neurons, dtype=torch.long)
+        pos[uniq] = torch.arange(U)
+        local = pos[ids.clamp(min=0)].to(x.device)      # each token's slots in the gathered block
+        w = mask.to(x.device, x.dtype)                   # an empty slot points at row 0 with weight 0
+        k_u, v_u = kv[:, :h], kv[:, h:]
+        if self.compute == "masked" or (self.compute == "auto" and U <= 256 * ids.shape[1]):
+            # [T, U] selection mask: dense GEMMs, on CPU cheaper than the gathers' index_add backward up to U ~ 256 k (measured)
+            sel = torch.zeros(T, U, dtype=x.dtype, device=x.device).scatter_add_(1, local, w)
+            y = (torch.relu(x2 @ k_u.t()) * sel) @ v_u
+        else:
+            # per-slot gathers: O(T k hidden) memory and work whatever U is
+            flat = local.reshape(-1)
+            ks = k_u.index_select(0, flat).reshape(T, -1, h)
+            vs = v_u.index_select(0, flat).reshape(T, -1, h)
+            act = torch.relu(torch.einsum("th,tkh->tk", x2, ks)) * w
+            y = torch.einsum("tk,tkh->th", act, vs)
+        return (y * self.scale).reshape(shape)
+
+    def _stage(self, n: int) -> torch.Tensor:
+        if self._staging is None or self._staging.shape[0] < n:
+            cap = max(n, 2 * (self._staging.shape[0] if self._staging is not None else 0))
+            cap = min(cap, self.neurons)
+            self._staging = torch.empty(cap, 2 * self.hidden, dtype=torch.bfloat16,
+                                        pin_memory=torch.cuda.is_available())
+        return self._staging
+
+    def _to_device(self, rows: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        if dev.type != "cuda":
+            return rows.clone()  # on the host the "transfer" is the copy out of the staging buffer
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(dev)
+        cur = torch.cuda.current_stream(dev)
+        self._copy_stream.wait_stream(cur)
+        with torch.cuda.stream(self._copy_stream):
+            out = rows.to(dev, non_blocking=True)
+        cur.wait_stream(self._copy_stream)
+        out.record_stream(cur)
+        return out
+
+    def _grad_arrived(self, idx: torch.Tensor, t: torch.Tensor) -> None:
+        g = t.grad
+        t.grad = None
+        if g.dtype not in (torch.float32, torch.bfloat16):
+            g = g.float()
+        g = g.detach().to("cpu").contiguous()
+        self.stats["bytes_d2h"] += g.numel() * g.element_size()
+        with self.lock:
+            self.pending.append((idx, g))
+        opt = self.optimizer() if self.optimizer is not None else None
+        if opt is not None:
+            opt._grad_ready(self)
+
+    def take_gradient(self):
+        """The accumulated (idx, grad rows) since the last step, merged over backward passes
+        (rows selected in several passes are summed); None when there is none."""
+        with self.lock:
+            items, self.pending = self.pending, []
+        if not items:
+            return None
+        if len(items) == 1:
+            return items[0]
+        idx = torch.cat([i for i, _ in items])
+        grad = torch.cat([g.float() for _, g in items])
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        out = torch.zeros(uniq.numel(), grad.shape[1])
+        out.index_add_(0, inv, grad)
+        return uniq, out
+
+    def device_bytes(self, elem_size: int = 4) -> int:
+        """Adapter bytes the device held at the peak of one training step: the gathered rows and their
+        gradient in the compute dtype (the routing and the representative keys stay on the host)."""
+        return self.stats["peak_rows"] * 2 * self.hidden * elem_size * 2
+
+
+def cand_rows(bounds: torch.Tensor, sizes: torch.Tensor, gmax: int) -> torch.Tensor:
+    """[E, gmax] neuron index of each expert's slots (slots past an expert's size repeat its last
+    neuron; their scores are masked)."""
+    ar = torch.arange(gmax)
+    return bounds[:-1].unsqueeze(1) + torch.minimum(ar, (sizes - 1).unsqueeze(1))
+
+
+def route_reference(adapter: SparseAdapter, x: torch.Tensor) -> torch.Tensor:
+    """Brute-force routing, one token at a time in plain Python (the test reference of route())."""
+    h, out = adapter.hidden, []
+    keys = adapter.work[:, :h].float()
+    for t in range(x.shape[0]):
+        xs = x[t]
+        es = [(float(xs @ adapter.centroids[e]), e) for e in range(adapter.experts)]
+        es.sort(key=lambda s: (-s[0], s[1]))
+        cands = []
+        for _, e in es[:adapter.probe]:
+            for i in range(int(adapter.bounds[e]), int(adapter.bounds[e + 1])):
+                cands.append((float(xs @ keys[i]), i))
+        cands.sort(key=lambda s: (-s[0], s[1]))
+        kk = min(adapter.topk, adapter.probe * adapter.gmax)
+        row = [i if s > 0 else -1 for s, i in cands[:kk]]
+        out.append(row + [-1] * (kk - len(row)))
+    return torch.tensor(out, dtype=torch.long).reshape(x.shape[0], -1)
+
+
+# ---------------------------------------------------------------------- the optimizer
+class MeftAdamW:
+    """Lazy AdamW of the adapters' touched rows on the host (lspo._C.sparse_adam_step).
+
+    overlap=True: each adapter's update is queued on a worker thread the moment its gradient
+    arrives during backward (the GIL is released inside the kernel), so it overlaps the rest of the
+    backward pass; step() waits for them. That allows one backward per step() (an error otherwise:
+    use overlap=False for gradient accumulation, whose gradients are summed per row and applied
+    in step()). The learning rate is read from param_groups when the update is queued.
+    Adapters are not subject to a global gradient-norm clip."""
+
+    def __init__(self, adapters, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, overlap: bool = True):
+        if isinstance(adapters, nn.Module):
+            adapters = adapters_of(adapters)
+        self.adapters: List[SparseAdapter] = list(adapters)
+        _check(len(self.adapters) > 0, "MeftAdamW: no adapters (call lspo.meft.add_sparse_adapters first)")
+        _check(lr >= 0, f"MeftAdamW: invalid lr {lr}")
+        self.param_groups = [dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)]
+        self.overlap = overlap
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meft-adam") if overlap else None
+        self._futures: Dict[int, concurrent.futures.Future] = {}
+        for a in self.adapters:
+            a.optimizer = weakref.ref(self)
+
+    def _hp(self) -> dict:
+        g = self.param_groups[0]
+        return dict(lr=float(g["lr"]), beta1=float(g["betas"][0]), beta2=float(g["betas"][1]), eps=float(g["eps"]),
+                    weight_decay=float(g["weight_decay"]))
+
+    @staticmethod
+    def _update(a: SparseAdapter, hp: dict):
+        item = a.take_gradient()
+        if item is None:
+            return None
+        idx, grad = item
+        _C.sparse_adam_step(a.master, a.exp_avg, a.exp_avg_sq, a.row_steps, idx, grad, param_out=a.work, **hp)
+        return idx
+
+    def _grad_ready(self, a: SparseAdapter) -> None:
+        if not self.overlap:
+            return
+        key = id(a)
+        _check(key not in self._futures, f"MeftAdamW(overlap=True): a second backward reached adapter {a.name} "
+               "before step(); gradient accumulation needs MeftAdamW(..., overlap=False)")
+        self._futures[key] = self._pool.submit(self._update, a, self._hp())
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        hp = self._hp()
+        for a in self.adapters:
+            fut = self._futures.pop(id(a), None)
+            idx = fut.result() if fut is not None else self._update(a, hp)
+            if idx is not None:
+                a.rows_updated(idx)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for a in self.adapters:
+            a.take_gradient()
+
+    def state_dict(self) -> dict:
+        _check(not self._futures, "MeftAdamW.state_dict: updates are in flight; call step() first")
+        return {"param_groups": [dict(g) for g in self.param_groups],
+                "state": [{"exp_avg": a.exp_avg.clone(), "exp_avg_sq": a.exp_avg_sq.clone(),
+                           "row_steps": a.row_steps.clone()} for a in self.adapters]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        _check(len(sd["state"]) == len(self.adapters),
+               f"MeftAdamW.load_state_dict: {len(sd['state'])} adapters saved, {len(self.adapters)} present")
+        for a, s in zip(self.adapters, sd["state"]):
+            _check(s["exp_avg"].shape == a.exp_avg.shape,
+                   f"MeftAdamW.load_state_dict: adapter {a.name} has shape {tuple(a.exp_avg.shape)}, "
+                   f"the checkpoint {tuple(s['exp_avg'].shape)}")
+            a.exp_avg.copy_(s["exp_avg"])
+            a.exp_avg_sq.copy_(s["exp_avg_sq"])
+            a.row_steps.copy_(s["row_steps"])
+        self.param_groups = [dict(g) for g in sd["param_groups"]]
+
+
+# ---------------------------------------------------------------------- model surgery
+def _hidden_size(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    for k in ("hidden_size", "n_embd", "d_model"):
+        if cfg is not None and isinstance(getattr(cfg, k, None), int):
+            return getattr(cfg, k)
+    raise LspoError("add_sparse_adapters: cannot tell the model's hidden size (no config.hidden_size / n_embd)")
+
+
+def _ffn_sites(model: nn.Module):
+    """(name, module whose input is the FFN input, module whose output is the FFN output)."""
+    sites = []
+    for name, m in model.named_modules():
+        mlp = getattr(m, "mlp", None)
+        if isinstance(mlp, nn.Module):
+            sites.append((f"{name}.mlp", mlp, mlp))
+        elif isinstance(getattr(m, "fc", None), nn.Module) and isinstance(getattr(m, "fc_out", None), nn.Module):
+            sites.append((name, m.fc, m.fc_out))  # lspo.tinygpt blocks
+    return sites
+
+
+def add_sparse_adapters(model: nn.Module, neurons: int, topk: int, experts: Optional[int] = None, probe: int = 1,
+                        scale: float = 1.0, seed: int = 0, freeze: bool = True) -> List[SparseAdapter]:
+    """Adds a MEFT adapter beside every FFN block of `model` (Hugging Face decoder layers with an
+    ``mlp`` module, lspo.tinygpt blocks) through forward hooks; freezes the model's own parameters
+    unless freeze=False. Returns the adapters (also reachable as adapters_of(model))."""
+    _check(not hasattr(model, _ATTR), "add_sparse_adapters: the model already has MEFT adapters")
+    sites = _ffn_sites(model)
+    _check(len(sites) > 0, "add_sparse_adapters: found no FFN block (a module with .mlp, or .fc and .fc_out)")
+    hidden = _hidden_size(model)
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    adapters = []
+    for i, (name, first, last) in enumerate(sites):
+        a = SparseAdapter(hidden, neurons, topk, experts, probe, scale=scale, seed=seed + i, name=name)
+        holder = {}
+
+        def pre(mod, args, a=a, holder=holder):
+            holder["x"] = args[0]
+            a.begin(args[0])
+
+        def post(mod, args, out, a=a, holder=holder):
+            x = holder.pop("x")
+            return out + a(x).to(out.dtype)
+
+        first.register_forward_pre_hook(pre)
+        last.register_forward_hook(post)
+        adapters.append(a)
+    object.__setattr__(model, _ATTR, adapters)
+    return adapters
+
+
+def adapters_of(model: nn.Module) -> List[SparseAdapter]:
+    _check(hasattr(model, _ATTR), "adapters_of: the model has no MEFT adapters")
+    return getattr(model, _ATTR)
+
+
+def adapter_state_dict(model_or_adapters) -> dict:
+    """The adapters' fp32 masters and shapes (moments and step counts: MeftAdamW.state_dict())."""
+    ads = adapters_of(model_or_adapters) if isinstance(model_or_adapters, nn.Module) else list(model_or_adapters)
+    return {"format": 1, "adapters": [dict(name=a.name, hidden=a.hidden, neurons=a.neurons, topk=a.topk,
+                                           experts=a.experts, probe=a.probe, scale=a.scale,
+                                           master=a.master.clone()) for a in ads]}
+
+
+def load_adapter_state_dict(model_or_adapters, sd: dict) -> None:
+    ads = adapters_of(model_or_adapters) if isinstance(model_or_adapters, nn.Module) else list(model_or_adapters)
+    _check(sd.get("format") == 1 and len(sd["adapters"]) == len(ads),
+           f"load_adapter_state_dict: checkpoint has {len(sd.get('adapters', []))} adapters, model {len(ads)}")
+    for a, s in zip(ads, sd["adapters"]):
+        for k in ("hidden", "neurons", "topk", "experts", "probe"):
+            _check(s[k] == getattr(a, k), f"load_adapter_state_dict: adapter {a.name}: {k} {getattr(a, k)} "
+                   f"differs from the checkpoint's {s[k]}")
+        a.master.copy_(s["master"])
+        a.reset_working_copy()
