@@ -90,7 +90,8 @@ class LSPAdamW(OffloadAdamW):
                  weight_decay: float = 0.0, *, subspace: int = 512, nnz: int = 8, refit_every: int = 100,
                  refit_threshold: float = 0.3, refit_iters: int = 50, refit_lr: float = 0.05,
                  min_dim: Optional[int] = None, seed: int = 0, max_grad_norm: Optional[float] = None,
-                 overlap: bool = True, record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30):
+                 overlap: bool = True, record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30,
+                 state_dir: Optional[str] = None, host_memory_limit: Optional[int] = None):
         if not (isinstance(subspace, int) and subspace >= 1):
             raise ValueError(f"LSPAdamW: subspace must be an int >= 1, got {subspace!r}")
         if not (isinstance(nnz, int) and 1 <= nnz <= subspace):
@@ -124,7 +125,8 @@ class LSPAdamW(OffloadAdamW):
         else:
             params = params_or_module
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                         overlap=overlap, record_timeline=record_timeline, pinned_limit_bytes=pinned_limit_bytes)
+                         overlap=overlap, record_timeline=record_timeline, pinned_limit_bytes=pinned_limit_bytes,
+                         state_dir=state_dir, host_memory_limit=host_memory_limit)
 
     # ---------------------------------------------------------------- registration
     def _projected(self, p: torch.Tensor, group: dict) -> bool:
@@ -158,16 +160,16 @@ class LSPAdamW(OffloadAdamW):
         s.hook = p.register_post_accumulate_grad_hook(self._on_grad)
         self._refresh_state(p)
 
-    def _refresh_state(self, p: torch.Tensor) -> None:
+    def _refresh_state(self, p: torch.Tensor, materialize: bool = False) -> None:
         s = self._slots[p]
         if not isinstance(s, _LspSlot):
-            return super()._refresh_state(p)
+            return super()._refresh_state(p, materialize)
         st = self.state[p]
         if "step" not in st:
             st["step"] = torch.tensor(0.0)
         shape = (s.P.d, s.Q.d)
-        st["exp_avg"] = self._engine.exp_avg(s.index).view(shape)
-        st["exp_avg_sq"] = self._engine.exp_avg_sq(s.index).view(shape)
+        for kind in ("exp_avg", "exp_avg_sq"):
+            self._put_view(st, kind, self._state_tensor(s, kind, materialize), shape)
         st["proj_P_indices"], st["proj_P_values"] = s.P.indices, s.P.values
         st["proj_Q_indices"], st["proj_Q_values"] = s.Q.indices, s.Q.values
 
@@ -203,11 +205,14 @@ class LSPAdamW(OffloadAdamW):
             res = lp.fit(s.P, s.Q, [G], lr=self.refit_lr, max_iters=self.refit_iters)
             rec["error_after"] = res["error_after"]
             eng.wait(s.index)
-            M = eng.exp_avg(s.index).view(s.P.d, s.Q.d)
-            V = eng.exp_avg_sq(s.index).view(s.P.d, s.Q.d)
+            M = self._state_tensor(s, "exp_avg").view(s.P.d, s.Q.d)
+            V = self._state_tensor(s, "exp_avg_sq").view(s.P.d, s.Q.d)
             s.backup = (P_old.values, Q_old.values, M.clone(), V.clone())
             if step > 1:  # carry the committed moments into the new subspace (host, in place)
                 lp.carry_state(P_old, Q_old, s.P.to("cpu"), s.Q.to("cpu"), M, V)
+                if eng.on_disk(s.index):  # M, V were copies read from the state files
+                    self._store(s, "exp_avg", M)
+                    self._store(s, "exp_avg_sq", V)
         self.refits.append(rec)
         eng.add_event("refit", eng_name(s), 0, t0, eng.now_us())
 
@@ -286,8 +291,8 @@ class LSPAdamW(OffloadAdamW):
                 pv, qv, M, V = s.backup
                 s.P.values.copy_(pv)
                 s.Q.values.copy_(qv)
-                self._engine.exp_avg(s.index).copy_(M.reshape(-1))
-                self._engine.exp_avg_sq(s.index).copy_(V.reshape(-1))
+                self._store(s, "exp_avg", M)
+                self._store(s, "exp_avg_sq", V)
                 s.backup = None
 
     def _finish(self, s: _Slot) -> None:
@@ -353,8 +358,8 @@ class LSPAdamW(OffloadAdamW):
             p = params[i]
             s = self._slots[p]
             s.P, s.Q = P, Q
-            self._engine.exp_avg(s.index).copy_(st["exp_avg"].reshape(-1))
-            self._engine.exp_avg_sq(s.index).copy_(st["exp_avg_sq"].reshape(-1))
+            self._store(s, "exp_avg", st["exp_avg"])
+            self._store(s, "exp_avg_sq", st["exp_avg_sq"])
             s.acc_count, s.spec, s.grad_seen = 0, None, None
             self.state[p] = {"step": st["step"].detach().to("cpu", torch.float32).clone()}
             self._refresh_state(p)

@@ -69,13 +69,22 @@ class OffloadAdamW(torch.optim.Optimizer):
     (per-layer stage timestamps; ``timeline_json()`` gives a Chrome trace), ``pinned_limit_bytes``
     (budget for pinned host buffers; beyond it, or when pinning fails, buffers stay pageable and
     ``engine_stats()['pin_fallbacks']`` counts them, with one warning).
+
+    Disk tier (LoHan): ``state_dir`` keeps the fp32 master and moments of every parameter that does
+    not fit ``host_memory_limit`` (bytes of fp32 state in host memory, both halves of the engine's
+    double buffer: 24 B per element; None: unlimited) in files under ``state_dir``, streamed in
+    chunks through the fused Adam during backward. After every ``step()`` the directory holds that
+    step wholly (an atomic commit); ``resume=True`` continues from it (step counts and weights are
+    restored from the directory). For parameters on disk ``state[p]`` holds only ``step``;
+    ``state_dict()`` reads their state from the files.
     """
 
     _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, max_grad_norm: Optional[float] = None, overlap: bool = True,
-                 record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30):
+                 record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30,
+                 state_dir: Optional[str] = None, host_memory_limit: Optional[int] = None, resume: bool = False):
         if isinstance(lr, torch.Tensor):
             raise TypeError("OffloadAdamW: lr must be a Python float (the CPU kernel reads it every step)")
         if not lr >= 0.0:
@@ -92,13 +101,31 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.last_step_skipped = False
         self.last_grad_norm: Optional[float] = None
+        if resume and not state_dir:
+            raise ValueError("OffloadAdamW: resume=True needs a state_dir")
+        if host_memory_limit is not None and not host_memory_limit >= 0:
+            raise ValueError(f"OffloadAdamW: host_memory_limit must be >= 0 bytes or None, got {host_memory_limit}")
+        self._state_dir = str(state_dir) if state_dir else None
         self._engine = _C.OffloadEngine(overlap=overlap, record_timeline=record_timeline,
-                                        pinned_limit_bytes=int(pinned_limit_bytes))
+                                        pinned_limit_bytes=int(pinned_limit_bytes), state_dir=self._state_dir or "",
+                                        host_memory_limit_bytes=-1 if host_memory_limit is None
+                                        else int(host_memory_limit), resume=bool(resume))
         self._slots: dict[torch.Tensor, _Slot] = {}
         self._spec_scale = 1.0  # gradient scale assumed by speculations (the last step's AMP unscale)
         self._d2h = self._h2d = None
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        if resume:
+            self._resume()
+
+    @torch.no_grad()
+    def _resume(self) -> None:
+        """Step counts and weights from the state directory's last committed step."""
+        for p, s in self._slots.items():
+            self.state[p]["step"] = torch.tensor(float(self._engine.committed_step(s.index)))
+            master = self._engine.load_state(s.index, "master")
+            if master is not None:
+                p.copy_(master.view(p.shape))
 
     # ---------------------------------------------------------------- registration
     def add_param_group(self, param_group: dict) -> None:
@@ -120,14 +147,31 @@ class OffloadAdamW(torch.optim.Optimizer):
             s.hook = p.register_post_accumulate_grad_hook(self._on_grad)
         self._refresh_state(p)
 
-    def _refresh_state(self, p: torch.Tensor) -> None:
+    def _refresh_state(self, p: torch.Tensor, materialize: bool = False) -> None:
         s = self._slots[p]
         st = self.state[p]
         if "step" not in st:
             st["step"] = torch.tensor(0.0)
-        st["exp_avg"] = self._engine.exp_avg(s.index).view(p.shape)
-        st["exp_avg_sq"] = self._engine.exp_avg_sq(s.index).view(p.shape)
-        st["master_param"] = self._engine.master(s.index).view(p.shape)
+        for kind, key in (("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("master", "master_param")):
+            self._put_view(st, key, self._state_tensor(s, kind, materialize), p.shape)
+
+    def _state_tensor(self, s: _Slot, kind: str, materialize: bool = True) -> Optional[torch.Tensor]:
+        """Committed state ``kind`` of a slot, flat: the engine's host tensor (writes land there) or, for
+        a slot on disk, a copy read from its files when ``materialize`` (write back with ``_store``)."""
+        eng = self._engine
+        if eng.on_disk(s.index):
+            return eng.load_state(s.index, kind) if materialize else None
+        return getattr(eng, kind)(s.index)
+
+    def _store(self, s: _Slot, kind: str, value: torch.Tensor) -> None:
+        self._engine.store_state(s.index, kind, value.reshape(-1))
+
+    @staticmethod
+    def _put_view(st: dict, key: str, t: Optional[torch.Tensor], shape) -> None:
+        if t is None:
+            st.pop(key, None)
+        else:
+            st[key] = t.view(shape)
 
     # ---------------------------------------------------------------- the pipeline
     def _copy_grad(self, s: _Slot, grad: torch.Tensor) -> None:
@@ -245,6 +289,8 @@ class OffloadAdamW(torch.optim.Optimizer):
             self.state[p]["step"] += 1
             self._refresh_state(p)
         self._spec_scale = inv_scale
+        if self._state_dir:
+            eng.persist()  # this step, wholly, in the state directory
         eng.add_event("step", "engine", 0, t_step, eng.now_us())
         return loss
 
@@ -290,9 +336,11 @@ class OffloadAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         self._engine.wait_all()
         for p in self._slots:
-            self._refresh_state(p)
+            self._refresh_state(p, materialize=True)
         sd = super().state_dict()
         sd["state"] = {k: {n: t.clone() for n, t in v.items()} for k, v in sd["state"].items()}
+        for p in self._slots:
+            self._refresh_state(p)  # (drops the copies of state on disk)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -316,9 +364,8 @@ class OffloadAdamW(torch.optim.Optimizer):
             s.grad_seen = None
             if i in saved:
                 st = saved[i]
-                self._engine.exp_avg(s.index).copy_(st["exp_avg"].reshape(-1))
-                self._engine.exp_avg_sq(s.index).copy_(st["exp_avg_sq"].reshape(-1))
-                self._engine.master(s.index).copy_(st["master_param"].reshape(-1))
+                for kind in ("exp_avg", "exp_avg_sq", "master"):
+                    self._store(s, kind, st["master_param" if kind == "master" else kind])
                 self.state[p]["step"] = st["step"].detach().to("cpu", torch.float32).clone()
             self._refresh_state(p)
         # the slots' groups are the (new) group dicts
@@ -329,6 +376,10 @@ class OffloadAdamW(torch.optim.Optimizer):
     # ---------------------------------------------------------------- introspection
     def engine_stats(self) -> dict:
         return self._engine.stats()
+
+    def slots_on_disk(self) -> int:
+        """How many parameters keep their optimizer state in files (the disk tier)."""
+        return sum(1 for s in self._slots.values() if self._engine.on_disk(s.index))
 
     def timeline_json(self) -> str:
         return self._engine.timeline_json()
