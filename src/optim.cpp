@@ -81,6 +81,8 @@ OffloadOptimizerBase::OffloadOptimizerBase(const std::vector<torch::optim::Optim
   eo.overlap = global.overlap;
   eo.record_timeline = global.record_timeline;
   eo.pinned_limit_bytes = global.pinned_limit_bytes;
+  eo.state_dir = global.state_dir;
+  eo.host_memory_limit_bytes = global.host_memory_limit_bytes;
   engine_ = std::make_unique<OffloadEngine>(eo);
 }
 
@@ -144,7 +146,9 @@ void OffloadOptimizerBase::refresh_state(ParamSlot& s) {
   auto st = std::make_unique<OffloadParamState>();
   st->step(s.step);
   const torch::Tensor& p = s.param;
-  if (s.projected) {
+  if (engine_->on_disk(s.slot)) {
+    // state in files: nothing to alias (exp_avg() & co. read copies)
+  } else if (s.projected) {
     st->exp_avg(engine_->exp_avg(s.slot).view({s.P.d, s.Q.d}));
     st->exp_avg_sq(engine_->exp_avg_sq(s.slot).view({s.P.d, s.Q.d}));
   } else {
@@ -171,9 +175,15 @@ void OffloadOptimizerBase::refit_if_due(ParamSlot& s, const torch::Tensor& g, co
   fit(s.P, s.Q, std::vector<torch::Tensor>{g}, fo);
   torch::NoGradGuard ng;
   if (t > 1) {  // carry the committed moments into the new subspace, on the host, in place
-    torch::Tensor M = engine_->exp_avg(s.slot).view({s.P.d, s.Q.d});
-    torch::Tensor V = engine_->exp_avg_sq(s.slot).view({s.P.d, s.Q.d});
+    const bool disk = engine_->on_disk(s.slot);
+    torch::Tensor M = (disk ? engine_->load_state(s.slot, StateKind::kExpAvg) : engine_->exp_avg(s.slot)).view({s.P.d, s.Q.d});
+    torch::Tensor V =
+        (disk ? engine_->load_state(s.slot, StateKind::kExpAvgSq) : engine_->exp_avg_sq(s.slot)).view({s.P.d, s.Q.d});
     carry_state(P_old, Q_old, s.P.to(torch::kCPU), s.Q.to(torch::kCPU), M, V);
+    if (disk) {
+      engine_->store_state(s.slot, StateKind::kExpAvg, M);
+      engine_->store_state(s.slot, StateKind::kExpAvgSq, V);
+    }
   }
   ++refits_;
   engine_->add_event("refit", s.name, 0, t0, engine_->now_us());
@@ -291,6 +301,7 @@ torch::Tensor OffloadOptimizerBase::step(LossClosure closure) {
     }
     throw;
   }
+  engine_->persist();  // state_dir: this step, wholly, in the files (no-op without one)
   engine_->add_event("step", "engine", 0, t_step, engine_->now_us());
   return loss;
 }
@@ -307,20 +318,18 @@ int64_t OffloadOptimizerBase::step_count(const torch::Tensor& p) const { return 
 bool OffloadOptimizerBase::is_projected(const torch::Tensor& p) const { return slot_of(p, "is_projected").projected; }
 torch::Tensor OffloadOptimizerBase::exp_avg(const torch::Tensor& p) const {
   const ParamSlot& s = slot_of(p, "exp_avg");
-  engine_->wait(s.slot);
-  return engine_->exp_avg(s.slot).clone().view(s.projected ? std::vector<int64_t>{s.P.d, s.Q.d} : p.sizes().vec());
+  return engine_->load_state(s.slot, StateKind::kExpAvg)
+      .view(s.projected ? std::vector<int64_t>{s.P.d, s.Q.d} : p.sizes().vec());
 }
 torch::Tensor OffloadOptimizerBase::exp_avg_sq(const torch::Tensor& p) const {
   const ParamSlot& s = slot_of(p, "exp_avg_sq");
-  engine_->wait(s.slot);
-  return engine_->exp_avg_sq(s.slot).clone().view(s.projected ? std::vector<int64_t>{s.P.d, s.Q.d}
-                                                              : p.sizes().vec());
+  return engine_->load_state(s.slot, StateKind::kExpAvgSq)
+      .view(s.projected ? std::vector<int64_t>{s.P.d, s.Q.d} : p.sizes().vec());
 }
 torch::Tensor OffloadOptimizerBase::master(const torch::Tensor& p) const {
   const ParamSlot& s = slot_of(p, "master");
   if (s.projected) return {};
-  engine_->wait(s.slot);
-  return engine_->master(s.slot).clone().view(p.sizes());
+  return engine_->load_state(s.slot, StateKind::kMaster).view(p.sizes());
 }
 const SparseProjector& OffloadOptimizerBase::row_projector(const torch::Tensor& p) const {
   const ParamSlot& s = slot_of(p, "row_projector");
@@ -337,7 +346,8 @@ const SparseProjector& OffloadOptimizerBase::col_projector(const torch::Tensor& 
 OffloadAdamW::OffloadAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
                            OffloadAdamWOptions d)
     : OffloadOptimizerBase(param_groups, std::make_unique<OffloadAdamWOptions>(d), "OffloadAdamW",
-                           Global{d.max_grad_norm(), d.overlap(), d.record_timeline(), d.pinned_limit_bytes(), 0}) {
+                           Global{d.max_grad_norm(), d.overlap(), d.record_timeline(), d.pinned_limit_bytes(), 0,
+                                  d.state_dir(), d.host_memory_limit_bytes()}) {
   hyper(defaults());
   sync_slots();
 }
@@ -353,7 +363,7 @@ OffloadOptimizerBase::Hyper OffloadAdamW::hyper(const torch::optim::OptimizerOpt
 LSPAdamW::LSPAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, LSPAdamWOptions d)
     : OffloadOptimizerBase(param_groups, std::make_unique<LSPAdamWOptions>(d), "LSPAdamW",
                            Global{d.max_grad_norm(), d.overlap(), d.record_timeline(), d.pinned_limit_bytes(),
-                                  d.seed()}) {
+                                  d.seed(), d.state_dir(), d.host_memory_limit_bytes()}) {
   LSPO_CHECK(d.seed() >= 0, "LSPAdamW: seed must be >= 0, got ", d.seed());
   hyper(defaults());
   sync_slots();

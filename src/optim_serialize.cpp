@@ -130,8 +130,8 @@ void OffloadOptimizerBase::save(torch::serialize::OutputArchive& archive) const 
     put(pa, "sizes", s.param.sizes().vec());
     put(pa, "step", s.step);
     put(pa, "projected", s.projected);
-    pa.write("exp_avg", engine_->exp_avg(s.slot).clone());
-    pa.write("exp_avg_sq", engine_->exp_avg_sq(s.slot).clone());
+    pa.write("exp_avg", engine_->load_state(s.slot, StateKind::kExpAvg));
+    pa.write("exp_avg_sq", engine_->load_state(s.slot, StateKind::kExpAvgSq));
     if (s.projected) {
       pa.write("P_indices", s.P.indices.cpu());
       pa.write("P_values", s.P.values.cpu());
@@ -140,7 +140,7 @@ void OffloadOptimizerBase::save(torch::serialize::OutputArchive& archive) const 
       pa.write("Q_values", s.Q.values.cpu());
       put(pa, "Q_d", s.Q.d);
     } else {
-      pa.write("master", engine_->master(s.slot).clone());
+      pa.write("master", engine_->load_state(s.slot, StateKind::kMaster));
     }
     archive.write("param" + std::to_string(i), pa);
   }
@@ -201,11 +201,11 @@ void OffloadOptimizerBase::load(torch::serialize::InputArchive& archive) {
       L.Q = L.Q.to(s.param.device());
     } else {
       L.master = get_tensor(pa, "master", pw);
-      const int64_t n = engine_->master(s.slot).numel();
+      const int64_t n = s.param.numel();
       LSPO_CHECK(L.master.numel() == n && L.master.scalar_type() == torch::kFloat, pw,
                  ": saved master must be float32 with ", n, " elements");
     }
-    const int64_t n = engine_->exp_avg(s.slot).numel();
+    const int64_t n = s.projected ? s.P.d * s.Q.d : s.param.numel();
     L.m = get_tensor(pa, "exp_avg", pw);
     L.v = get_tensor(pa, "exp_avg_sq", pw);
     for (const torch::Tensor* t : {&L.m, &L.v})
@@ -217,13 +217,13 @@ void OffloadOptimizerBase::load(torch::serialize::InputArchive& archive) {
   for (size_t i = 0; i < slots_.size(); ++i) {
     ParamSlot& s = *slots_[i];
     Loaded& L = loaded[i];
-    engine_->exp_avg(s.slot).copy_(L.m.reshape(-1));
-    engine_->exp_avg_sq(s.slot).copy_(L.v.reshape(-1));
+    engine_->store_state(s.slot, StateKind::kExpAvg, L.m);
+    engine_->store_state(s.slot, StateKind::kExpAvgSq, L.v);
     if (s.projected) {
       s.P = L.P;
       s.Q = L.Q;
     } else {
-      engine_->master(s.slot).copy_(L.master.reshape(-1));
+      engine_->store_state(s.slot, StateKind::kMaster, L.master);
     }
     s.step = L.step;
     refresh_state(s);

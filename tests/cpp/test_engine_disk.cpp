@@ -11,10 +11,12 @@
 #include <cstring>
 #include <filesystem>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "lspo/common.h"
 #include "lspo/engine.h"
+#include "lspo/optim.h"
 
 namespace {
 
@@ -238,6 +240,39 @@ TEST(EngineDiskFault, ClearErrors) {
   o.resume = true;
   OffloadEngine back(o);
   EXPECT_THROW(back.add_slot("other", torch::randn({5}), -1, torch::kFloat, torch::kFloat, 0), lspo::Error);
+}
+
+// The C++ optimizers reach the disk tier through their options: OffloadAdamW and LSPAdamW with
+// every state in files give bitwise the in-memory results (weights and state).
+template <class Opt, class Options>
+std::vector<torch::Tensor> optim_run(const std::string& dir) {
+  torch::manual_seed(5);
+  std::vector<torch::Tensor> ps = {torch::randn({33, 40}).requires_grad_(), torch::randn({7}).requires_grad_()};
+  Options o(1e-2);
+  if constexpr (std::is_same_v<Options, lspo::LSPAdamWOptions>) o.subspace(8).nnz(2).refit_every(2);
+  if (!dir.empty()) o.state_dir(dir).host_memory_limit_bytes(0);
+  Opt opt(ps, o);
+  for (int s = 1; s <= 3; ++s) {
+    torch::manual_seed(50 + s);
+    for (auto& p : ps) p.mutable_grad() = torch::randn(p.sizes());
+    opt.step();
+  }
+  std::vector<torch::Tensor> r;
+  for (auto& p : ps) {
+    r.push_back(p.detach().clone());
+    r.push_back(opt.exp_avg(p));
+    r.push_back(opt.exp_avg_sq(p));
+  }
+  return r;
+}
+
+TEST(EngineDiskOptim, OffloadAdamWAndLSPAdamWThroughOptions) {
+  TempDir td;
+  expect_same(optim_run<lspo::OffloadAdamW, lspo::OffloadAdamWOptions>(""),
+              optim_run<lspo::OffloadAdamW, lspo::OffloadAdamWOptions>(td.sub("a")));
+  EXPECT_TRUE(fs::exists(td.sub("a") + "/MANIFEST"));
+  expect_same(optim_run<lspo::LSPAdamW, lspo::LSPAdamWOptions>(""),
+              optim_run<lspo::LSPAdamW, lspo::LSPAdamWOptions>(td.sub("b")));
 }
 
 }  // namespace
