@@ -489,10 +489,13 @@ def plan_activations(forward_s: Sequence[float], act_bytes: Sequence[int], budge
     s_bytes = torch.arange(smax + 1, dtype=torch.float64) * unit
     link = (param_traffic + 2.0 * s_bytes) / bandwidth
     cost = dp + compute + torch.clamp(link - compute, min=0.0)[None, :]
-    flat = int(torch.argmin(cost))
-    k, s = divmod(flat, smax + 1)
-    if not math.isfinite(float(cost[k, s])):
+    best = float(cost.min())
+    if not math.isfinite(best):
         raise AssertionError("plan_activations: no policy found (all-recompute is always feasible)")
+    # among the optima: the least swap traffic, then the most kept
+    ks, ss = torch.nonzero(cost <= best + 1e-12 * abs(best), as_tuple=True)
+    j = min(range(len(ks)), key=lambda q: (int(ss[q]), -int(ks[q])))
+    k, s = int(ks[j]), int(ss[j])
     pol = [None] * n
     for i in range(n - 1, -1, -1):
         c = int(choice[i, k, s])

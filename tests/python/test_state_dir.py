@@ -116,23 +116,24 @@ def test_kill_9_leaves_a_whole_step(tmp_path):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(lspo.__file__)), here,
                                          env.get("PYTHONPATH", "")])
-    _, _, ref = run_ram(400)
     rng = random.Random(7)
-    seen = []
-    for trial in range(6):
+    results = []
+    for trial in range(4):
         d = str(tmp_path / f"kill{trial}")
         p = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=here, d=d)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env, text=True)
         assert p.stdout.readline().strip() == "ready", p.stderr.read()
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.05, 0.5))
         os.kill(p.pid, signal.SIGKILL)
         out = p.communicate()[0].split()
         last_printed = int(out[-1]) if len(out) >= 2 and out[-2] == "step" else 0
         step, state = _load_dir(d)
         # the directory holds the last persisted step: the last printed one or the one after it
         assert last_printed <= step <= last_printed + 1, (last_printed, step)
+        results.append((step, state))
+    steps = [st for st, _ in results]
+    assert max(steps) > 0, f"no trial got past its first step: {steps}"
+    _, _, ref = run_ram(max(steps))
+    for step, state in results:
         if step:
-            assert step <= 400, "test reference too short"
             same_state(ref[step], state)
-        seen.append(step)
-    assert max(seen) > 0, f"no trial got past its first step: {seen}"

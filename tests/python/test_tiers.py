@@ -51,14 +51,13 @@ def train(runner_kwargs=None, optimizer="offload", steps=3):
     runner = tiers.TierRunner(model, list(model.blocks), "cpu", **runner_kwargs) if runner_kwargs else None
     if runner is not None:  # mid-forward, every released weight copy is already gone
         for b in model.blocks:
-            b.register_forward_hook(lambda *a: _assert_released(runner, collect=True))
+            b.register_forward_hook(lambda *a: _assert_released(runner))  # (freed at once: no gc needed)
     grads = []
     for s in range(steps):
         torch.manual_seed(s)  # dropout masks
         model(batch(s)).backward()
         grads.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
         if runner is not None:
-            gc.collect()
             _assert_released(runner)
         if opt is None:
             break
@@ -149,11 +148,11 @@ def test_cost_model_matches_brute_force(seed):
 
 
 def test_cost_model_prefers_swap_when_the_link_is_idle_and_recompute_when_it_is_not():
-    fwd, acts = [1.0] * 4, [10] * 4
+    fwd, acts = [1.0] * 5, [10] * 5  # room for 2 kept layers + the 2-layer transient: 3 evicted
     fast = tiers.plan_activations(fwd, acts, 20 + 20, bandwidth=1000.0)
-    assert fast.policies.count("swap") == 2 and fast.recompute_s == 0
+    assert fast.policies.count("swap") == 3 and fast.recompute_s == 0
     slow = tiers.plan_activations(fwd, acts, 20 + 20, bandwidth=0.01)
-    assert slow.policies.count("recompute") == 2
+    assert slow.policies.count("recompute") == 3 and slow.swapped_bytes == 0
 
 
 def test_parse_bytes():
