@@ -273,6 +273,8 @@ void OffloadEngine::commit(int64_t slot) {
       s.gen_committed = s.gen_spec;
       s.gen_spec = -1;
       s.synced = false;
+      s.sync_ticket[0] = s.sync_ticket[1];
+      s.sync_ticket[1] = 0;
     }
     s.dirty = true;
     s.result = false;

@@ -25,15 +25,17 @@ void OffloadEngine::init_io() {
 
 // Streams the slot's generation `src_gen` (none: < 0) chunk by chunk through fn(offset, count,
 // chunk) into generation `dst_gen` (none: < 0). chunk holds [state 0 | state 1 | (state 2)] of
-// `count` elements each. Reads run io_depth - 1 chunks ahead on reader_, writes behind on writer_.
+// `count` elements each. Reads run io_depth - 1 chunks ahead on reader_, writes behind on writer_;
+// dst's fsync is queued behind its writes (ticket in s.last_sync: persist() waits for it).
 void OffloadEngine::stream_slot(Slot& s, int64_t src_gen, int64_t dst_gen, const ChunkFn& fn) {
   std::lock_guard<std::mutex> io(io_mu_);
   init_io();
   const int64_t C = dir_->chunk_elems(), n = s.numel, nch = (n + C - 1) / C;
   const int64_t R = static_cast<int64_t>(ring_.size());
-  std::unique_ptr<StateFile> src, dst;
+  std::unique_ptr<StateFile> src;
+  std::shared_ptr<StateFile> dst;  // (shared with the fsync task queued at the end)
   if (src_gen >= 0) src = std::make_unique<StateFile>(dir_->gen_path(s.index, src_gen), StateFile::kRead, opt_.direct_io);
-  if (dst_gen >= 0) dst = std::make_unique<StateFile>(dir_->gen_path(s.index, dst_gen), StateFile::kWrite, opt_.direct_io);
+  if (dst_gen >= 0) dst = std::make_shared<StateFile>(dir_->gen_path(s.index, dst_gen), StateFile::kWrite, opt_.direct_io);
   auto count = [&](int64_t k) { return std::min(C, n - k * C); };
   auto nbytes = [&](int64_t k) { return io_round_up(s.nstate * count(k) * kF32); };
   auto offset = [&](int64_t k) { return k * s.nstate * C * kF32; };
@@ -57,10 +59,15 @@ void OffloadEngine::stream_slot(Slot& s, int64_t src_gen, int64_t dst_gen, const
     if (dst)
       for (int64_t k = 0; k < nch; ++k) writer_->wait(wr[k]);
   } catch (...) {
-    reader_->drain();  // no task may touch src, dst or the ring after we return
-    writer_->drain();
+    // no task may touch src, dst or the ring after we return: wait for ours, their errors dropped
+    for (uint64_t t : rd)
+      if (t) try { reader_->wait(t); } catch (...) {}
+    for (uint64_t t : wr)
+      if (t) try { writer_->wait(t); } catch (...) {}
     throw;
   }
+  // durability is persist()'s business: the fsync runs behind, overlapped with the next slots
+  s.last_sync = dst ? writer_->submit([dst] { dst->sync(); }) : 0;
   std::lock_guard<std::mutex> g(mu_);
   stats_.io_bytes_read += moved_r;
   stats_.io_bytes_written += moved_w;
@@ -126,6 +133,7 @@ void OffloadEngine::place_slot(Slot& s, const torch::Tensor& master) {
       }
       std::memset(mv, 0, 2 * c * kF32);
     });
+    s.sync_ticket[0] = s.last_sync;
     s.synced = false;
   }
   if (saved) {
@@ -144,6 +152,7 @@ void OffloadEngine::run_disk_job(Slot& s, const Job& job) {
     AdamBuffers b = kernel_buffers(s, hm ? buf : nullptr, buf + (hm ? c : 0), buf + (hm ? 2 * c : c), off, c);
     adam_step(job.cfg, job.step, b);
   });
+  s.sync_ticket[1] = s.last_sync;
 }
 
 // Index of a state kind inside a chunk (-1: the slot has no such array).
@@ -187,6 +196,7 @@ void OffloadEngine::store_state(int64_t slot, StateKind kind, const torch::Tenso
     const float* src = v.data_ptr<float>();
     stream_slot(s, s.gen_committed, gen,
                 [&](int64_t off, int64_t c, float* buf) { std::memcpy(buf + part * c, src + off, c * kF32); });
+    s.sync_ticket[0] = s.last_sync;
     const int64_t stale = s.gen_committed != s.gen_durable ? s.gen_committed : -1;
     s.gen_committed = gen;
     s.gen_spec = -1;
@@ -208,7 +218,8 @@ void OffloadEngine::persist() {
       Slot& s = *sp;
       ManifestSlot e{s.index, s.numel, s.nstate, s.gen_committed, s.step[0], s.name};
       if (s.disk) {
-        if (!s.synced) StateFile(dir_->gen_path(s.index, s.gen_committed), StateFile::kRead, false).sync();
+        if (!s.synced && s.sync_ticket[0]) writer_->wait(s.sync_ticket[0]);  // its queued fsync
+        else if (!s.synced) StateFile(dir_->gen_path(s.index, s.gen_committed), StateFile::kRead, false).sync();
       } else if (s.dirty || s.gen_durable < 0) {
         e.gen = fresh[s.index] = s.next_gen++;
         stream_slot(s, -1, e.gen, [&](int64_t off, int64_t c, float* buf) {
@@ -216,7 +227,7 @@ void OffloadEngine::persist() {
           for (int k = 0, j = 3 - s.nstate; j < 3; ++j, ++k)
             std::memcpy(buf + k * c, src[j]->data_ptr<float>() + off, c * kF32);
         });
-        StateFile(dir_->gen_path(s.index, e.gen), StateFile::kRead, false).sync();
+        writer_->wait(s.last_sync);
       } else {
         e.gen = s.gen_durable;
       }
@@ -234,6 +245,7 @@ void OffloadEngine::persist() {
     const int64_t old = s.gen_durable;
     s.gen_durable = ms[i].gen;
     s.synced = true;
+    s.sync_ticket[0] = 0;
     s.dirty = false;
     if (old >= 0 && old != s.gen_durable && old != s.gen_committed) dir_->remove_gen(s.index, old);
   }

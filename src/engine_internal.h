@@ -22,6 +22,8 @@ struct OffloadEngine::Slot {
   bool disk = false;
   int64_t gen_committed = -1, gen_spec = -1, gen_durable = -1, next_gen = 0;
   bool synced = true;  // disk: the committed file is fsynced
+  uint64_t sync_ticket[2] = {0, 0};  // disk: writer_ tickets of the committed / speculative file's fsync
+  uint64_t last_sync = 0;            // the fsync ticket of the last stream_slot() that wrote a file
   bool dirty = true;   // host slot: committed state changed since the last persist()
   int pending = 0;          // queued or running jobs
   bool result = false;      // finished speculation not yet committed
