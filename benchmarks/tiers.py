@@ -112,7 +112,11 @@ def run_peer(numels, steps, d):
 
 
 def planner_cases(host_small: str, host_big: str, device_flops: float, link: float) -> dict:
+    import transformers.masking_utils as mu
     from transformers import LlamaConfig, LlamaForCausalLM
+    # meta tensors have no values: transformers' packed-sequence probe (an .item()) cannot run; the
+    # sample batch is one plain sequence per row anyway
+    mu.find_packed_sequence_indices = lambda position_ids: None
     cfgs = {
         # SmolLM2-135M's architecture (config of HuggingFaceTB/SmolLM2-135M)
         "smollm2_135m": (LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -147,8 +151,8 @@ def planner_cases(host_small: str, host_big: str, device_flops: float, link: flo
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="CI-sized (64 MiB of fp32 state per array)")
-    ap.add_argument("--elements", type=int, default=None, help="trained elements (default 16M, quick 4M)")
+    ap.add_argument("--quick", action="store_true", help="CI-sized (16M elements: 192 MiB of fp32 state on disk)")
+    ap.add_argument("--elements", type=int, default=None, help="trained elements (default 64M, quick 16M)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5, quick 3)")
     ap.add_argument("--dir", default=None, help="where the state files go (default: a temp dir under /tmp)")
     ap.add_argument("--device-flops", type=float, default=82e12,
@@ -156,7 +160,7 @@ def main():
                          "an RTX 4090's dense peak)")
     ap.add_argument("--link", type=float, default=25e9, help="ASSUMED host<->device bandwidth, B/s (PCIe 4 x16)")
     args = ap.parse_args()
-    n = args.elements or ((4 << 20) if args.quick else (16 << 20))
+    n = args.elements or ((16 << 20) if args.quick else (64 << 20))
     steps = args.steps or (3 if args.quick else 5)
     numels = [n // 4 + 1, n // 4 - 1, n // 4 + 7, n // 4 - 7]  # odd sizes
     base = tempfile.mkdtemp(prefix="lspo_tiers_", dir=args.dir)
