@@ -137,3 +137,27 @@ def test_kill_9_leaves_a_whole_step(tmp_path):
     for step, state in results:
         if step:
             same_state(ref[step], state)
+
+
+def test_lsp_adamw_with_state_on_disk(tmp_path):
+    """LSPAdamW's compressed moments in files: refits carry them through load_state/store_state."""
+    def run(**kw):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(24, 20), torch.nn.Linear(20, 16))
+        opt = lspo.LSPAdamW(model, lr=1e-2, subspace=8, nnz=2, refit_every=2, refit_threshold=0.0, **kw)
+        for step in range(1, 6):
+            g = torch.Generator().manual_seed(step)
+            x, w = torch.randn(8, 24, generator=g), torch.randn(8, 16, generator=g)
+            (model(x) * w).sum().backward()  # (refits run in the gradient hooks)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return model, opt
+    ref, ref_opt = run()
+    got, opt = run(state_dir=str(tmp_path / "lsp"), host_memory_limit=0)
+    assert opt.slots_on_disk() == 4
+    assert sum(1 for r in opt.refits if r["refit"]) == sum(1 for r in ref_opt.refits if r["refit"]) > 2
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), got.parameters()))
+    same_lsp = opt.state_dict()["state"], ref_opt.state_dict()["state"]
+    for i in same_lsp[1]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(same_lsp[0][i][k], same_lsp[1][i][k]), (i, k)
