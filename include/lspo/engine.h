@@ -167,7 +167,6 @@ class OffloadEngine {
   void stream_slot(Slot& s, int64_t src_gen, int64_t dst_gen, const ChunkFn& fn);
   void place_slot(Slot& s, const torch::Tensor& master);
   void run_disk_job(Slot& s, const Job& job);
-  void adopt_generation(Slot& s, int64_t gen);
   void init_io();
 
   EngineOptions opt_;

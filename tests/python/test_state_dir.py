@@ -123,10 +123,16 @@ def test_kill_9_leaves_a_whole_step(tmp_path):
         p = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=here, d=d)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env, text=True)
         assert p.stdout.readline().strip() == "ready", p.stderr.read()
-        time.sleep(rng.uniform(0.05, 0.5))
+        seen = 0
+        if trial % 2:  # mid-training: after step 2 (however slow the machine), then at a random point
+            while seen < 2:
+                line = p.stdout.readline().split()
+                assert line, p.stderr.read()
+                seen = int(line[1])
+        time.sleep(rng.uniform(0.0, 0.3))
         os.kill(p.pid, signal.SIGKILL)
         out = p.communicate()[0].split()
-        last_printed = int(out[-1]) if len(out) >= 2 and out[-2] == "step" else 0
+        last_printed = int(out[-1]) if len(out) >= 2 and out[-2] == "step" else seen
         step, state = _load_dir(d)
         # the directory holds the last persisted step: the last printed one or the one after it
         assert last_printed <= step <= last_printed + 1, (last_printed, step)
