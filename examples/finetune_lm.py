@@ -409,6 +409,8 @@ def main(argv=None) -> dict:
             raise RuntimeError(f"loss became {tot} at step {step}")
     bar.close()
     train_s = time.perf_counter() - t_train
+    if runner is not None:  # the evaluation after training runs on the plain model
+        runner.remove()
     if plan is not None and hasattr(opt, "engine_stats"):
         summary["engine_stats"] = opt.engine_stats()
         print(f"tiers: {opt.slots_on_disk()} parameters with state on disk, engine {summary['engine_stats']}")

@@ -154,8 +154,7 @@ class TierRunner:
                     L.host[j] = h
         for L in self.layers:
             L.module.forward = self._wrapped(L)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
+        self._removed = False
 
     # ------------------------------------------------------------------ parameter window
     def _resident(self, L: _Layer) -> bool:
@@ -220,7 +219,11 @@ class TierRunner:
                     for (name, p), d in zip(L.params, L.dev):
                         _set_param(L.module, name, _Fetch.apply(p, [d]) if p.requires_grad else d)
                 try:
-                    return L.forward(*args, **kwargs)
+                    if L.policy == "recompute":  # checkpoint's own hooks decide what is saved
+                        return L.forward(*args, **kwargs)
+                    # only tensors saved inside this layer's forward are ours to pack
+                    with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                        return L.forward(*args, **kwargs)
                 finally:
                     if self.offload_params:
                         for name, p in L.params:
@@ -304,9 +307,9 @@ class TierRunner:
 
     def remove(self) -> None:
         """Restores the model: weights back in their parameters (on `device`), forwards unwrapped."""
-        if self._hooks is not None:
-            self._hooks.__exit__(None, None, None)
-            self._hooks = None
+        if self._removed:
+            return
+        self._removed = True
         self.release_all()
         for L in self.layers:
             L.module.forward = L.forward

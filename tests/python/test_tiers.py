@@ -164,9 +164,13 @@ def test_parse_bytes():
         planner.parse_bytes("lots")
 
 
-def _plan(dev, host, state_dir="/tmp/x"):
+def _profile():
     m = Net()
-    prof = tiers.profile_layers(list(m.blocks), lambda: m(batch(0)))
+    return m, tiers.profile_layers(list(m.blocks), lambda: m(batch(0)))
+
+
+def _plan(dev, host, state_dir="/tmp/x"):
+    m, prof = _profile()
     return planner.plan_tiers(list(m.blocks), list(m.parameters()), device_memory=dev, host_memory=host,
                               state_dir=state_dir, profile=prof, bandwidth=1e9)
 
@@ -175,10 +179,16 @@ def test_planner_follows_budgets():
     big = _plan("1GB", "1GB")
     assert big.params_on_device and set(big.policies) == {"keep"} and big.state_disk_bytes == 0 and big.feasible
     W = big.weight_bytes
-    # weights + grads no longer fit: streamed, with a window
-    small = _plan(W, "1GB")
+    # resident weights need weights + grads + the 2-layer activation transient at least: one byte
+    # less and the planner streams the layers, with a window
+    amax = max(p.activation_bytes for p in _profile()[1])
+    D = 2 * W + 2 * amax - 1
+    small = _plan(D, "1GB")
     assert not small.params_on_device and small.window >= 1 and small.feasible
-    assert small.device_bytes <= W
+    assert small.device_bytes <= D
+    # far too small: reported, not silently planned
+    tiny = _plan(W // 4, "1GB")
+    assert not tiny.feasible and tiny.notes
     # the host budget holds only the fixed part: the state goes to disk
     tight = _plan("1GB", planner.SLACK + 2 * W + big.state_bytes // 4)
     assert tight.state_disk_bytes > 0 and tight.state_host_limit <= big.state_bytes // 4 + 1
