@@ -12,6 +12,8 @@ progress bar with loss, tokens/s and memory.
     python examples/finetune_lm.py --model ./my-hf-checkpoint --save out/      # any local HF checkpoint
     python examples/finetune_lm.py --resume out/ --steps 200                   # continue bit-exactly
     python examples/finetune_lm.py --method meft --data examples/data/gsm8k     # MEFT sparse adapters
+    python examples/finetune_lm.py --optimizer offload --device-memory 4GB --host-memory 8GB --state-dir st/
+                                    # LoHan tiers: the planner places state, weights and activations
 
 The checkpoint directory written by --save is a Hugging Face model directory
 (``AutoModelForCausalLM.from_pretrained(DIR)``) plus ``trainer_state.pt`` (optimizer state, RNG
@@ -100,6 +102,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--sample-tokens", type=int, default=48, help="tokens of the generated sample (default 48, 0 off)")
     a("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a("--json", metavar="FILE", help="also write the run's summary as JSON")
+    a("--device-memory", metavar="SIZE", help="tiers: device-memory budget (e.g. 4GB); weights are streamed from "
+                                              "host memory and activations swapped/recomputed as the planner decides")
+    a("--host-memory", metavar="SIZE", help="tiers: host-memory budget (e.g. 8GB); optimizer state beyond it goes to "
+                                            "--state-dir (offload/lsp)")
+    a("--state-dir", metavar="DIR", help="tiers: directory for optimizer state that does not fit --host-memory "
+                                         "(offload/lsp; must be empty or absent)")
     a("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.explicit = {k for k in RUN_FLAGS if getattr(args, k) is not None}
@@ -205,21 +213,43 @@ def build_model(args, resume_dir: Path | None):
     return model.to(args.device), tok
 
 
-def build_optimizer(args, model):
+def build_optimizer(args, model, tier_kwargs: dict | None = None):
     import lspo
     trainable = [p for p in model.parameters() if p.requires_grad]
     clip = args.max_grad_norm or None
     if args.method == "meft":  # one backward per step overlaps the CPU updates; accumulation cannot
         return lspo.meft.MeftAdamW(model, lr=args.lr, weight_decay=args.weight_decay, overlap=args.grad_accum == 1)
+    tk = tier_kwargs or {}
     if args.optimizer == "offload":
         return lspo.OffloadAdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=clip,
-                                 record_timeline=bool(args.trace))
+                                 record_timeline=bool(args.trace), **tk)
     if args.optimizer == "lsp":
         return lspo.LSPAdamW(model, lr=args.lr, weight_decay=args.weight_decay, subspace=args.subspace,
                              nnz=args.nnz, refit_every=args.refit_every,
                              refit_iters=args.refit_iters, max_grad_norm=clip, record_timeline=bool(args.trace),
-                             seed=args.seed)
+                             seed=args.seed, **tk)
     return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def plan_tiers(args, model):
+    """--device-memory / --host-memory / --state-dir: profile one forward pass on a dummy batch of the
+    run's shape (RNG state restored: the run itself is unchanged), print the plan, return it."""
+    from lspo import planner
+    layers = planner.decoder_layers(model)
+    ids = torch.zeros((args.batch_size, args.seq_len), dtype=torch.long, device=args.device)
+    rng = rng_state()
+    plan = planner.plan_tiers(layers, list(model.parameters()), device_memory=args.device_memory or (1 << 50),
+                              host_memory=args.host_memory or (1 << 50), state_dir=args.state_dir,
+                              run=lambda: model(input_ids=ids, use_cache=False).logits, device=args.device)
+    set_rng_state(rng)
+    model.zero_grad(set_to_none=True)
+    print(plan.describe(), flush=True)
+    if not plan.feasible:
+        raise ValueError("the tier plan does not fit the budgets (see the notes above)")
+    if plan.state_disk_bytes and args.optimizer not in ("offload", "lsp"):
+        raise ValueError(f"--optimizer {args.optimizer} keeps its state in device memory: the state tier needs "
+                         "--optimizer offload or lsp")
+    return plan, layers
 
 
 def clips_itself(opt) -> bool:
@@ -344,7 +374,16 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     data = lmdata.load_data(Path(args.data), tok, args.seq_len, args.seed)
-    opt = build_optimizer(args, model)
+    tiered = any(getattr(args, k) for k in ("device_memory", "host_memory", "state_dir"))
+    plan, runner = None, None
+    if tiered:
+        if resume_dir is not None and args.state_dir:
+            raise ValueError("--resume restores the optimizer from the checkpoint: give it no --state-dir")
+        plan, tier_layers = plan_tiers(args, model)
+    opt = build_optimizer(args, model, plan.optimizer_kwargs() if plan else None)
+    if plan is not None and plan.needs_runner():
+        from lspo.tiers import TierRunner
+        runner = TierRunner(model, tier_layers, args.device, **plan.runner_kwargs())
     n_proj = len(opt.projected_params) if hasattr(opt, "projected_params") else 0
     step, history = 0, []
     if saved:
@@ -368,6 +407,8 @@ def main(argv=None) -> dict:
 
     summary = {"args": {k: getattr(args, k) for k in RUN_FLAGS}, "params": n_params, "trained_params": n_train,
                "projected_matrices": n_proj}
+    if plan is not None:
+        summary["tier_plan"] = json.loads(plan.to_json())
     report("before", model, tok, data, args, amp, summary)
     if saved:
         set_rng_state(saved["rng"])  # after the report, whose sampling restores RNG anyway
@@ -406,6 +447,14 @@ def main(argv=None) -> dict:
             raise RuntimeError(f"loss became {tot} at step {step}")
     bar.close()
     train_s = time.perf_counter() - t_train
+    if runner is not None:  # the evaluation after training runs on the plain model
+        runner.remove()
+    if plan is not None and hasattr(opt, "engine_stats"):
+        summary["engine_stats"] = opt.engine_stats()
+        print(f"tiers: {opt.slots_on_disk()} parameters with state on disk, engine {summary['engine_stats']}")
+    if runner is not None:
+        summary["tier_runner"] = {"peak_param_bytes": runner.meter.peak_param_bytes,
+                                  "swapped_out_bytes": runner.meter.swapped_out_bytes}
     if hasattr(opt, "refits"):
         summary["projector_refits"] = sum(1 for r in opt.refits if r.get("refit"))
     summary.update(step=step, train_losses=losses, train_seconds=train_s,

@@ -1,5 +1,6 @@
 // The offload engine (lspo/engine.h): slots, the worker thread, speculation, pinned budget, timeline.
 #include "lspo/engine.h"
+#include "engine_internal.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -12,30 +13,7 @@
 
 namespace lspo {
 
-struct OffloadEngine::Slot {
-  std::string name;
-  int64_t numel = 0;
-  int64_t order = 0;
-  torch::ScalarType grad_dtype, out_dtype;
-  // [0] committed, [1] speculative (swapped by commit)
-  torch::Tensor master[2], m[2], v[2];
-  torch::Tensor grad, out;
-  int pending = 0;          // queued or running jobs
-  bool result = false;      // finished speculation not yet committed
-  std::exception_ptr error;
-};
-
 namespace {
-DType to_dtype(torch::ScalarType t, const char* what) {
-  switch (t) {
-    case torch::kFloat: return DType::kFloat32;
-    case torch::kBFloat16: return DType::kBFloat16;
-    case torch::kHalf: return DType::kFloat16;
-    default: LSPO_CHECK(false, "OffloadEngine: ", what, " dtype must be float32, bfloat16 or float16, got ", t);
-  }
-  return DType::kFloat32;
-}
-
 bool cuda_device_present() {
 #ifdef LSPO_WITH_CUDA
   int n = 0;
@@ -52,6 +30,12 @@ bool cuda_device_present() {
 
 OffloadEngine::OffloadEngine(EngineOptions opt) : opt_(opt), t_origin_(std::chrono::steady_clock::now()) {
   LSPO_CHECK(opt_.pinned_limit_bytes >= 0, "OffloadEngine: pinned_limit_bytes must be >= 0");
+  LSPO_CHECK(opt_.io_chunk_elems >= 1024 && opt_.io_chunk_elems % 1024 == 0,
+             "OffloadEngine: io_chunk_elems must be a positive multiple of 1024, got ", opt_.io_chunk_elems);
+  LSPO_CHECK(opt_.io_depth >= 2, "OffloadEngine: io_depth must be >= 2, got ", opt_.io_depth);
+  LSPO_CHECK(!opt_.resume || !opt_.state_dir.empty(), "OffloadEngine: resume needs a state_dir");
+  if (!opt_.state_dir.empty())
+    dir_ = std::make_unique<StateDir>(opt_.state_dir, opt_.resume, opt_.io_chunk_elems);
   if (opt_.overlap) worker_ = std::thread([this] { worker_loop(); });
 }
 
@@ -106,25 +90,21 @@ int64_t OffloadEngine::add_slot(const std::string& name, const torch::Tensor& ma
   to_dtype(out_dtype, "output");
   auto s = std::make_unique<Slot>();
   s->name = name;
+  s->index = num_slots();
   s->order = order;
   s->grad_dtype = grad_dtype;
   s->out_dtype = out_dtype;
-  auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(torch::kCPU);
   if (master.defined()) {
     LSPO_CHECK(numel < 0 || numel == master.numel(), "OffloadEngine::add_slot('", name, "'): numel ", numel,
                " but master has ", master.numel(), " elements");
     numel = master.numel();
     LSPO_CHECK(master.is_floating_point(), "OffloadEngine::add_slot('", name, "'): master must be floating point");
-    s->master[0] = master.detach().to(torch::kCPU, torch::kFloat).contiguous().clone().view({-1});
-    s->master[1] = torch::empty({numel}, f32);
   } else {
     LSPO_CHECK(numel >= 0, "OffloadEngine::add_slot('", name, "'): moments-only slot needs numel >= 0");
   }
   s->numel = numel;
-  for (int i = 0; i < 2; ++i) {
-    s->m[i] = torch::zeros({numel}, f32);
-    s->v[i] = torch::zeros({numel}, f32);
-  }
+  s->nstate = master.defined() ? 3 : 2;
+  place_slot(*s, master);  // host memory or files (engine_disk.cpp); resumes from state_dir
   s->grad = host_buffer(numel, grad_dtype, true);
   s->out = host_buffer(numel, out_dtype, true);
   std::lock_guard<std::mutex> g(mu_);
@@ -134,9 +114,31 @@ int64_t OffloadEngine::add_slot(const std::string& name, const torch::Tensor& ma
 
 torch::Tensor OffloadEngine::grad_buffer(int64_t slot) const { check_slot(slot, "grad_buffer"); return slots_[slot]->grad; }
 torch::Tensor OffloadEngine::out_buffer(int64_t slot) const { check_slot(slot, "out_buffer"); return slots_[slot]->out; }
-torch::Tensor OffloadEngine::master(int64_t slot) const { check_slot(slot, "master"); return slots_[slot]->master[0]; }
-torch::Tensor OffloadEngine::exp_avg(int64_t slot) const { check_slot(slot, "exp_avg"); return slots_[slot]->m[0]; }
-torch::Tensor OffloadEngine::exp_avg_sq(int64_t slot) const { check_slot(slot, "exp_avg_sq"); return slots_[slot]->v[0]; }
+static void check_host(bool disk, const std::string& name, const char* fn) {
+  LSPO_CHECK(!disk, "OffloadEngine::", fn, "('", name, "'): this slot keeps its state in files under state_dir; "
+             "use load_state()/store_state()");
+}
+torch::Tensor OffloadEngine::master(int64_t slot) const {
+  check_slot(slot, "master");
+  check_host(slots_[slot]->disk, slots_[slot]->name, "master");
+  return slots_[slot]->master[0];
+}
+torch::Tensor OffloadEngine::exp_avg(int64_t slot) const {
+  check_slot(slot, "exp_avg");
+  check_host(slots_[slot]->disk, slots_[slot]->name, "exp_avg");
+  return slots_[slot]->m[0];
+}
+torch::Tensor OffloadEngine::exp_avg_sq(int64_t slot) const {
+  check_slot(slot, "exp_avg_sq");
+  check_host(slots_[slot]->disk, slots_[slot]->name, "exp_avg_sq");
+  return slots_[slot]->v[0];
+}
+bool OffloadEngine::on_disk(int64_t slot) const { check_slot(slot, "on_disk"); return slots_[slot]->disk; }
+int64_t OffloadEngine::committed_step(int64_t slot) const {
+  check_slot(slot, "committed_step");
+  std::lock_guard<std::mutex> g(mu_);
+  return slots_[slot]->step[0];
+}
 
 static bool heap_less(const OffloadEngine* /*unused*/, int64_t oa, uint64_t sa, int64_t ob, uint64_t sb) {
   // std heap is a max-heap: "less" means lower priority
@@ -146,16 +148,8 @@ static bool heap_less(const OffloadEngine* /*unused*/, int64_t oa, uint64_t sa, 
 void OffloadEngine::submit(int64_t slot, const AdamConfig& cfg, int64_t step, uintptr_t ready_event) {
   check_slot(slot, "submit");
   Slot& s = *slots_[slot];
-  AdamBuffers b;
-  b.param = s.master[1].defined() ? s.master[1].data_ptr<float>() : nullptr;
-  b.exp_avg = s.m[1].data_ptr<float>();
-  b.exp_avg_sq = s.v[1].data_ptr<float>();
-  b.grad = s.grad.data_ptr();
-  b.grad_dtype = to_dtype(s.grad_dtype, "gradient");
-  b.param_out = s.out.data_ptr();
-  b.out_dtype = to_dtype(s.out_dtype, "output");
-  b.n = s.numel;
-  LSPO_CHECK(s.master[1].defined() || cfg.weight_decay == 0.0, "OffloadEngine::submit('", s.name,
+  AdamBuffers b = speculative_buffers(s);
+  LSPO_CHECK(s.nstate == 3 || cfg.weight_decay == 0.0, "OffloadEngine::submit('", s.name,
              "'): a moments-only slot cannot apply weight decay (the caller applies it to the weights)");
   LSPO_CHECK(step >= 1, "OffloadEngine::submit('", s.name, "'): step must be >= 1, got ", step);
   if (s.numel > 0) check_adam_args(cfg, step, b);
@@ -200,19 +194,16 @@ void OffloadEngine::run_job(const Job& job) {
 #endif
     double t1 = now_us();
     if (opt_.record_timeline && job.ready_event) add_event("wait_d2h", s.name, 1, t0, t1);
-    if (s.master[0].defined()) s.master[1].copy_(s.master[0]);
-    s.m[1].copy_(s.m[0]);
-    s.v[1].copy_(s.v[0]);
-    AdamBuffers b;
-    b.param = s.master[1].defined() ? s.master[1].data_ptr<float>() : nullptr;
-    b.exp_avg = s.m[1].data_ptr<float>();
-    b.exp_avg_sq = s.v[1].data_ptr<float>();
-    b.grad = s.grad.data_ptr();
-    b.grad_dtype = to_dtype(s.grad_dtype, "gradient");
-    b.param_out = s.out.data_ptr();
-    b.out_dtype = to_dtype(s.out_dtype, "output");
-    b.n = s.numel;
-    if (b.n > 0) adam_step(job.cfg, job.step, b);
+    s.step[1] = job.step;
+    if (s.disk) {
+      run_disk_job(s, job);
+    } else {
+      if (s.master[0].defined()) s.master[1].copy_(s.master[0]);
+      s.m[1].copy_(s.m[0]);
+      s.v[1].copy_(s.v[0]);
+      AdamBuffers b = speculative_buffers(s);
+      if (b.n > 0) adam_step(job.cfg, job.step, b);
+    }
     if (opt_.record_timeline) add_event("adam", s.name, opt_.overlap ? 1 : 0, t1, now_us());
   } catch (...) {
     err = std::current_exception();
@@ -269,13 +260,27 @@ bool OffloadEngine::has_result(int64_t slot) const {
 void OffloadEngine::commit(int64_t slot) {
   wait(slot);
   Slot& s = *slots_[slot];
-  std::lock_guard<std::mutex> g(mu_);
-  LSPO_CHECK(s.result, "OffloadEngine::commit('", s.name, "'): no finished step to commit");
-  std::swap(s.master[0], s.master[1]);
-  std::swap(s.m[0], s.m[1]);
-  std::swap(s.v[0], s.v[1]);
-  s.result = false;
-  stats_.commits += 1;
+  int64_t stale = -1;  // a disk slot's previous committed generation, unless MANIFEST names it
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    LSPO_CHECK(s.result, "OffloadEngine::commit('", s.name, "'): no finished step to commit");
+    std::swap(s.master[0], s.master[1]);
+    std::swap(s.m[0], s.m[1]);
+    std::swap(s.v[0], s.v[1]);
+    std::swap(s.step[0], s.step[1]);
+    if (s.disk) {
+      if (s.gen_committed != s.gen_durable) stale = s.gen_committed;
+      s.gen_committed = s.gen_spec;
+      s.gen_spec = -1;
+      s.synced = false;
+      s.sync_ticket[0] = s.sync_ticket[1];
+      s.sync_ticket[1] = 0;
+    }
+    s.dirty = true;
+    s.result = false;
+    stats_.commits += 1;
+  }
+  if (stale >= 0) dir_->remove_gen(s.index, stale);
 }
 
 EngineStats OffloadEngine::stats() const {

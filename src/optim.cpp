@@ -85,6 +85,8 @@ OffloadOptimizerBase::OffloadOptimizerBase(const std::vector<torch::optim::Optim
   co.pinned_limit_bytes = global.pinned_limit_bytes;
   co.max_grad_norm = global.max_grad_norm;
   co.seed = static_cast<uint64_t>(global.seed);
+  co.state_dir = global.state_dir;
+  co.host_memory_limit_bytes = global.host_memory_limit_bytes;
   core_ = std::make_shared<OptimizerCore>(co);
 }
 
@@ -133,6 +135,7 @@ void OffloadOptimizerBase::sync_slots() {
     }
   }
   sync_groups();
+  if (!core_->engine().options().state_dir.empty()) core_->allocate_all();  // disk tier: placement in order
 }
 
 void OffloadOptimizerBase::sync_groups() {
@@ -231,7 +234,8 @@ SparseProjector OffloadOptimizerBase::col_projector(const torch::Tensor& p) cons
 OffloadAdamW::OffloadAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
                            OffloadAdamWOptions d)
     : OffloadOptimizerBase(param_groups, std::make_unique<OffloadAdamWOptions>(d), "OffloadAdamW",
-                           Global{d.max_grad_norm(), d.overlap(), d.record_timeline(), d.pinned_limit_bytes(), 0}) {
+                           Global{d.max_grad_norm(), d.overlap(), d.record_timeline(), d.pinned_limit_bytes(), 0,
+                                  d.state_dir(), d.host_memory_limit_bytes()}) {
   LSPO_CHECK(!std::isnan(d.max_grad_norm()), "OffloadAdamW: max_grad_norm is NaN (use <= 0 to disable clipping)");
   hyper(defaults());
   sync_slots();
@@ -248,7 +252,7 @@ OffloadOptimizerBase::Hyper OffloadAdamW::hyper(const torch::optim::OptimizerOpt
 LSPAdamW::LSPAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_groups, LSPAdamWOptions d)
     : OffloadOptimizerBase(param_groups, std::make_unique<LSPAdamWOptions>(d), "LSPAdamW",
                            Global{d.max_grad_norm(), d.overlap(), d.record_timeline(), d.pinned_limit_bytes(),
-                                  d.seed()}) {
+                                  d.seed(), d.state_dir(), d.host_memory_limit_bytes()}) {
   LSPO_CHECK(d.seed() >= 0, "LSPAdamW: seed must be >= 0, got ", d.seed());
   hyper(defaults());
   sync_slots();

@@ -55,6 +55,10 @@ OptimizerCore::OptimizerCore(CoreOptions opt) : impl_(std::make_unique<Impl>()) 
   eo.overlap = opt.overlap;
   eo.record_timeline = opt.record_timeline;
   eo.pinned_limit_bytes = opt.pinned_limit_bytes;
+  eo.state_dir = opt.state_dir;
+  eo.host_memory_limit_bytes = opt.host_memory_limit_bytes;
+  eo.resume = opt.resume;
+  LSPO_CHECK(!opt.resume || !opt.state_dir.empty(), opt.name, ": resume needs a state_dir");
   impl_->engine = std::make_unique<OffloadEngine>(eo);
 }
 
@@ -178,11 +182,11 @@ void OptimizerCore::Impl::sync_master(CoreSlot& s) {
   const auto v = s.param._version();
   if (v == s.param_version) return;
   engine->wait(s.eslot);
-  torch::Tensor master = engine->master(s.eslot);
+  torch::Tensor master = engine->load_state(s.eslot, StateKind::kMaster);
   torch::Tensor w = s.param.detach().reshape(-1).to(torch::kCPU);
   const bool same = w.scalar_type() == torch::kFloat ? torch::equal(w, master)
                                                       : torch::equal(w, master.to(w.scalar_type()));
-  if (!same) master.copy_(w.to(torch::kFloat));
+  if (!same) engine->store_state(s.eslot, StateKind::kMaster, w.to(torch::kFloat));
   s.param_version = v;
   s.has_spec = false;
 }
@@ -420,6 +424,7 @@ StepResult OptimizerCore::step(const StepInputs& in) {
     throw;
   }
   I.spec_scale = inv_scale;
+  if (!I.opt.state_dir.empty()) eng.persist();  // this step, wholly, in the state directory
   eng.add_event("step", "engine", 0, t_step, eng.now_us());
   return res;
 }
@@ -444,17 +449,49 @@ void OptimizerCore::Impl::refit(CoreSlot& s, const torch::Tensor& G) {
       fo.lr = h.refit_lr;
       rec.error_after = fit(s.P, s.Q, std::vector<torch::Tensor>{G}, fo).error_after;
       torch::NoGradGuard ng;
-      if (s.step > 0) {  // carry the committed moments into the new subspace, on the host, in place
+      if (s.step > 0) {  // carry the committed moments into the new subspace, on the host
         engine->wait(s.eslot);
-        torch::Tensor M = engine->exp_avg(s.eslot).view({s.P.d, s.Q.d});
-        torch::Tensor V = engine->exp_avg_sq(s.eslot).view({s.P.d, s.Q.d});
+        torch::Tensor M = engine->load_state(s.eslot, StateKind::kExpAvg).view({s.P.d, s.Q.d});
+        torch::Tensor V = engine->load_state(s.eslot, StateKind::kExpAvgSq).view({s.P.d, s.Q.d});
         carry_state(P_old, Q_old, s.P.to(torch::kCPU), s.Q.to(torch::kCPU), M, V);
+        engine->store_state(s.eslot, StateKind::kExpAvg, M.reshape(-1));
+        engine->store_state(s.eslot, StateKind::kExpAvgSq, V.reshape(-1));
       }
     }
   }
   rec.seconds = (engine->now_us() - t0) * 1e-6;
   refits.push_back(rec);
   engine->add_event("refit", s.name, 0, t0, engine->now_us());
+}
+
+void OptimizerCore::allocate_all() {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  for (auto& sp : impl_->slots)
+    if (sp->param.requires_grad()) impl_->ensure_allocated(*sp);
+}
+
+void OptimizerCore::resume() {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lk(I.mu);
+  torch::NoGradGuard ng;
+  for (auto& sp : I.slots) {
+    CoreSlot& s = *sp;
+    if (s.eslot < 0) continue;
+    LSPO_CHECK(!s.projected, I.opt.name, ": '", s.name, "' is projected: its projectors are not in the state ",
+               "directory, so it cannot resume from it (load a state_dict() instead)");
+    s.step = I.engine->committed_step(s.eslot);
+    if (s.step > 0) {
+      s.param.copy_(I.engine->load_state(s.eslot, StateKind::kMaster).view(s.param.sizes()));
+      s.param_version = s.param._version();
+    }
+  }
+}
+
+int64_t OptimizerCore::slots_on_disk() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  int64_t n = 0;
+  for (const auto& sp : impl_->slots) n += sp->eslot >= 0 && impl_->engine->on_disk(sp->eslot) ? 1 : 0;
+  return n;
 }
 
 void OptimizerCore::zero_grad() {

@@ -10,19 +10,25 @@ std::optional<SlotState> OptimizerCore::state(int64_t i, bool copy) const {
   OffloadEngine& eng = *impl_->engine;
   eng.wait(s.eslot);
   const std::vector<int64_t> shape = s.projected ? std::vector<int64_t>{s.P.d, s.Q.d} : s.param.sizes().vec();
-  auto view = [&](const torch::Tensor& t) { return copy ? t.view(shape).clone() : t.view(shape); };
+  const bool disk = eng.on_disk(s.eslot);  // no host tensor to alias: a copy read from the files
+  auto part = [&](StateKind k) {
+    return disk ? eng.load_state(s.eslot, k) : k == StateKind::kMaster ? eng.master(s.eslot)
+                                              : k == StateKind::kExpAvg ? eng.exp_avg(s.eslot)
+                                                                        : eng.exp_avg_sq(s.eslot);
+  };
+  auto view = [&](const torch::Tensor& t) { return copy && !disk ? t.view(shape).clone() : t.view(shape); };
   auto keep = [&](const torch::Tensor& t) { return copy ? t.clone() : t; };
   SlotState st;
   st.step = s.step;
-  st.exp_avg = view(eng.exp_avg(s.eslot));
-  st.exp_avg_sq = view(eng.exp_avg_sq(s.eslot));
+  st.exp_avg = view(part(StateKind::kExpAvg));
+  st.exp_avg_sq = view(part(StateKind::kExpAvgSq));
   if (s.projected) {
     st.P_indices = keep(s.P.indices);
     st.P_values = keep(s.P.values);
     st.Q_indices = keep(s.Q.indices);
     st.Q_values = keep(s.Q.values);
   } else {
-    st.master_param = view(eng.master(s.eslot));
+    st.master_param = view(part(StateKind::kMaster));
   }
   return st;
 }
@@ -71,13 +77,13 @@ void OptimizerCore::load_state(int64_t i, const SlotState& st, bool dry_run) {
   I.ensure_allocated(s);
   OffloadEngine& eng = *I.engine;
   eng.wait(s.eslot);
-  eng.exp_avg(s.eslot).copy_(st.exp_avg.reshape(-1));
-  eng.exp_avg_sq(s.eslot).copy_(st.exp_avg_sq.reshape(-1));
+  eng.store_state(s.eslot, StateKind::kExpAvg, st.exp_avg.reshape(-1).to(torch::kCPU, torch::kFloat));
+  eng.store_state(s.eslot, StateKind::kExpAvgSq, st.exp_avg_sq.reshape(-1).to(torch::kCPU, torch::kFloat));
   if (s.projected) {
     s.P = std::move(P);
     s.Q = std::move(Q);
   } else {
-    eng.master(s.eslot).copy_(st.master_param.reshape(-1));
+    eng.store_state(s.eslot, StateKind::kMaster, st.master_param.reshape(-1).to(torch::kCPU, torch::kFloat));
     s.param_version = s.param._version();  // the loaded master is the truth for the current weights
   }
   s.step = st.step;

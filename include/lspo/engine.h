@@ -23,6 +23,22 @@
 // layer first, so an idle worker runs them first-come-first-served; once jobs pile up, the layers
 // the next forward needs first are served first. This replaces the LSP paper's hand-tuned mix of
 // FCFS (deep layers) and LCFS (shallow layers) with one rule that never starves layer 0.
+//
+// Disk tier (LoHan-style; lspo/state_store.h). With `state_dir` set, slots are placed in order of
+// add_slot: a slot whose fp32 state (both halves of the double buffer: 2 x 12 B per element, 2 x 8
+// B moments-only) still fits `host_memory_limit_bytes` keeps it in host memory, every later one
+// keeps it in generation files under state_dir ("disk slots"). A disk slot's job streams the
+// committed generation in chunks (io_chunk_elems elements) through the same fused Adam kernel --
+// read-ahead on one I/O thread, write-behind of the new generation on another, io_depth chunk
+// buffers -- so its results are bitwise those of a host-memory slot. commit() adopts the new
+// generation in memory; persist() makes every slot's committed state durable as ONE step
+// (generation files fsynced, then MANIFEST atomically replaced; host-memory slots are written out
+// too, so the directory is always a complete checkpoint). After a crash the directory holds the
+// state of the last persist(), wholly; `resume` continues from it. An I/O error (full disk, ...)
+// fails the job or the persist() with an lspo::Error naming the file and reason; the committed
+// and the durable state stay intact. grad_buffer()/out_buffer() stay in host memory for every slot.
+// API for disk slots: master()/exp_avg()/exp_avg_sq() throw (there is no host tensor to alias);
+// load_state() returns a copy and store_state() writes a new generation, for every slot kind.
 #pragma once
 #include <torch/torch.h>
 
@@ -30,6 +46,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -37,6 +54,7 @@
 #include <vector>
 
 #include "lspo/cpu_adam.h"
+#include "lspo/state_store.h"
 
 namespace lspo {
 
@@ -45,7 +63,16 @@ struct EngineOptions {
   bool record_timeline = false;                  // keep per-slot stage timestamps (Chrome trace)
   int64_t pinned_limit_bytes = int64_t(4) << 30; // budget for pinned host buffers
   bool try_pin = true;                           // pin host buffers when a CUDA device exists
+  // Disk tier (see above). Empty state_dir: every slot in host memory (the limit must then hold).
+  std::string state_dir;
+  int64_t host_memory_limit_bytes = -1;          // host bytes for fp32 state; -1: unlimited
+  bool resume = false;                           // continue from state_dir's MANIFEST
+  int64_t io_chunk_elems = int64_t(1) << 18;     // elements per I/O chunk, a multiple of 1024
+  int64_t io_depth = 4;                          // chunk buffers in flight (read-ahead + write-behind)
+  bool direct_io = true;                         // O_DIRECT where the file system supports it
 };
+
+enum class StateKind { kMaster = 0, kExpAvg = 1, kExpAvgSq = 2 };
 
 struct EngineStats {
   int64_t pinned_bytes = 0;        // host bytes currently pinned
@@ -53,6 +80,12 @@ struct EngineStats {
   int64_t pin_fallbacks = 0;       // buffers that wanted pinning but fell back to pageable
   int64_t jobs_run = 0;            // Adam jobs executed (including discarded speculations)
   int64_t commits = 0;
+  int64_t host_state_bytes = 0;    // fp32 optimizer state held in host memory (both halves)
+  int64_t disk_state_bytes = 0;    // fp32 optimizer state of disk slots (one generation)
+  int64_t disk_slots = 0;
+  int64_t io_buffer_bytes = 0;     // chunk buffers of the disk tier
+  int64_t io_bytes_read = 0, io_bytes_written = 0;
+  int64_t persists = 0;
 };
 
 struct TimelineEvent {
@@ -82,6 +115,16 @@ class OffloadEngine {
   torch::Tensor master(int64_t slot) const;
   torch::Tensor exp_avg(int64_t slot) const;
   torch::Tensor exp_avg_sq(int64_t slot) const;
+  // Every slot kind (disk slots: the only way in): a copy of one part of the committed state
+  // (undefined for the master of a moments-only slot), and a write of one part of it (the slot is
+  // waited for; an uncommitted speculation is dropped). Disk slots write a new generation.
+  torch::Tensor load_state(int64_t slot, StateKind kind);
+  void store_state(int64_t slot, StateKind kind, const torch::Tensor& value);
+  bool on_disk(int64_t slot) const;
+  int64_t committed_step(int64_t slot) const;  // the step of the committed state (0: none yet)
+  // Makes the committed state of every slot durable in state_dir as one atomic step (see above);
+  // waits for every queued job first. Without a state_dir: nothing to do.
+  void persist();
 
   // Queue one speculative step of `slot` on the gradient now in grad_buffer(slot). A slot already
   // queued or running is waited for first. `ready_event` (a cudaEvent_t as an integer, 0: none) is
@@ -117,6 +160,14 @@ class OffloadEngine {
   void run_job(const Job& job);
   void worker_loop();
   void check_slot(int64_t slot, const char* fn) const;
+  static AdamBuffers kernel_buffers(const Slot& s, float* master, float* m, float* v, int64_t offset, int64_t n);
+  static AdamBuffers speculative_buffers(const Slot& s);
+  // disk tier (engine_disk.cpp)
+  using ChunkFn = std::function<void(int64_t offset, int64_t count, float* chunk)>;
+  void stream_slot(Slot& s, int64_t src_gen, int64_t dst_gen, const ChunkFn& fn);
+  void place_slot(Slot& s, const torch::Tensor& master);
+  void run_disk_job(Slot& s, const Job& job);
+  void init_io();
 
   EngineOptions opt_;
   std::vector<std::unique_ptr<Slot>> slots_;
@@ -129,6 +180,11 @@ class OffloadEngine {
   std::vector<TimelineEvent> events_;
   std::chrono::steady_clock::time_point t_origin_;
   std::thread worker_;
+  // disk tier
+  std::unique_ptr<StateDir> dir_;
+  std::mutex io_mu_;  // one stream at a time over the chunk buffers and I/O threads
+  std::vector<AlignedBuffer> ring_;
+  std::unique_ptr<IoThread> reader_, writer_;
 };
 
 }  // namespace lspo

@@ -52,6 +52,8 @@ struct OffloadAdamWOptions : public torch::optim::OptimizerCloneableOptions<Offl
   TORCH_ARG(bool, overlap) = true;                       // false: serial reference schedule
   TORCH_ARG(bool, record_timeline) = false;              // engine timeline (timeline_json())
   TORCH_ARG(int64_t, pinned_limit_bytes) = int64_t(4) << 30;
+  TORCH_ARG(std::string, state_dir) = "";                 // disk tier (engine.h): state beyond the limit
+  TORCH_ARG(int64_t, host_memory_limit_bytes) = -1;       // fp32 state in host memory; -1: unlimited
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -86,6 +88,8 @@ struct LSPAdamWOptions : public torch::optim::OptimizerCloneableOptions<LSPAdamW
   TORCH_ARG(bool, record_timeline) = false;
   TORCH_ARG(int64_t, pinned_limit_bytes) = int64_t(4) << 30;
   TORCH_ARG(int64_t, seed) = 0;              // projector i uses seeds seed + 2i (P), seed + 2i + 1 (Q)
+  TORCH_ARG(std::string, state_dir) = "";
+  TORCH_ARG(int64_t, host_memory_limit_bytes) = -1;
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -95,7 +99,8 @@ struct LSPAdamWOptions : public torch::optim::OptimizerCloneableOptions<LSPAdamW
 };
 
 // What state() holds for each parameter (refreshed after every step; the tensors are views of the
-// engine's committed host state: read them, do not keep them across steps).
+// engine's committed host state: read them, do not keep them across steps). A parameter whose
+// state lives in files (state_dir) has only `step` here: read it with exp_avg()/master() below.
 struct OffloadParamState : public torch::optim::OptimizerCloneableParamState<OffloadParamState> {
   TORCH_ARG(int64_t, step) = 0;
   TORCH_ARG(torch::Tensor, exp_avg);     // fp32 host: the parameter's shape, or [dP, dQ] if projected
@@ -158,6 +163,8 @@ class OffloadOptimizerBase : public torch::optim::Optimizer {
     double max_grad_norm = 0;
     bool overlap = true, record_timeline = false;
     int64_t pinned_limit_bytes = 0, seed = 0;
+    std::string state_dir;
+    int64_t host_memory_limit_bytes = -1;
   };
   OffloadOptimizerBase(const std::vector<torch::optim::OptimizerParamGroup>& groups,
                        std::unique_ptr<torch::optim::OptimizerOptions> defaults, const char* name, Global global);

@@ -43,6 +43,11 @@ struct CoreOptions {
   int64_t pinned_limit_bytes = int64_t(4) << 30;
   double max_grad_norm = 0.0;                    // <= 0: no clipping
   uint64_t seed = 0;                             // projected slot k: seeds seed + 2k (P), seed + 2k + 1 (Q)
+  // The disk tier (engine.h): state that does not fit host_memory_limit_bytes lives in files under
+  // state_dir; every step() ends with the engine's atomic persist(); resume continues from it.
+  std::string state_dir;
+  int64_t host_memory_limit_bytes = -1;
+  bool resume = false;
 };
 
 // Per param group, handed to the core before every step (faces read them from their groups, so LR
@@ -107,6 +112,15 @@ class OptimizerCore {
   bool dense_this_step(int64_t slot) const;
 
   StepResult step(const StepInputs& in = {});
+  // Allocates every slot whose parameter requires grad now, in registration order (the disk tier
+  // places state in that order, and resume needs the same order every run). Without a state_dir
+  // slots are allocated at their first gradient.
+  void allocate_all();
+  // After allocate_all() with resume: step counts from the state directory, and the dense
+  // parameters' weights from their masters. Projected slots cannot resume (their projectors are not
+  // in the directory): an error.
+  void resume();
+  int64_t slots_on_disk() const;
   void zero_grad();  // forgets accumulated compressed gradients (the faces clear .grad themselves)
 
   // Introspection and state.

@@ -126,7 +126,8 @@ class LSPAdamW(OffloadAdamW):
                  weight_decay: float = 0.0, *, subspace: int = 512, nnz: int = 8, refit_every: int = 100,
                  refit_threshold: float = 0.3, refit_iters: int = 50, refit_lr: float = 0.05,
                  min_dim: Optional[int] = None, seed: int = 0, max_grad_norm: Optional[float] = None,
-                 overlap: bool = True, record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30):
+                 overlap: bool = True, record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30,
+                 state_dir: Optional[str] = None, host_memory_limit: Optional[int] = None):
         if not (isinstance(subspace, int) and subspace >= 1):
             raise ValueError(f"LSPAdamW: subspace must be an int >= 1, got {subspace!r}")
         if not (isinstance(nnz, int) and 1 <= nnz <= subspace):
@@ -153,7 +154,7 @@ class LSPAdamW(OffloadAdamW):
         self._eligible = _eligible_weights(mod) if mod is not None else None
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                          overlap=overlap, record_timeline=record_timeline, pinned_limit_bytes=pinned_limit_bytes,
-                         seed=seed)
+                         seed=seed, state_dir=state_dir, host_memory_limit=host_memory_limit)
         self.defaults.update(refit_every=refit_every, refit_threshold=float(refit_threshold), refit_iters=refit_iters,
                              refit_lr=float(refit_lr))
 

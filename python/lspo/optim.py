@@ -145,6 +145,13 @@ class OffloadAdamW(torch.optim.Optimizer):
     (per-layer stage timestamps; ``timeline_json()`` gives a Chrome trace), ``pinned_limit_bytes``
     (budget for pinned host buffers; beyond it, or when pinning fails, buffers stay pageable and
     ``engine_stats()['pin_fallbacks']`` counts them, with one warning).
+
+    Disk tier (LoHan): ``state_dir`` keeps the fp32 master and moments of every parameter that does
+    not fit ``host_memory_limit`` (bytes of fp32 state in host memory, both halves of the engine's
+    double buffer: 24 B per element; None: unlimited) in files under ``state_dir``, streamed in
+    chunks through the fused Adam during backward. After every ``step()`` the directory holds that
+    step wholly (an atomic commit); ``resume=True`` continues from it (step counts and weights are
+    restored from the directory). ``state[p]`` of a parameter on disk holds copies read from the files.
     """
 
     _step_supports_amp_scaling = True
@@ -152,15 +159,24 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, max_grad_norm: Optional[float] = None, overlap: bool = True,
-                 record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30, seed: int = 0):
+                 record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30, seed: int = 0,
+                 state_dir: Optional[str] = None, host_memory_limit: Optional[int] = None, resume: bool = False):
         name = self._kind
+        if resume and not state_dir:
+            raise ValueError(f"{name}: resume=True needs a state_dir")
+        if host_memory_limit is not None and not host_memory_limit >= 0:
+            raise ValueError(f"{name}: host_memory_limit must be >= 0 bytes or None, got {host_memory_limit}")
+        self._state_dir = str(state_dir) if state_dir else None
         _check_group(name, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"{name}: max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.max_grad_norm = self._core_max_norm = max_grad_norm
         self._core = _C.OptimizerCore(name, overlap=overlap, record_timeline=record_timeline,
                                       pinned_limit_bytes=int(pinned_limit_bytes),
-                                      max_grad_norm=float(max_grad_norm or 0.0), seed=int(seed))
+                                      max_grad_norm=float(max_grad_norm or 0.0), seed=int(seed),
+                                      state_dir=self._state_dir or "",
+                                      host_memory_limit_bytes=-1 if host_memory_limit is None else int(host_memory_limit),
+                                      resume=bool(resume))
         self._index: dict = {}    # parameter -> core slot
         self._hooks: list = []
         self._grads_modified = 0
@@ -168,6 +184,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.state = _CoreState(self)
+        if resume:
+            with torch.no_grad():
+                self._core.resume()  # step counts and weights from the directory's last committed step
 
     # ---------------------------------------------------------------- registration
     def add_param_group(self, param_group: dict) -> None:
@@ -178,6 +197,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         for p in group["params"]:
             self._register(p, gi, group)
         self._sync_groups()
+        if self._state_dir:
+            self._core.allocate_all()  # the disk tier places state in registration order
 
     def _projection(self, p: torch.Tensor, group: dict) -> tuple:
         """(projected, subspace, nnz) of a parameter (LSPAdamW overrides)."""
@@ -319,6 +340,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         pass
 
     # ---------------------------------------------------------------- introspection
+    def slots_on_disk(self) -> int:
+        """How many parameters keep their optimizer state in files (the disk tier)."""
+        return self._core.slots_on_disk()
+
     def engine_stats(self) -> dict:
         return self._core.stats()
 

@@ -52,7 +52,8 @@ LSPO_REGISTER_BINDINGS(core) {
   using lspo::OptimizerCore;
   py::class_<OptimizerCore, std::shared_ptr<OptimizerCore>>(m, "OptimizerCore")
       .def(py::init([](const std::string& name, bool overlap, bool record_timeline, int64_t pinned_limit_bytes,
-                       double max_grad_norm, int64_t seed) {
+                       double max_grad_norm, int64_t seed, const std::string& state_dir,
+                       int64_t host_memory_limit_bytes, bool resume) {
              LSPO_CHECK(seed >= 0, name, ": seed must be >= 0, got ", seed);
              lspo::CoreOptions o;
              o.name = name;
@@ -61,10 +62,17 @@ LSPO_REGISTER_BINDINGS(core) {
              o.pinned_limit_bytes = pinned_limit_bytes;
              o.max_grad_norm = max_grad_norm;
              o.seed = static_cast<uint64_t>(seed);
+             o.state_dir = state_dir;
+             o.host_memory_limit_bytes = host_memory_limit_bytes;
+             o.resume = resume;
              return std::make_shared<OptimizerCore>(o);
            }),
            py::arg("name"), py::arg("overlap") = true, py::arg("record_timeline") = false,
-           py::arg("pinned_limit_bytes") = int64_t(4) << 30, py::arg("max_grad_norm") = 0.0, py::arg("seed") = 0)
+           py::arg("pinned_limit_bytes") = int64_t(4) << 30, py::arg("max_grad_norm") = 0.0, py::arg("seed") = 0,
+           py::arg("state_dir") = "", py::arg("host_memory_limit_bytes") = -1, py::arg("resume") = false)
+      .def("allocate_all", &OptimizerCore::allocate_all, py::call_guard<py::gil_scoped_release>())
+      .def("resume", &OptimizerCore::resume)
+      .def("slots_on_disk", &OptimizerCore::slots_on_disk)
       .def("add_param", &OptimizerCore::add_param, py::arg("param"), py::arg("group"), py::arg("projected"),
            py::arg("subspace") = 0, py::arg("nnz") = 0)
       .def_property_readonly("num_slots", &OptimizerCore::num_slots)
@@ -159,6 +167,12 @@ LSPO_REGISTER_BINDINGS(core) {
              d["jobs_run"] = s.jobs_run;
              d["commits"] = s.commits;
              d["slots_allocated"] = c.engine().num_slots();
+             d["host_state_bytes"] = s.host_state_bytes;
+             d["disk_state_bytes"] = s.disk_state_bytes;
+             d["disk_slots"] = s.disk_slots;
+             d["io_bytes_read"] = s.io_bytes_read;
+             d["io_bytes_written"] = s.io_bytes_written;
+             d["persists"] = s.persists;
              return d;
            })
       .def_property_readonly("overlap", [](const OptimizerCore& c) { return c.engine().options().overlap; })

@@ -397,3 +397,38 @@ def test_finetune_cuda(tmp_path, tiny_llama, text_file, opt):
                  "--batch-size", "4", "--seq-len", "32", "--lr", "3e-2" if opt == "lora" else "3e-3",
                  "--warmup", "1", "--quiet", "--sample-tokens", "4", "--eval-windows", "8", "--steps", "20"])
     assert s["val_loss_after"] < s["val_loss_before"] - (0.1 if opt == "lora" else 1.0)
+
+
+# ----------------------------------------------------------------------------- tiers (LoHan)
+@pytest.mark.parametrize("opt", ["offload", "lsp"])
+def test_tier_flags_keep_the_run(tmp_path, tiny_llama, text_file, opt):
+    """--host-memory below the optimizer state puts it in --state-dir; --device-memory below weights +
+    gradients streams the layers' weights (and lets the planner swap/recompute activations): the
+    losses and the final weights are those of the plain run."""
+    from lspo import planner, tiers
+    common = ("--optimizer", opt, "--steps", "3", "--sample-tokens", "0", "--eval-windows", "2",
+              "--eval-examples", "0")
+    a = _run(tmp_path, tiny_llama, text_file, *common, "--save", str(tmp_path / "a"))
+    n = a["params"]
+    W = 4 * n  # fp32 weights
+    b = _run(tmp_path, tiny_llama, text_file, *common, "--host-memory", str(2 * W + planner.SLACK + 6 * n),
+             "--state-dir", str(tmp_path / "st"), "--save", str(tmp_path / "b"))
+    assert b["tier_plan"]["state_disk_bytes"] > 0 and b["engine_stats"]["disk_slots"] > 0
+    assert (tmp_path / "st" / "MANIFEST").exists()
+    # just below weights + gradients + all activations: the planner streams the weights
+    model, _ = hf.load_causal_lm(tiny_llama)
+    ids = torch.zeros((4, 32), dtype=torch.long)
+    A = sum(p.activation_bytes for p in tiers.profile_layers(planner.decoder_layers(model),
+                                                              lambda: model(input_ids=ids, use_cache=False).logits))
+    c = _run(tmp_path, tiny_llama, text_file, *common, "--device-memory", str(2 * W + A - 1),
+             "--save", str(tmp_path / "c"))
+    assert not c["tier_plan"]["params_on_device"]
+    assert c["tier_runner"]["peak_param_bytes"] < W
+    for s in (b, c):
+        assert s["train_losses"] == a["train_losses"]
+    ta = _tensors(tmp_path / "a")
+    for d in ("b", "c"):
+        t = _tensors(tmp_path / d)
+        assert all(torch.equal(ta[k], t[k]) for k in ta), d
+    with pytest.raises(ValueError, match="does not fit"):
+        _run(tmp_path, tiny_llama, text_file, *common, "--host-memory", str(2 * W))

@@ -1,0 +1,170 @@
+"""OffloadAdamW with its state in files (the engine's disk tier): bitwise the in-memory run, resume
+from the directory, state_dict/load_state_dict through the files, and a kill -9 test -- a training
+subprocess killed at random points always leaves a directory that loads to one whole step."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import lspo
+
+SCRIPT = r"""
+import sys, torch, lspo
+sys.path.insert(0, {here!r})
+from test_state_dir import make_model, grads_for
+model = make_model()
+opt = lspo.OffloadAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, state_dir={d!r}, host_memory_limit=0)
+print("ready", flush=True)
+for step in range(1, 100000):
+    for p, g in zip(model.parameters(), grads_for(step, model)):
+        p.grad = g
+    opt.step()
+    print("step", step, flush=True)
+"""
+
+
+def make_model():
+    torch.manual_seed(0)
+    # many slots of odd sizes: a persist() touches many files
+    return torch.nn.ModuleList([torch.nn.Linear(17 + i, 9 + 2 * i) for i in range(8)])
+
+
+def grads_for(step, model):
+    g = torch.Generator().manual_seed(step)
+    return [torch.randn(p.shape, generator=g) for p in model.parameters()]
+
+
+def run_ram(steps, **kw):
+    model = make_model()
+    opt = lspo.OffloadAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kw)
+    snaps = {}
+    for step in range(1, steps + 1):
+        for p, g in zip(model.parameters(), grads_for(step, model)):
+            p.grad = g
+        opt.step()
+        snaps[step] = state_of(opt)
+    return model, opt, snaps
+
+
+def state_of(opt):
+    sd = opt.state_dict()["state"]
+    return {i: {k: v.clone() for k, v in st.items()} for i, st in sd.items()}
+
+
+def same_state(a, b):
+    assert a.keys() == b.keys()
+    for i in a:
+        for k in ("exp_avg", "exp_avg_sq", "master_param", "step"):
+            assert torch.equal(a[i][k], b[i][k]), (i, k)
+
+
+def test_disk_state_bitwise_equal_and_resume(tmp_path):
+    ram_model, _, ram_snaps = run_ram(4)
+    d = str(tmp_path / "st")
+    model, opt, snaps = run_ram(4, state_dir=d, host_memory_limit=0)
+    assert opt.slots_on_disk() == len(list(model.parameters()))
+    st = opt.engine_stats()
+    assert st["disk_slots"] == opt.slots_on_disk() and st["persists"] == 4 and st["host_state_bytes"] == 0
+    for s in range(1, 5):
+        same_state(ram_snaps[s], snaps[s])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ram_model.parameters()))
+    p0 = next(iter(model.parameters()))  # on disk: state[p] holds copies read from the files
+    assert torch.equal(opt.state[p0]["exp_avg"].reshape(-1), ram_snaps[4][0]["exp_avg"].reshape(-1))
+    del opt
+    # resume: weights and step counts come back from the directory
+    model2 = make_model()
+    opt2 = lspo.OffloadAdamW(model2.parameters(), lr=1e-2, weight_decay=0.1, state_dir=d, host_memory_limit=0,
+                             resume=True)
+    assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), ram_model.parameters()))
+    same_state(ram_snaps[4], state_of(opt2))
+    with pytest.raises(lspo.LspoError, match="already holds a committed optimizer state"):
+        lspo.OffloadAdamW(make_model().parameters(), state_dir=d)
+
+
+def test_mixed_placement_and_load_state_dict(tmp_path):
+    _, _, ram_snaps = run_ram(3)
+    # a host budget of about half the state: some parameters in memory, the rest in files
+    n = sum(p.numel() for p in make_model().parameters())
+    model, opt, snaps = run_ram(3, state_dir=str(tmp_path / "a"), host_memory_limit=12 * n + (12 << 20))
+    assert 0 < opt.slots_on_disk() < len(list(model.parameters()))
+    same_state(ram_snaps[3], snaps[3])
+    # load_state_dict writes new generations into the files
+    model_b, opt_b, _ = run_ram(1, state_dir=str(tmp_path / "b"), host_memory_limit=0)
+    opt_b.load_state_dict(opt.state_dict())
+    same_state(state_of(opt), state_of(opt_b))
+
+
+def _load_dir(d):
+    model = make_model()
+    try:
+        opt = lspo.OffloadAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, state_dir=d, host_memory_limit=0,
+                                resume=True)
+    except lspo.LspoError as e:
+        assert "holds no MANIFEST" in str(e)
+        return 0, None
+    steps = {int(opt.state[p]["step"].item()) for p in model.parameters()}
+    assert len(steps) == 1, f"slots at different steps: {steps}"
+    return steps.pop(), state_of(opt)
+
+
+def test_kill_9_leaves_a_whole_step(tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(lspo.__file__)), here,
+                                         env.get("PYTHONPATH", "")])
+    rng = random.Random(7)
+    results = []
+    for trial in range(4):
+        d = str(tmp_path / f"kill{trial}")
+        p = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=here, d=d)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, text=True)
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        seen = 0
+        if trial % 2:  # mid-training: after step 2 (however slow the machine), then at a random point
+            while seen < 2:
+                line = p.stdout.readline().split()
+                assert line, p.stderr.read()
+                seen = int(line[1])
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(p.pid, signal.SIGKILL)
+        out = p.communicate()[0].split()
+        last_printed = int(out[-1]) if len(out) >= 2 and out[-2] == "step" else seen
+        step, state = _load_dir(d)
+        # the directory holds the last persisted step: the last printed one or the one after it
+        assert last_printed <= step <= last_printed + 1, (last_printed, step)
+        results.append((step, state))
+    steps = [st for st, _ in results]
+    assert max(steps) > 0, f"no trial got past its first step: {steps}"
+    _, _, ref = run_ram(max(steps))
+    for step, state in results:
+        if step:
+            same_state(ref[step], state)
+
+
+def test_lsp_adamw_with_state_on_disk(tmp_path):
+    """LSPAdamW's compressed moments in files: refits carry them through load_state/store_state."""
+    def run(**kw):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(24, 20), torch.nn.Linear(20, 16))
+        opt = lspo.LSPAdamW(model, lr=1e-2, subspace=8, nnz=2, refit_every=2, refit_threshold=0.0, **kw)
+        for step in range(1, 6):
+            g = torch.Generator().manual_seed(step)
+            x, w = torch.randn(8, 24, generator=g), torch.randn(8, 16, generator=g)
+            (model(x) * w).sum().backward()  # (refits run in the gradient hooks)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return model, opt
+    ref, ref_opt = run()
+    got, opt = run(state_dir=str(tmp_path / "lsp"), host_memory_limit=0)
+    assert opt.slots_on_disk() == 4
+    assert sum(1 for r in opt.refits if r["refit"]) == sum(1 for r in ref_opt.refits if r["refit"]) > 2
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), got.parameters()))
+    same_lsp = opt.state_dict()["state"], ref_opt.state_dict()["state"]
+    for i in same_lsp[1]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(same_lsp[0][i][k], same_lsp[1][i][k]), (i, k)
