@@ -14,11 +14,27 @@ Every projected weight ``W [m, n]`` (gradient ``G``, same shape) owns a pair of
    ``W *= 1 - lr * weight_decay`` (if any), then ``W += P u Q^T`` (``lspo.projector.apply_``: no
    dense fp32 temporary).
 
-Projector learning: at steps ``t = 1, 1 + refit_every, 1 + 2 refit_every, ...`` the first gradient
-of the step is a sample; when ``e = ||P P^T G Q Q^T - G|| / ||G||`` exceeds ``refit_threshold`` the
-projectors' values are refitted on it (``lspo.projector.fit``, ``refit_iters`` Adam iterations,
-positions fixed) and the Adam moments are carried into the new subspace
-(``M <- P'^T P M Q^T Q'``, V with squared maps). ``refits`` records every refit.
+Projectors: whitened (``whiten=True``, the default): each stands for an orthonormal basis U = P T
+(``lspo.projector``), so ``P P^T G Q Q^T`` is a true projection, the state carry is exact and the size
+of an update ``P u Q^T`` is the size of ``u``. Values start scale-correct (E[P^T P] = I).
+
+Projector learning (``lspo.projector.refit``, C++ ``lspo::refit``): steps ``t = 1, 1 + refit_every,
+1 + 2 refit_every, ...`` are refit checks. On a check step a projected layer keeps its dense gradient
+summed in two halves over the step's micro-batches (even micro-batches: the fit sum; odd ones: the
+held-out sum; one micro-batch: both are it), and ``step()`` runs one refit check per layer: the
+held-out error of the current projectors; a fit (warm start, ``refit_iters`` Adam iterations at
+``refit_lr``, proximal l2 ``refit_l2``, held-out early stopping; fresh values too when the warm start
+does not help, ``refit_reinit``) when that error exceeds ``refit_threshold`` and has drifted above
+``(1 + refit_drift)`` times what the last check left; the fit is kept only when it lowers the
+held-out error, and then the Adam moments are carried into the new subspace. Then the step's whole
+gradient (both sums) is compressed with the projectors the check left: gradient accumulation stays
+exact. Extra memory on check steps only: two dense fp32 copies of each projected weight.
+``refits`` records every check.
+
+Update size (``scale``): ``W += scale * P u Q^T``. ``"auto"`` (default) uses
+``sqrt(m n / (dP dQ))`` per layer: with orthonormal bases this makes the update's Frobenius norm that
+of a full AdamW step at the same lr (``u`` has dP dQ entries of size ~lr, AdamW's has m n), so
+LSPAdamW runs at the lr a user would give AdamW. ``scale=1.0`` is the paper's update.
 
 Which parameters are projected: given a module, the weights of ``nn.Linear`` (and transformers'
 GPT-2 ``Conv1D``) layers whose both dimensions are ``>= min_dim`` (default: ``subspace``), except a
@@ -58,15 +74,21 @@ from .optim import OffloadAdamW, _Slot, eng_name
 
 
 class _LspSlot(_Slot):
-    __slots__ = ("P", "Q", "acc", "acc_count", "u_dev", "backup")
+    __slots__ = ("P", "Q", "acc", "acc_count", "u_dev", "backup", "fit_sum", "held_sum", "ref_err", "checks",
+                 "scale", "number")
 
-    def __init__(self, index: int, param: torch.Tensor, group: dict, P: lp.SparseProjector, Q: lp.SparseProjector):
+    def __init__(self, index: int, param: torch.Tensor, group: dict, P: lp.SparseProjector, Q: lp.SparseProjector,
+                 scale: float, number: int):
         super().__init__(index, param, group)
         self.P, self.Q = P, Q
+        self.scale, self.number = scale, number
+        self.fit_sum = self.held_sum = None  # dense gradient sums of a refit-check step
+        self.ref_err = math.nan               # held-out error the last check left
+        self.checks = 0
         self.acc = torch.zeros(P.d, Q.d, dtype=torch.float32, device=param.device)  # accumulated S
         self.acc_count = 0
         self.u_dev = None
-        self.backup = None  # (P values, Q values, M, V) before this step's refit: restored on a skip
+        self.backup = None  # (P, Q values + whiten, M, V) before this step's refit: restored on a skip
 
 
 _HEAD_NAMES = ("lm_head", "embed_out", "output_layer")
@@ -80,15 +102,20 @@ class LSPAdamW(OffloadAdamW):
     """AdamW in learned sparse subspaces (LSP-Offload) for the big matrices, full-offload AdamW for
     the rest; a drop-in ``torch.optim.Optimizer``. See the module documentation for the semantics.
 
-    ``subspace`` (d) and ``nnz`` (r) set the projectors; ``refit_every`` / ``refit_threshold`` /
-    ``refit_iters`` / ``refit_lr`` their learning; ``seed`` their random positions and initial
-    values (layer i uses ``seed + 2 i`` and ``seed + 2 i + 1``). ``max_grad_norm``, ``overlap``,
+    ``subspace`` (d) and ``nnz`` (r) set the projectors, ``whiten`` their orthonormalisation,
+    ``scale`` the update size; ``refit_every`` / ``refit_threshold`` / ``refit_drift`` /
+    ``refit_iters`` / ``refit_lr`` / ``refit_l2`` / ``refit_reinit`` their learning; ``seed`` their
+    random positions and initial values (layer i uses ``seed + 2 i`` and ``seed + 2 i + 1``).
+    ``refit_diagnostics``: also record, at every check, the held-out error of fresh whitened random
+    projectors of the same d, r (``refits[k]["random_heldout"]``; costs one error evaluation). ``max_grad_norm``, ``overlap``,
     ``record_timeline`` and ``pinned_limit_bytes`` are as for :class:`~lspo.OffloadAdamW`.
     """
 
     def __init__(self, params_or_module: Any, lr: float = 1e-4, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, subspace: int = 512, nnz: int = 8, refit_every: int = 100,
-                 refit_threshold: float = 0.3, refit_iters: int = 50, refit_lr: float = 0.05,
+                 refit_threshold: float = 0.0, refit_iters: int = 100, refit_lr: float = 0.1,
+                 refit_l2: float = 0.01, refit_drift: float = 0.1, refit_reinit: str = "on_failure",
+                 whiten: bool = True, scale: Any = "auto", refit_diagnostics: bool = False,
                  min_dim: Optional[int] = None, seed: int = 0, max_grad_norm: Optional[float] = None,
                  overlap: bool = True, record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30):
         if not (isinstance(subspace, int) and subspace >= 1):
@@ -107,6 +134,14 @@ class LSPAdamW(OffloadAdamW):
             raise ValueError(f"LSPAdamW: min_dim ({self.min_dim}) must be >= nnz ({nnz})")
         self.refit_every, self.refit_threshold = refit_every, float(refit_threshold)
         self.refit_iters, self.refit_lr = refit_iters, float(refit_lr)
+        if refit_reinit not in ("never", "on_failure", "always"):
+            raise ValueError(f"LSPAdamW: refit_reinit must be never, on_failure or always, got {refit_reinit!r}")
+        if not (refit_l2 >= 0.0 and refit_drift >= 0.0):
+            raise ValueError("LSPAdamW: refit_l2 and refit_drift must be >= 0")
+        if not (scale == "auto" or (isinstance(scale, (int, float)) and scale > 0)):
+            raise ValueError(f"LSPAdamW: scale must be 'auto' or a number > 0, got {scale!r}")
+        self.refit_l2, self.refit_drift, self.refit_reinit = float(refit_l2), float(refit_drift), refit_reinit
+        self.whiten, self.scale, self.refit_diagnostics = bool(whiten), scale, bool(refit_diagnostics)
         self.seed = int(seed)
         self.refits: list[dict] = []
         self._n_projected = 0
@@ -149,11 +184,14 @@ class LSPAdamW(OffloadAdamW):
         m, n = p.shape
         i = self._n_projected
         self._n_projected += 1
-        P = lp.SparseProjector.random(m, min(self.subspace, m), self.nnz, self.seed + 2 * i, device=p.device)
-        Q = lp.SparseProjector.random(n, min(self.subspace, n), self.nnz, self.seed + 2 * i + 1, device=p.device)
+        P = lp.SparseProjector.random(m, min(self.subspace, m), self.nnz, self.seed + 2 * i, device=p.device,
+                                      whitened=self.whiten)
+        Q = lp.SparseProjector.random(n, min(self.subspace, n), self.nnz, self.seed + 2 * i + 1, device=p.device,
+                                      whitened=self.whiten)
         idx = self._engine.add_slot(f"lsp{i}:{tuple(p.shape)}->{P.d}x{Q.d}", None, P.d * Q.d, torch.float32,
                                     torch.float32, len(self._slots))
-        s = _LspSlot(idx, p, group, P, Q)
+        scale = math.sqrt(m * n / (P.d * Q.d)) if self.scale == "auto" else float(self.scale)
+        s = _LspSlot(idx, p, group, P, Q, scale, i)
         self._slots[p] = s
         s.hook = p.register_post_accumulate_grad_hook(self._on_grad)
         self._refresh_state(p)
@@ -170,6 +208,9 @@ class LSPAdamW(OffloadAdamW):
         st["exp_avg_sq"] = self._engine.exp_avg_sq(s.index).view(shape)
         st["proj_P_indices"], st["proj_P_values"] = s.P.indices, s.P.values
         st["proj_Q_indices"], st["proj_Q_values"] = s.Q.indices, s.Q.values
+        if s.P.whitened:
+            st["proj_P_whiten"], st["proj_Q_whiten"] = s.P.whiten, s.Q.whiten
+        st["proj_refit_ref"] = torch.tensor(s.ref_err, dtype=torch.float64)
 
     @property
     def projected_params(self) -> list:
@@ -183,33 +224,11 @@ class LSPAdamW(OffloadAdamW):
             raise KeyError("LSPAdamW.projectors: this parameter is not projected")
         return s.P, s.Q
 
-    # ---------------------------------------------------------------- backward: compress, refit
+    # ---------------------------------------------------------------- backward: compress (or keep a check's sums)
     def _refit_pending(self, p: torch.Tensor) -> bool:
-        """The next gradient of ``p`` is a refit sample: the first micro-batch of a refit step."""
+        """This step is a refit check: ``p``'s gradients are kept dense (summed) until ``step()``."""
         step = int(self.state[p]["step"].item()) + 1
-        return self.refit_every > 0 and (step - 1) % self.refit_every == 0 and self._slots[p].acc_count == 0
-
-    def _refit(self, s: _LspSlot, G: Any, step: int) -> None:
-        eng = self._engine
-        t0 = eng.now_us()
-        try:
-            e = lp.relative_error(s.P, s.Q, [G])
-        except _C.LspoError:  # a non-finite sample: no refit (the step will be skipped anyway)
-            e = math.nan
-        rec = {"step": step, "param": eng_name(s), "error_before": e, "refit": e > self.refit_threshold}
-        if rec["refit"]:
-            P_old = lp.SparseProjector(s.P.indices.cpu(), s.P.values.cpu().clone(), s.P.d, validate=False)
-            Q_old = lp.SparseProjector(s.Q.indices.cpu(), s.Q.values.cpu().clone(), s.Q.d, validate=False)
-            res = lp.fit(s.P, s.Q, [G], lr=self.refit_lr, max_iters=self.refit_iters)
-            rec["error_after"] = res["error_after"]
-            eng.wait(s.index)
-            M = eng.exp_avg(s.index).view(s.P.d, s.Q.d)
-            V = eng.exp_avg_sq(s.index).view(s.P.d, s.Q.d)
-            s.backup = (P_old.values, Q_old.values, M.clone(), V.clone())
-            if step > 1:  # carry the committed moments into the new subspace (host, in place)
-                lp.carry_state(P_old, Q_old, s.P.to("cpu"), s.Q.to("cpu"), M, V)
-        self.refits.append(rec)
-        eng.add_event("refit", eng_name(s), 0, t0, eng.now_us())
+        return self.refit_every > 0 and (step - 1) % self.refit_every == 0
 
     @torch.no_grad()
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -227,12 +246,21 @@ class LSPAdamW(OffloadAdamW):
     @torch.no_grad()
     def _accept_compressed(self, p: torch.Tensor, S: Optional[torch.Tensor] = None, sample: Any = None) -> None:
         """One micro-batch's gradient of a projected parameter: its compressed form ``S``, or a sample
-        (dense G, or an activation pair (X, dY) with G = X^T dY) to refit on and compress."""
+        (dense G, or an activation pair (X, dY) with G = X^T dY). On a refit-check step the sample is
+        summed densely (fit / held-out half by micro-batch parity) for ``step()``; otherwise it is
+        compressed and accumulated."""
         s = self._slots[p]
         eng = self._engine
         step = int(self.state[p]["step"].item()) + 1
         if sample is not None and self._refit_pending(p):
-            self._refit(s, sample, step)
+            G = sample if isinstance(sample, torch.Tensor) else sample[0].float().t() @ sample[1].float()
+            if s.acc_count % 2 == 0:
+                s.fit_sum = G.float().clone() if s.fit_sum is None else s.fit_sum.add_(G)
+            else:
+                s.held_sum = G.float().clone() if s.held_sum is None else s.held_sum.add_(G)
+            s.acc_count += 1
+            s.grad_seen = None
+            return
         t0 = eng.now_us()
         if S is None:
             S = lp.compress(s.P, s.Q, sample) if isinstance(sample, torch.Tensor) else \
@@ -248,6 +276,52 @@ class LSPAdamW(OffloadAdamW):
         if eng.overlap:
             self._copy_grad(s, s.acc)
             self._submit(s, self._key(s, step, self._spec_scale))
+
+    @torch.no_grad()
+    def _run_refits(self) -> None:
+        """The refit checks of this step (layers holding dense sums), then their compression."""
+        eng = self._engine
+        for s in self._slots.values():
+            if not isinstance(s, _LspSlot) or s.fit_sum is None:
+                continue
+            t0 = eng.now_us()
+            fit, held = s.fit_sum, s.held_sum
+            total = fit if held is None else fit + held
+            step = int(self.state[s.param]["step"].item()) + 1
+            if bool(torch.isfinite(total).all()):  # else no check: the step will be skipped anyway
+                eng.wait(s.index)
+                M = eng.exp_avg(s.index).view(s.P.d, s.Q.d)
+                V = eng.exp_avg_sq(s.index).view(s.P.d, s.Q.d)
+                s.backup = (s.P.clone(), s.Q.clone(), M.clone(), V.clone(), s.ref_err)
+                s.checks += 1
+                res = lp.refit(s.P, s.Q, [fit], [held] if held is not None else [], iters=self.refit_iters,
+                               lr=self.refit_lr, l2=self.refit_l2, threshold=self.refit_threshold,
+                               drift=self.refit_drift, reference_error=s.ref_err, reinit=self.refit_reinit,
+                               seed=(self.seed * 1000003 + s.number * 7919 + s.checks) & 0x7FFFFFFF,
+                               M=M if step > 1 else None, V=V if step > 1 else None)
+                s.ref_err = res["reference_error"]
+                rec = {"step": step, "param": eng_name(s), "check": s.checks, **res}
+                if self.refit_diagnostics:
+                    Pr = lp.SparseProjector.random(s.P.n, s.P.d, s.P.r, seed=s.checks * 65537 + 2 * s.number,
+                                                   device=s.P.device, whitened=True)
+                    Qr = lp.SparseProjector.random(s.Q.n, s.Q.d, s.Q.r, seed=s.checks * 65537 + 2 * s.number + 1,
+                                                   device=s.Q.device, whitened=True)
+                    rec["random_heldout"] = lp.relative_error(Pr, Qr, [held if held is not None else fit])
+                self.refits.append(rec)
+                self._refresh_state(s.param)
+            s.acc.copy_(lp.compress(s.P, s.Q, total))
+            s.fit_sum = s.held_sum = None
+            s.grad_seen = None
+            eng.add_event("refit", eng_name(s), 0, t0, eng.now_us())
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._run_refits()
+        super().step()
+        return loss
 
     def wrap(self, model: torch.nn.Module) -> int:
         """The memory path: re-classes ``model``'s projected ``nn.Linear`` / ``Conv1D`` layers so their
@@ -282,13 +356,18 @@ class LSPAdamW(OffloadAdamW):
         if isinstance(s, _LspSlot):
             s.acc_count = 0
             s.grad_seen = None
+            s.fit_sum = s.held_sum = None
             if s.backup is not None:  # undo this step's refit: projectors and moments as they were
-                pv, qv, M, V = s.backup
-                s.P.values.copy_(pv)
-                s.Q.values.copy_(qv)
+                P0, Q0, M, V, ref = s.backup
+                for cur, old in ((s.P, P0), (s.Q, Q0)):
+                    cur.values.copy_(old.values)
+                    if cur.whiten is not None:
+                        cur.whiten.copy_(old.whiten)
+                s.ref_err = ref
                 self._engine.exp_avg(s.index).copy_(M.reshape(-1))
                 self._engine.exp_avg_sq(s.index).copy_(V.reshape(-1))
                 s.backup = None
+                self._refresh_state(s.param)
 
     def _finish(self, s: _Slot) -> None:
         if not isinstance(s, _LspSlot):
@@ -305,7 +384,7 @@ class LSPAdamW(OffloadAdamW):
         with torch.no_grad():
             if wd != 0.0:
                 p.mul_(1.0 - float(s.group["lr"]) * wd)
-            lp.apply_(p.data, s.P, s.Q, u, 1.0)
+            lp.apply_(p.data, s.P, s.Q, u, s.scale)
         if not p.is_cuda:
             self._engine.add_event("apply", eng_name(s), 0, t0, self._engine.now_us())
         s.acc_count = 0
@@ -339,8 +418,16 @@ class LSPAdamW(OffloadAdamW):
             if tuple(st["exp_avg"].shape) != (s.P.d, s.Q.d) or tuple(st["exp_avg_sq"].shape) != (s.P.d, s.Q.d):
                 raise ValueError(f"LSPAdamW.load_state_dict: exp_avg of parameter {i} has shape "
                                  f"{tuple(st['exp_avg'].shape)}, this optimizer's subspace is {(s.P.d, s.Q.d)}")
-            P = lp.SparseProjector(st["proj_P_indices"].to(p.device), st["proj_P_values"].to(p.device), s.P.d)
-            Q = lp.SparseProjector(st["proj_Q_indices"].to(p.device), st["proj_Q_values"].to(p.device), s.Q.d)
+            if s.P.whitened != ("proj_P_whiten" in st):
+                raise ValueError(f"LSPAdamW.load_state_dict: parameter {i}: saved projectors are "
+                                 f"{'' if 'proj_P_whiten' in st else 'not '}whitened, this optimizer's are "
+                                 f"{'' if s.P.whitened else 'not '}(whiten=...)")
+            wp = st["proj_P_whiten"].to(p.device) if "proj_P_whiten" in st else None
+            wq = st["proj_Q_whiten"].to(p.device) if "proj_Q_whiten" in st else None
+            P = lp.SparseProjector(st["proj_P_indices"].to(p.device), st["proj_P_values"].to(p.device), s.P.d,
+                                   whiten=wp)
+            Q = lp.SparseProjector(st["proj_Q_indices"].to(p.device), st["proj_Q_values"].to(p.device), s.Q.d,
+                                   whiten=wq)
             if P.n != s.P.n or Q.n != s.Q.n or P.r != s.P.r or Q.r != s.Q.r:
                 raise ValueError(f"LSPAdamW.load_state_dict: projectors of parameter {i} do not fit its shape "
                                  f"{tuple(p.shape)} / nnz {s.P.r}")
@@ -353,6 +440,8 @@ class LSPAdamW(OffloadAdamW):
             p = params[i]
             s = self._slots[p]
             s.P, s.Q = P, Q
+            s.ref_err = float(st["proj_refit_ref"]) if "proj_refit_ref" in st else math.nan
+            s.fit_sum = s.held_sum = None
             self._engine.exp_avg(s.index).copy_(st["exp_avg"].reshape(-1))
             self._engine.exp_avg_sq(s.index).copy_(st["exp_avg_sq"].reshape(-1))
             s.acc_count, s.spec, s.grad_seen = 0, None, None
