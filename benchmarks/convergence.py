@@ -303,7 +303,7 @@ def finetune_main(a):
     runs = [r for r in (a.ft_runs.split(",") if a.ft_runs else FT_RUNS) if r]
     results = {}
     for name in runs:
-        grid = FT_GRIDS[name]
+        grid = [float(x) for x in a.ft_lrs.split(",")] if a.ft_lrs else FT_GRIDS[name]
         sweep = []
         for lr in grid:
             try:
@@ -433,6 +433,7 @@ def parse(argv=None):
     p.add_argument("--ft-seeds", type=int, help="--finetune: seeds at the chosen lr (default 2, --quick 1)")
     p.add_argument("--ft-block", type=int, default=256, help="--finetune (full): context length in bytes")
     p.add_argument("--ft-batch", type=int, default=8, help="--finetune (full): sequences a step")
+    p.add_argument("--ft-lrs", help="--finetune: comma-separated lr grid for every run (default: per-optimizer grids)")
     p.add_argument("--lsp-kwargs", help="--finetune: JSON of extra LSPAdamW arguments (ablations)")
     p.add_argument("--out", help="--finetune: also write the full JSON (with curves) to this file")
     a = p.parse_args(argv)

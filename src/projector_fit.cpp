@@ -216,7 +216,8 @@ double closed_form_error(const SparseProjector& P, const SparseProjector& Q, con
 }
 
 HeldoutFit fit_heldout(SparseProjector& P, SparseProjector& Q, const std::vector<GradSample>& samples,
-                       const std::vector<GradSample>& heldout, const FitOptions& opt, int64_t eval_every) {
+                       const std::vector<GradSample>& heldout, const FitOptions& opt, int64_t eval_every,
+                       int64_t patience) {
   LSPO_CHECK(!samples.empty(), "fit: no gradient samples");
   LSPO_CHECK(opt.lr > 0 && opt.max_iters >= 0 && opt.l2 >= 0, "fit: need lr > 0, max_iters >= 0, l2 >= 0");
   LSPO_CHECK(eval_every >= 1, "fit: eval_every must be >= 1");
@@ -240,6 +241,7 @@ HeldoutFit fit_heldout(SparseProjector& P, SparseProjector& Q, const std::vector
     return ctx.mean_error(held, pv, qv).item<double>();
   };
   double best = std::numeric_limits<double>::infinity(), best_fit = best;
+  int64_t since_best = 0;
   torch::Tensor best_p = P.values.detach().clone(), best_q = Q.values.detach().clone();
   for (int64_t it = 0;; ++it) {
     adam.zero_grad();
@@ -258,13 +260,17 @@ HeldoutFit fit_heldout(SparseProjector& P, SparseProjector& Q, const std::vector
         if (it == 0) out.heldout_before = score;
       }
     }
+    bool stale = false;
     if (scored && score < best) {
       best = score;
       best_fit = ev;
       best_p = pv.detach().clone();
       best_q = qv.detach().clone();
+      since_best = 0;
+    } else if (scored && !held.empty()) {
+      stale = patience > 0 && ++since_best >= patience;
     }
-    if (last) break;
+    if (last || stale) break;
     torch::Tensor loss = e;
     if (opt.l2 > 0) {
       loss = ctx.whitened ? loss + opt.l2 * ((wp - wp0).square().mean() + (wq - wq0).square().mean())

@@ -14,9 +14,11 @@ struct HeldoutFit {
 
 // fit() with held-out samples: every eval_every iterations (and at the last) the iterate is scored
 // on `heldout` and the lowest-scoring one is kept (early stopping); without held-out samples the
-// iterate with the lowest training e is kept. Recomputes `whiten` of whitened projectors.
+// iterate with the lowest training e is kept. patience > 0: stop after that many held-out
+// evaluations in a row without a new best. Recomputes `whiten` of whitened projectors.
 HeldoutFit fit_heldout(SparseProjector& P, SparseProjector& Q, const std::vector<GradSample>& samples,
-                       const std::vector<GradSample>& heldout, const FitOptions& opt, int64_t eval_every);
+                       const std::vector<GradSample>& heldout, const FitOptions& opt, int64_t eval_every,
+                       int64_t patience = 0);
 
 // Mean e over samples in closed form (O(r size(G) + d^3) a sample, no m x n temporary); equals
 // relative_error up to rounding.

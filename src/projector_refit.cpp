@@ -26,7 +26,7 @@ Candidate fit_candidate(const SparseProjector& P, const SparseProjector& Q, bool
   fo.lr = opt.lr;
   fo.max_iters = opt.iters;
   fo.l2 = opt.l2;
-  c.fit = detail::fit_heldout(c.P, c.Q, fit_samples, heldout, fo, opt.eval_every);
+  c.fit = detail::fit_heldout(c.P, c.Q, fit_samples, heldout, fo, opt.eval_every, opt.patience);
   return c;
 }
 
@@ -48,9 +48,9 @@ RefitResult refit(SparseProjector& P, SparseProjector& Q, const std::vector<Grad
                   torch::Tensor* V) {
   const auto t0 = std::chrono::steady_clock::now();
   LSPO_CHECK(!fit_samples.empty(), "refit: no fit samples");
-  LSPO_CHECK(opt.iters >= 1 && opt.lr > 0 && opt.l2 >= 0 && opt.eval_every >= 1 && opt.drift >= 0 &&
+  LSPO_CHECK(opt.iters >= 1 && opt.lr > 0 && opt.l2 >= 0 && opt.eval_every >= 1 && opt.patience >= 0 && opt.drift >= 0 &&
                  opt.threshold >= 0 && opt.min_gain >= 0 && opt.min_gain < 1,
-             "refit: need iters >= 1, lr > 0, l2 >= 0, eval_every >= 1, drift >= 0, threshold >= 0, "
+             "refit: need iters >= 1, lr > 0, l2 >= 0, eval_every >= 1, patience >= 0, drift >= 0, threshold >= 0, "
              "0 <= min_gain < 1");
   LSPO_CHECK((M == nullptr) == (V == nullptr), "refit: pass both moments M and V or neither");
   const std::vector<GradSample>& held = heldout.empty() ? fit_samples : heldout;

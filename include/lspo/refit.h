@@ -30,6 +30,7 @@ struct RefitOptions {
   double lr = 0.1;
   double l2 = 0.01;         // FitOptions::l2 (whitened: proximal term toward the start values)
   int64_t eval_every = 10;  // held-out scoring period inside the fit (early stopping)
+  int64_t patience = 2;     // stop a fit after this many scorings without a new held-out best (0: never)
   // the rule: fit only when held-out e > threshold and (no reference yet, or held-out e has drifted
   // above (1 + drift) * reference_error, the held-out e the last check left)
   double threshold = 0.0;

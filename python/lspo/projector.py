@@ -195,20 +195,22 @@ def fit(P: SparseProjector, Q: SparseProjector, samples: Sequence[Sample], lr: f
 
 
 def refit(P: SparseProjector, Q: SparseProjector, fit_samples: Sequence[Sample], heldout: Sequence[Sample] = (),
-          *, iters: int = 100, lr: float = 0.1, l2: float = 0.01, eval_every: int = 10, threshold: float = 0.0,
+          *, iters: int = 100, lr: float = 0.1, l2: float = 0.01, eval_every: int = 10, patience: int = 2,
+          threshold: float = 0.0,
           drift: float = 0.1, reference_error: float = float("nan"), min_gain: float = 0.0,
           reinit: str = "on_failure", seed: int = 0, M: Optional[torch.Tensor] = None,
           V: Optional[torch.Tensor] = None) -> dict:
     """One refit check (C++ ``lspo::refit``, include/lspo/refit.h): measures the held-out error of
     (P, Q); when it exceeds ``threshold`` and has drifted above ``(1 + drift) * reference_error`` (or
     there is no reference yet), fits warm-started (and, per ``reinit``, from fresh values) on
-    ``fit_samples`` with held-out early stopping, and keeps the fit only when it lowers the held-out
+    ``fit_samples`` with held-out early stopping (scored every ``eval_every`` iterations, stopped after
+    ``patience`` scorings without a new best), and keeps the fit only when it lowers the held-out
     error. Kept values (and whitening factors) are written into P, Q in place and the moments M, V
     (if given) are carried into the new subspace in place. Returns ``{heldout_before, heldout_after,
     fit_before, fit_after, fitted, kept, reinit, iters, seconds, reference_error}``; pass
     ``reference_error`` to the next check."""
     return _C.projector_refit(*P._t(), *Q._t(), _samples(fit_samples), _samples(heldout), int(iters), float(lr),
-                              float(l2), int(eval_every), float(threshold), float(drift), float(reference_error),
+                              float(l2), int(eval_every), int(patience), float(threshold), float(drift), float(reference_error),
                               float(min_gain), str(reinit), int(seed), M, V)
 
 

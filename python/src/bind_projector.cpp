@@ -139,13 +139,14 @@ LSPO_REGISTER_BINDINGS(projector) {
   m.def(
       "projector_refit",
       [](PJ(P), PJ(Q), const py::list& fit_samples, const py::list& heldout, int64_t iters, double lr, double l2,
-         int64_t eval_every, double threshold, double drift, double reference_error, double min_gain,
+         int64_t eval_every, int64_t patience, double threshold, double drift, double reference_error, double min_gain,
          const std::string& reinit, uint64_t seed, std::optional<torch::Tensor> M, std::optional<torch::Tensor> V) {
         lspo::RefitOptions o;
         o.iters = iters;
         o.lr = lr;
         o.l2 = l2;
         o.eval_every = eval_every;
+        o.patience = patience;
         o.threshold = threshold;
         o.drift = drift;
         o.reference_error = reference_error;
@@ -185,7 +186,7 @@ LSPO_REGISTER_BINDINGS(projector) {
         return d;
       },
       PA(P), PA(Q), py::arg("fit_samples"), py::arg("heldout"), py::arg("iters") = 100, py::arg("lr") = 0.1,
-      py::arg("l2") = 0.01, py::arg("eval_every") = 10, py::arg("threshold") = 0.0, py::arg("drift") = 0.1,
+      py::arg("l2") = 0.01, py::arg("eval_every") = 10, py::arg("patience") = 2, py::arg("threshold") = 0.0, py::arg("drift") = 0.1,
       py::arg("reference_error") = std::numeric_limits<double>::quiet_NaN(), py::arg("min_gain") = 0.0,
       py::arg("reinit") = "on_failure", py::arg("seed") = 0, py::arg("M") = py::none(), py::arg("V") = py::none(),
       "One refit check (lspo/refit.h): values/whiten of P, Q (and M, V) updated in place when kept; returns a dict.");
