@@ -278,15 +278,16 @@ FT_GRIDS = {"adamw": (1e-4, 3e-4, 1e-3), "lsp": (1e-4, 3e-4, 1e-3), "lora_r16": 
 def finetune_main(a):
     import ft_protocol as ftp
     if a.quick:
-        spec = ftp.TinySpec(n_layer=2, n_embd=128, block=128, pretrain_steps=300, pretrain_batch=16)
+        spec = ftp.TinySpec(n_layer=2, n_embd=128, block=128, pretrain_steps=a.pretrain_steps or 300, pretrain_batch=16)
         cfg = ftp.FtConfig(steps=a.ft_steps or 150, batch=8, micro=4, eval_every=50, lsp_subspace=64,
                            threads=a.threads)
-        n_val = n_test = 64
+        n_val = n_test = a.ft_eval or 64
     else:
-        spec = ftp.TinySpec(n_layer=6, n_embd=256, block=a.ft_block, pretrain_steps=1500, pretrain_batch=16)
+        spec = ftp.TinySpec(n_layer=6, n_embd=256, block=a.ft_block, pretrain_steps=a.pretrain_steps or 1500,
+                            pretrain_batch=16)
         cfg = ftp.FtConfig(steps=a.ft_steps or 500, batch=a.ft_batch, micro=4, eval_every=50, lsp_subspace=128,
                            threads=a.threads)
-        n_val = n_test = 256
+        n_val = n_test = a.ft_eval or 256
     a.ft_seeds = a.ft_seeds or (1 if a.quick else 2)
     cfg.lsp_kwargs = {"refit_diagnostics": True}
     if a.lsp_kwargs:
@@ -433,6 +434,8 @@ def parse(argv=None):
     p.add_argument("--ft-seeds", type=int, help="--finetune: seeds at the chosen lr (default 2, --quick 1)")
     p.add_argument("--ft-block", type=int, default=256, help="--finetune (full): context length in bytes")
     p.add_argument("--ft-batch", type=int, default=8, help="--finetune (full): sequences a step")
+    p.add_argument("--pretrain-steps", type=int, help="--finetune: AdamW pretraining steps (default 1500, --quick 300)")
+    p.add_argument("--ft-eval", type=int, help="--finetune: validation and test problems (default 256, --quick 64)")
     p.add_argument("--ft-lrs", help="--finetune: comma-separated lr grid for every run (default: per-optimizer grids)")
     p.add_argument("--lsp-kwargs", help="--finetune: JSON of extra LSPAdamW arguments (ablations)")
     p.add_argument("--out", help="--finetune: also write the full JSON (with curves) to this file")
