@@ -300,7 +300,10 @@ class LSPAdamW(OffloadAdamW):
                                seed=(self.seed * 1000003 + s.number * 7919 + s.checks) & 0x7FFFFFFF,
                                M=M if step > 1 else None, V=V if step > 1 else None)
                 s.ref_err = res["reference_error"]
-                rec = {"step": step, "param": eng_name(s), "check": s.checks, **res}
+                rec = {"step": step, "param": eng_name(s), "check": s.checks, **res,
+                       # the names of the earlier record (examples/finetune_lm.py, benchmarks/engine.py)
+                       "refit": res["kept"], "error_before": res["heldout_before"],
+                       "error_after": res["heldout_after"]}
                 if self.refit_diagnostics:
                     Pr = lp.SparseProjector.random(s.P.n, s.P.d, s.P.r, seed=s.checks * 65537 + 2 * s.number,
                                                    device=s.P.device, whitened=True)
