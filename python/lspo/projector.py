@@ -195,7 +195,7 @@ def fit(P: SparseProjector, Q: SparseProjector, samples: Sequence[Sample], lr: f
 
 
 def refit(P: SparseProjector, Q: SparseProjector, fit_samples: Sequence[Sample], heldout: Sequence[Sample] = (),
-          *, iters: int = 100, lr: float = 0.1, l2: float = 0.01, eval_every: int = 10, patience: int = 2,
+          *, iters: int = 40, lr: float = 0.1, l2: float = 0.01, eval_every: int = 10, patience: int = 2,
           threshold: float = 0.0,
           drift: float = 0.1, reference_error: float = float("nan"), min_gain: float = 0.0,
           reinit: str = "on_failure", seed: int = 0, M: Optional[torch.Tensor] = None,

@@ -185,7 +185,7 @@ LSPO_REGISTER_BINDINGS(projector) {
         d["reference_error"] = r.reference_error;
         return d;
       },
-      PA(P), PA(Q), py::arg("fit_samples"), py::arg("heldout"), py::arg("iters") = 100, py::arg("lr") = 0.1,
+      PA(P), PA(Q), py::arg("fit_samples"), py::arg("heldout"), py::arg("iters") = 40, py::arg("lr") = 0.1,
       py::arg("l2") = 0.01, py::arg("eval_every") = 10, py::arg("patience") = 2, py::arg("threshold") = 0.0, py::arg("drift") = 0.1,
       py::arg("reference_error") = std::numeric_limits<double>::quiet_NaN(), py::arg("min_gain") = 0.0,
       py::arg("reinit") = "on_failure", py::arg("seed") = 0, py::arg("M") = py::none(), py::arg("V") = py::none(),

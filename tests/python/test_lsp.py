@@ -79,7 +79,7 @@ def test_step_matches_dense_fp64_reference():
     o = lspo.LSPAdamW([W], lr=1e-2, weight_decay=0.1, subspace=8, nnz=3, min_dim=8, refit_every=0)
     P, Q = o.projectors(W)
     assert P.whitened and Q.whitened  # the default: orthonormal bases U = P T
-    sc = math.sqrt(37 * 29 / (8 * 8))  # scale="auto": the update norm of a full AdamW step
+    sc = 1.0  # scale=1.0, the default (scale="auto" is tested below)
     Pd, Qd = P.dense(torch.float64), Q.dense(torch.float64)
     w = W.detach().double().clone()
     m = torch.zeros(8, 8, dtype=torch.float64)
@@ -163,7 +163,8 @@ def test_refit_step_compresses_the_whole_accumulated_gradient():
     torch.manual_seed(1)
     W = torch.nn.Parameter(torch.randn(30, 26))
     lr, eps = 1e-2, 1e-8
-    o = lspo.LSPAdamW([W], lr=lr, subspace=8, nnz=2, min_dim=8, refit_every=1, refit_iters=20, eps=eps)
+    o = lspo.LSPAdamW([W], lr=lr, subspace=8, nnz=2, min_dim=8, refit_every=1, refit_iters=20, eps=eps,
+                      scale="auto")
     U = torch.randn(30, 3)
     grads = [U @ torch.randn(3, 26) + 0.01 * torch.randn(30, 26) for _ in range(4)]
     w0 = W.detach().double().clone()
@@ -174,7 +175,7 @@ def test_refit_step_compresses_the_whole_accumulated_gradient():
     P, Q = o.projectors(W)
     S = lp.compress(P, Q, sum(grads)).double()
     u = -lr * S / (S.abs() + eps)  # Adam's first step
-    sc = math.sqrt(30 * 26 / 64)
+    sc = math.sqrt(30 * 26 / 64)  # scale="auto"
     ref = w0 + sc * (P.dense(torch.float64) @ u @ Q.dense(torch.float64).T)
     torch.testing.assert_close(W.detach().double(), ref, rtol=1e-5, atol=1e-5)
     assert o.refits[0]["kept"] and o.refits[0]["heldout_after"] < o.refits[0]["heldout_before"]
