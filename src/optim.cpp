@@ -13,11 +13,7 @@ namespace lspo {
 
 namespace {
 
-std::string shape_str(const torch::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
+using detail::shape_str;
 
 
 

@@ -15,11 +15,7 @@ namespace lspo {
 
 namespace {
 
-std::string shape_str(const torch::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
+using detail::shape_str;
 
 torch::Tensor norm_fp32(const torch::Tensor& t) {
   return torch::linalg_vector_norm(t, 2, c10::nullopt, false, torch::kFloat);

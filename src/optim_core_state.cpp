@@ -1,7 +1,53 @@
 // The optimizer core's state (lspo/optim_core.h): what both faces' checkpoints hold, one format.
+#include <sstream>
+
 #include "optim_core_internal.h"
 
 namespace lspo {
+
+namespace detail {
+std::string shape_str(const torch::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+}  // namespace detail
+
+c10::impl::GenericDict slot_state_to_dict(const SlotState& st) {
+  c10::impl::GenericDict d(c10::StringType::get(), c10::AnyType::get());
+  d.insert("step", torch::tensor(static_cast<double>(st.step), torch::kFloat));
+  d.insert("exp_avg", st.exp_avg);
+  d.insert("exp_avg_sq", st.exp_avg_sq);
+  if (st.master_param.defined()) d.insert("master_param", st.master_param);
+  if (st.P_indices.defined()) {
+    d.insert("proj_P_indices", st.P_indices.cpu());
+    d.insert("proj_P_values", st.P_values.cpu());
+    d.insert("proj_Q_indices", st.Q_indices.cpu());
+    d.insert("proj_Q_values", st.Q_values.cpu());
+  }
+  return d;
+}
+
+SlotState slot_state_from_dict(const c10::impl::GenericDict& d, const std::string& who) {
+  auto t = [&](const char* k) {
+    if (!d.contains(k) || d.at(k).isNone()) return torch::Tensor();
+    LSPO_CHECK(d.at(k).isTensor(), who, ": state entry '", k, "' is not a tensor");
+    return d.at(k).toTensor();
+  };
+  SlotState st;
+  LSPO_CHECK(d.contains("step"), who, ": a parameter's state lacks 'step'");
+  const c10::IValue& step = d.at("step");
+  st.step = static_cast<int64_t>(step.isTensor() ? step.toTensor().item<double>()
+                                                 : step.isInt() ? static_cast<double>(step.toInt()) : step.toDouble());
+  st.exp_avg = t("exp_avg");
+  st.exp_avg_sq = t("exp_avg_sq");
+  st.master_param = t("master_param");
+  st.P_indices = t("proj_P_indices");
+  st.P_values = t("proj_P_values");
+  st.Q_indices = t("proj_Q_indices");
+  st.Q_values = t("proj_Q_values");
+  return st;
+}
 
 std::optional<SlotState> OptimizerCore::state(int64_t i, bool copy) const {
   std::lock_guard<std::mutex> lk(impl_->mu);

@@ -177,22 +177,11 @@ std::vector<char> save_plain(const c10::IValue& v) {
 
 c10::IValue OffloadOptimizerBase::checkpoint() const {
   const_cast<OffloadOptimizerBase*>(this)->sync_slots();  // groups added since the last step
-  c10::Dict<int64_t, c10::Dict<std::string, torch::Tensor>> state;
+  c10::impl::GenericDict state(c10::IntType::get(), c10::AnyType::get());
   for (size_t i = 0; i < params_.size(); ++i) {
     auto st = core_->state(static_cast<int64_t>(i), /*copy=*/true);
     if (!st) continue;
-    c10::Dict<std::string, torch::Tensor> d;
-    d.insert("step", torch::tensor(static_cast<double>(st->step), torch::kFloat));
-    d.insert("exp_avg", st->exp_avg);
-    d.insert("exp_avg_sq", st->exp_avg_sq);
-    if (st->master_param.defined()) d.insert("master_param", st->master_param);
-    if (st->P_indices.defined()) {
-      d.insert("proj_P_indices", st->P_indices.cpu());
-      d.insert("proj_P_values", st->P_values.cpu());
-      d.insert("proj_Q_indices", st->Q_indices.cpu());
-      d.insert("proj_Q_values", st->Q_values.cpu());
-    }
-    state.insert(static_cast<int64_t>(i), d);
+    state.insert(static_cast<int64_t>(i), slot_state_to_dict(*st));
   }
   c10::impl::GenericList groups(c10::AnyType::get());
   int64_t next = 0;
@@ -241,19 +230,7 @@ void OffloadOptimizerBase::load_checkpoint(const c10::IValue& ck) {
     const int64_t i = kv.key().toInt();
     LSPO_CHECK(i >= 0 && i < static_cast<int64_t>(params_.size()), who, ": state for parameter ", i,
                " of ", params_.size());
-    auto d = kv.value().toGenericDict();
-    auto t = [&](const char* k) { return d.contains(k) ? d.at(k).toTensor() : torch::Tensor(); };
-    SlotState st;
-    st.step = d.contains("step") ? static_cast<int64_t>(d.at("step").isTensor() ? d.at("step").toTensor().item<double>()
-                                                                                 : num(d.at("step")))
-                                 : 0;
-    st.exp_avg = t("exp_avg");
-    st.exp_avg_sq = t("exp_avg_sq");
-    st.master_param = t("master_param");
-    st.P_indices = t("proj_P_indices");
-    st.P_values = t("proj_P_values");
-    st.Q_indices = t("proj_Q_indices");
-    st.Q_values = t("proj_Q_values");
+    SlotState st = slot_state_from_dict(kv.value().toGenericDict(), who);
     slots.emplace_back(i, std::move(st));
   }
   for (auto& [i, st] : slots) core_->load_state(i, st, /*dry_run=*/true);  // all or nothing

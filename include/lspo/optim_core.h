@@ -89,6 +89,16 @@ struct SlotState {
   torch::Tensor P_indices, P_values, Q_indices, Q_values;
 };
 
+// The checkpoint entry of one slot as both faces hold it: {"step": fp32 scalar tensor, "exp_avg",
+// "exp_avg_sq", "master_param" | "proj_P_indices", "proj_P_values", "proj_Q_indices",
+// "proj_Q_values"}. from_dict accepts "step" as a tensor or a number; `who` names the caller.
+c10::impl::GenericDict slot_state_to_dict(const SlotState& st);
+SlotState slot_state_from_dict(const c10::impl::GenericDict& d, const std::string& who);
+
+namespace detail {
+std::string shape_str(const torch::Tensor& t);  // "[2, 3]"
+}  // namespace detail
+
 class OptimizerCore {
  public:
   explicit OptimizerCore(CoreOptions opt);

@@ -3,6 +3,8 @@
 // per step one call to step() (which also returns what the wrap handles need) and one to zero_grad().
 // Every call that can wait or compute releases the GIL.
 #include "bindings.h"
+#include <torch/csrc/jit/python/pybind_utils.h>
+
 #include "lspo/optim_core.h"
 
 namespace py = pybind11;
@@ -11,39 +13,18 @@ namespace {
 
 py::object state_to_py(const std::optional<lspo::SlotState>& st) {
   if (!st) return py::none();
-  py::dict d;
-  d["step"] = torch::tensor(static_cast<double>(st->step), torch::kFloat);
-  d["exp_avg"] = st->exp_avg;
-  d["exp_avg_sq"] = st->exp_avg_sq;
-  if (st->master_param.defined()) d["master_param"] = st->master_param;
-  if (st->P_indices.defined()) {
-    d["proj_P_indices"] = st->P_indices;
-    d["proj_P_values"] = st->P_values;
-    d["proj_Q_indices"] = st->Q_indices;
-    d["proj_Q_values"] = st->Q_values;
-  }
-  return std::move(d);
+  return torch::jit::toPyObject(c10::IValue(lspo::slot_state_to_dict(*st)));
 }
 
 lspo::SlotState state_from_py(const py::dict& d) {
-  auto get = [&](const char* k) -> torch::Tensor {
-    if (!d.contains(k) || d[k].is_none()) return {};
-    return d[k].cast<torch::Tensor>();
-  };
-  lspo::SlotState st;
-  LSPO_CHECK(d.contains("step"), "load_state_dict: a parameter's state lacks 'step'");
-  py::object step = d["step"];
-  st.step = py::isinstance<py::int_>(step) || py::isinstance<py::float_>(step)
-                ? static_cast<int64_t>(step.cast<double>())
-                : static_cast<int64_t>(step.cast<torch::Tensor>().item<double>());
-  st.exp_avg = get("exp_avg");
-  st.exp_avg_sq = get("exp_avg_sq");
-  st.master_param = get("master_param");
-  st.P_indices = get("proj_P_indices");
-  st.P_values = get("proj_P_values");
-  st.Q_indices = get("proj_Q_indices");
-  st.Q_values = get("proj_Q_values");
-  return st;
+  c10::impl::GenericDict g(c10::StringType::get(), c10::AnyType::get());
+  for (const auto& kv : d) {
+    py::handle v = kv.second;
+    if (v.is_none()) continue;
+    g.insert(kv.first.cast<std::string>(), THPVariable_Check(v.ptr()) ? c10::IValue(v.cast<torch::Tensor>())
+                                           : c10::IValue(v.cast<double>()));
+  }
+  return lspo::slot_state_from_dict(g, "load_state_dict");
 }
 
 }  // namespace
@@ -157,24 +138,7 @@ LSPO_REGISTER_BINDINGS(core) {
       .def_property_readonly("last_step_skipped", &OptimizerCore::last_step_skipped)
       .def_property_readonly("last_grad_norm", &OptimizerCore::last_grad_norm)
       .def("wait_all", [](OptimizerCore& c) { c.engine().wait_all(); }, py::call_guard<py::gil_scoped_release>())
-      .def("stats",
-           [](const OptimizerCore& c) {
-             auto s = c.engine().stats();
-             py::dict d;
-             d["pinned_bytes"] = s.pinned_bytes;
-             d["pageable_bytes"] = s.pageable_bytes;
-             d["pin_fallbacks"] = s.pin_fallbacks;
-             d["jobs_run"] = s.jobs_run;
-             d["commits"] = s.commits;
-             d["slots_allocated"] = c.engine().num_slots();
-             d["host_state_bytes"] = s.host_state_bytes;
-             d["disk_state_bytes"] = s.disk_state_bytes;
-             d["disk_slots"] = s.disk_slots;
-             d["io_bytes_read"] = s.io_bytes_read;
-             d["io_bytes_written"] = s.io_bytes_written;
-             d["persists"] = s.persists;
-             return d;
-           })
+      .def("stats", [](const OptimizerCore& c) { return lspo::py_bind::stats_dict(c.engine()); })
       .def_property_readonly("overlap", [](const OptimizerCore& c) { return c.engine().options().overlap; })
       .def("now_us", [](const OptimizerCore& c) { return c.engine().now_us(); })
       .def("add_event", [](OptimizerCore& c, const std::string& name, const std::string& cat, int64_t tid, double t0,

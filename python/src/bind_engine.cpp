@@ -12,6 +12,25 @@ static lspo::StateKind state_kind(const std::string& k) {
   return lspo::StateKind::kMaster;
 }
 
+pybind11::dict lspo::py_bind::stats_dict(const lspo::OffloadEngine& e) {
+  auto s = e.stats();
+  py::dict d;
+  d["pinned_bytes"] = s.pinned_bytes;
+  d["pageable_bytes"] = s.pageable_bytes;
+  d["pin_fallbacks"] = s.pin_fallbacks;
+  d["jobs_run"] = s.jobs_run;
+  d["commits"] = s.commits;
+  d["host_state_bytes"] = s.host_state_bytes;
+  d["disk_state_bytes"] = s.disk_state_bytes;
+  d["disk_slots"] = s.disk_slots;
+  d["io_buffer_bytes"] = s.io_buffer_bytes;
+  d["io_bytes_read"] = s.io_bytes_read;
+  d["io_bytes_written"] = s.io_bytes_written;
+  d["persists"] = s.persists;
+  d["slots_allocated"] = e.num_slots();
+  return d;
+}
+
 LSPO_REGISTER_BINDINGS(engine) {
   py::class_<lspo::OffloadEngine, std::shared_ptr<lspo::OffloadEngine>>(m, "OffloadEngine")
       .def(py::init([](bool overlap, bool record_timeline, int64_t pinned_limit_bytes, bool try_pin,
@@ -89,23 +108,7 @@ LSPO_REGISTER_BINDINGS(engine) {
       .def("wait_all", &lspo::OffloadEngine::wait_all, py::call_guard<py::gil_scoped_release>())
       .def("commit", &lspo::OffloadEngine::commit, py::call_guard<py::gil_scoped_release>())
       .def("has_result", &lspo::OffloadEngine::has_result)
-      .def("stats", [](const lspo::OffloadEngine& e) {
-        auto s = e.stats();
-        py::dict d;
-        d["pinned_bytes"] = s.pinned_bytes;
-        d["pageable_bytes"] = s.pageable_bytes;
-        d["pin_fallbacks"] = s.pin_fallbacks;
-        d["jobs_run"] = s.jobs_run;
-        d["commits"] = s.commits;
-        d["host_state_bytes"] = s.host_state_bytes;
-        d["disk_state_bytes"] = s.disk_state_bytes;
-        d["disk_slots"] = s.disk_slots;
-        d["io_buffer_bytes"] = s.io_buffer_bytes;
-        d["io_bytes_read"] = s.io_bytes_read;
-        d["io_bytes_written"] = s.io_bytes_written;
-        d["persists"] = s.persists;
-        return d;
-      })
+      .def("stats", [](const lspo::OffloadEngine& e) { return lspo::py_bind::stats_dict(e); })
       .def_property_readonly("overlap", [](const lspo::OffloadEngine& e) { return e.options().overlap; })
       .def("set_record_timeline", &lspo::OffloadEngine::set_record_timeline)
       .def("now_us", &lspo::OffloadEngine::now_us)

@@ -8,9 +8,12 @@
 #include "lspo/common.h"
 
 namespace lspo {
+class OffloadEngine;
 namespace py_bind {
 using BindFn = void (*)(pybind11::module_&);
 std::vector<std::pair<const char*, BindFn>>& registry();
+// OffloadEngine::stats() as a dict (the engine's and the optimizer core's bindings).
+pybind11::dict stats_dict(const OffloadEngine& e);
 struct Registrar {
   Registrar(const char* name, BindFn fn) { registry().emplace_back(name, fn); }
 };
