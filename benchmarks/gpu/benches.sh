@@ -12,13 +12,13 @@
 #   expect-oom     runs that cannot fit by design (kept to show it; the table says "OOM (expected)")
 # EST_S is the expected time on an H200 (an estimate until a GPU run replaces it; the deadline check),
 # LIMIT_S the per-bench timeout.
-# LSPO_C13_D: the subspace d of c13_lsp_4g (default 256: today's LSPAdamW keeps an fp32 accumulator
-#   and a device copy of the update per projected layer, so d=1280 needs 2.05 GiB on top of 2.5 GiB
-#   of weights; benchmarks/gpu/README.md has the arithmetic).
+# LSPO_C13_D: the subspace d of c13_lsp_4g (default 384: LSPAdamW keeps an fp32 accumulator of S per
+#   projected layer from its backward to step(), so d=1280 needs 1.03 GiB on top of 2.5 GiB of
+#   weights; benchmarks/gpu/README.md has the arithmetic).
 # LSPO_GPU_SMOKE=1: every llama_iter run becomes a tiny CPU run of the same command line (--smoke):
 #   checks the harness and the command lines, measures no speed.
 BENCH_SELECT=${LSPO_GPU_BENCH:-all}
-C13_D=${LSPO_C13_D:-256}
+C13_D=${LSPO_C13_D:-384}
 
 bench() {  # NAME TAGS EST_S LIMIT_S COMMAND...: run it when its name or one of its tags is selected
   local name=$1 tags=$2 tok t

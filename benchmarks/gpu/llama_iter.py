@@ -73,9 +73,10 @@ def param_count(name):
 
 
 def memory_plan(name, d, batch=1, seq=1024, cap_gib=None, context_gib=0.5):
-    """Device bytes of an LSPAdamW run with activation checkpointing, by piece (GiB), with today's
-    buffers: per projected layer an fp32 accumulator of S and an fp32 device copy of the update,
-    dP x dQ each (dP = min(d, m), dQ = min(d, n)). The activation terms are estimates (bf16 model,
+    """Device bytes of an LSPAdamW run with activation checkpointing, by piece (GiB), with the optimizer
+    core's buffers: per projected layer an fp32 accumulator of S (dP x dQ, dP = min(d, m),
+    dQ = min(d, n)) alive from its layer's backward to step(), and one fp32 update at a time (the
+    uploaded u is freed once applied; the caching allocator reuses it). The activation terms are estimates (bf16 model,
     sdpa attention, transformers' fp32 loss); the GPU run's peak_mem_gib is the measurement.
     With a cap: the largest d (multiple of 64) whose total stays under cap - context."""
     h, i, l, _ = MODELS[name]
@@ -95,7 +96,8 @@ def memory_plan(name, d, batch=1, seq=1024, cap_gib=None, context_gib=0.5):
             # one layer recomputed and differentiated: q k v o, gate up act product (bf16, twice for
             # their gradients) and the wrapped layers' saved X Q (fp32, tokens x dQ, 7 layers)
             "one_layer_backward": 2 * tok * (4 * h + 4 * i) * 2 + 7 * tok * min(dd, h) * 4,
-            "lsp_acc_and_update_fp32": sum(2 * 4 * min(dd, m) * min(dd, n) for m, n in shapes),
+            "lsp_acc_and_update_fp32": sum(4 * min(dd, m) * min(dd, n) for m, n in shapes)
+            + max(4 * min(dd, m) * min(dd, n) for m, n in shapes),
         }
 
     pc = pieces(d)
