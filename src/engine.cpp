@@ -179,7 +179,12 @@ void OffloadEngine::submit(int64_t slot, const AdamConfig& cfg, int64_t step, ui
 }
 
 void OffloadEngine::run_job(const Job& job) {
-  Slot& s = *slots_[job.slot];
+  Slot* sp = nullptr;
+  {  // the worker thread: add_slot may grow slots_ meanwhile (a data race TSan found)
+    std::lock_guard<std::mutex> g(mu_);
+    sp = slots_[job.slot].get();
+  }
+  Slot& s = *sp;
   std::exception_ptr err;
   double t0 = now_us();
   try {

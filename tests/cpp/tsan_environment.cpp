@@ -3,6 +3,7 @@
 // its barriers and reports races between an OpenMP region's threads that cannot happen (seen in
 // ATen's copy kernel under test_projector.cpp). lspo's own threads -- lspo::ThreadPool and the
 // engine's worker -- are not OpenMP threads and stay multi-threaded, so TSan still checks them.
+// LSPO_TSAN_ATEN_THREADS=1 keeps ATen's threads (to see what TSan reports inside libgomp).
 // Nothing here in a normal build.
 #include <gtest/gtest.h>
 
@@ -17,10 +18,15 @@
 #ifdef LSPO_TSAN
 #include <ATen/Parallel.h>
 
+#include <cstdlib>
+
 namespace {
 class OneAtenThreadUnderTsan : public ::testing::Environment {
  public:
-  void SetUp() override { at::set_num_threads(1); }
+  void SetUp() override {
+    const char* keep = std::getenv("LSPO_TSAN_ATEN_THREADS");
+    if (!(keep && keep[0] == '1')) at::set_num_threads(1);
+  }
 };
 ::testing::Environment* const tsan_env = ::testing::AddGlobalTestEnvironment(new OneAtenThreadUnderTsan);
 }  // namespace
