@@ -157,7 +157,14 @@ void OffloadOptimizerBase::sync_groups() {
 
 void OffloadOptimizerBase::refresh_state() {
   for (size_t i = 0; i < params_.size(); ++i) {
-    auto st = core_->state(static_cast<int64_t>(i), /*copy=*/false);
+    const auto slot = static_cast<int64_t>(i);
+    if (core_->on_disk(slot)) {  // only the step: reading the files every step would be a second pass of I/O
+      auto ps = std::make_unique<OffloadParamState>();
+      ps->step(core_->step_count(slot));
+      state_[params_[i].unsafeGetTensorImpl()] = std::move(ps);
+      continue;
+    }
+    auto st = core_->state(slot, /*copy=*/false);
     if (!st) continue;
     auto ps = std::make_unique<OffloadParamState>();
     ps->step(st->step);

@@ -483,6 +483,12 @@ void OptimizerCore::resume() {
   }
 }
 
+bool OptimizerCore::on_disk(int64_t i) const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  const CoreSlot& s = impl_->slot(i, "on_disk");
+  return s.eslot >= 0 && impl_->engine->on_disk(s.eslot);
+}
+
 int64_t OptimizerCore::slots_on_disk() const {
   std::lock_guard<std::mutex> lk(impl_->mu);
   int64_t n = 0;

@@ -131,6 +131,7 @@ class OptimizerCore {
   // in the directory): an error.
   void resume();
   int64_t slots_on_disk() const;
+  bool on_disk(int64_t slot) const;  // the slot's state lives in files (disk tier)
   void zero_grad();  // forgets accumulated compressed gradients (the faces clear .grad themselves)
 
   // Introspection and state.
