@@ -407,10 +407,18 @@ def test_benchmark_smoke(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(root / "python"), LSPO_CACHE=str(tmp_path))
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "meft.py"), "--quick", "--threads", "1", "--rows", "256",
                         "--row-len", "64", "--reps", "2", "--triad-elems", "65536", "--n-embd", "32", "--pretrain-steps", "2", "--sft-steps", "2",
-                        "--batch", "2", "--eval-examples", "4", "--neurons", "64", "--topk", "4"],
+                        "--batch", "2", "--eval-examples", "4", "--neurons", "64", "--topk", "4",
+                        "--paper-neurons", "1024", "--paper-hidden", "16", "--paper-tokens", "1,8"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["topk_fraction"] == 4 / 64
     assert 0 < out["bytes_moved_vs_dense"] and out["sparse_adam_rows_per_s"] > 0
     assert out["lora_rank"] >= 1 and out["meft_vs_lora_loss_ratio"] > 0
+    assert out["headline_variant"] == "token" and set(out["variants"]) == {"token", "batch"}
+    assert out["variants"]["token"]["bytes_moved_vs_dense"] == out["bytes_moved_vs_dense"]
+    b = out["variants"]["batch"]
+    assert b["budget"] == 4 and b["rows_moved_fraction"] <= 4 / 64  # at most `budget` rows per step and layer
+    runs = out["transfer_only"]["runs"]
+    assert [(r["selection"], r["tokens"]) for r in runs] == [("token", 1), ("batch", 1), ("token", 8), ("batch", 8)]
+    assert all(r["rows_moved_fraction"] <= r["tk_over_n"] for r in runs if r["selection"] == "token")
