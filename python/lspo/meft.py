@@ -15,12 +15,20 @@ count and a bf16 working copy. Per token only S(x), at most k neurons, is used:
             candidates, or fewer than k positive scores: fewer neurons; none: the adapter adds 0.
             Batched over tokens; the candidate scoring runs on the host, where K lives, for p/E of
             the cost of a dense x K^T.
+            That is selection="token" (default). selection="batch": the micro-batch chooses `budget`
+            rows (default k) together -- the router runs on the device over all tokens, only a
+            summary crosses (the top experts by summed token weight and each one's weighted input
+            sum), the host ranks those experts' neurons against it -- and each token then takes its
+            top k of these rows on the device. Per-token selection moves about min(N, T k) rows for
+            T tokens; batch selection at most `budget`.
   transfer  only the union U of the selected rows of [K | V] is gathered (lspo._C.gather_rows, a
-            threaded memcpy into a pinned staging buffer when CUDA is present) and copied to the
-            device (non_blocking, on a copy stream); the adapter then computes on the device and
-            autograd yields the gradient of those U rows only, which goes back to the host.
-            On a CUDA device the input's device->host copy starts before the FFN runs (a pre-hook), so
-            the FFN's kernels overlap the host routing and the row copy.
+            threaded memcpy into one of two pinned staging buffers when CUDA is present) and copied
+            to the device (non_blocking, on a host->device copy stream, with an event the compute
+            stream waits on); the adapter then computes on the device and autograd yields the
+            gradient of those U rows only, which goes back to the host.
+            overlap=True (default): the FFN's pre-hook sends what the routing needs to the host (on a
+            device->host copy stream) and starts the host side (routing, gather, the copy's issue) on
+            a fetch thread, so it runs while the FFN computes; the adapter joins it after the FFN.
   update    lspo._C.sparse_adam_step: lazy AdamW over the touched rows only (per-row step counts,
             exact bias correction; untouched rows bitwise unchanged), on the fused SIMD Adam kernel
             of lspo/cpu_adam.h. With ``MeftAdamW(overlap=True)`` each layer's update runs on a worker
@@ -153,6 +161,7 @@ class SparseAdapter:
         self._staging_done = [None, None]   # CUDA: the event after which a staging buffer may be refilled
         self._slot = 0
         self._job = None                    # the fetch started by begin()
+        self._selected_dev = None           # CUDA: slots filled, summed on the device until take_gradient
         self.pending: List[tuple] = []  # (idx, grad rows on the host) since the last step
         self.optimizer = None           # weakref to the MeftAdamW that owns this adapter
         self.lock = threading.Lock()
@@ -405,7 +414,10 @@ class SparseAdapter:
         else:                                            # batch: each token's top k of the U rows, here
             local, w = self._token_select(x2.detach(), f.kv[:, :h])
             used = torch.zeros(U, dtype=torch.bool, device=x.device).index_fill_(0, local[w], True)
-        st["selected"] += int(w.sum())
+        if w.is_cuda:  # no device sync per layer: folded into stats at take_gradient (after backward)
+            self._selected_dev = w.sum() if self._selected_dev is None else self._selected_dev + w.sum()
+        else:
+            st["selected"] += int(w.sum())
         if torch.is_grad_enabled():
             kv.requires_grad_(True)
             st["dense_bytes"] += self.neurons * 2 * h * esz  # ...and receives every row's gradient
@@ -452,6 +464,9 @@ class SparseAdapter:
     def take_gradient(self):
         """The accumulated (idx, grad rows) since the last step, merged over backward passes
         (rows selected in several passes are summed); None when there is none."""
+        if self._selected_dev is not None:
+            self.stats["selected"] += int(self._selected_dev)
+            self._selected_dev = None
         with self.lock:
             items, self.pending = self.pending, []
         if not items:
