@@ -2,6 +2,7 @@
 reference (forward and gradients), the lazy Adam binding against dense Adam on the touched rows,
 training with and without overlap (bit-identical), checkpoint resume (bit-exact), bad arguments."""
 import copy
+import threading
 
 import pytest
 import torch
@@ -11,10 +12,10 @@ from lspo import meft
 from lspo.tinygpt import TinyGPT, TinyGPTConfig
 
 
-def _int_adapter(hidden, neurons, topk, experts, probe, seed=0):
+def _int_adapter(hidden, neurons, topk, experts, probe, seed=0, **kw):
     """An adapter whose keys are small integers (exact in bf16 and in every fp32 dot product), so
     batched and brute-force scores agree bit for bit and ties really occur."""
-    a = meft.SparseAdapter(hidden, neurons, topk, experts, probe, seed=seed)
+    a = meft.SparseAdapter(hidden, neurons, topk, experts, probe, seed=seed, **kw)
     g = torch.Generator().manual_seed(seed)
     a.master[:, :hidden] = torch.randint(-2, 3, (neurons, hidden), generator=g).float()
     a.master[:, hidden:] = torch.randn(neurons, hidden, generator=g)
@@ -103,9 +104,7 @@ def test_sparse_forward_and_grad_equal_dense_masked(shape, compute):
 def test_route_batch_matches_brute_force(shape):
     h, n, k, e, p, b = shape
     b = min(b, n)
-    a = _int_adapter(h, n, k, e, p, seed=n)
-    a.selection, a.budget = "batch", b
-    a.batch_probe = min(e, max(p, -(-b // int(a.sizes.min()))))
+    a = _int_adapter(h, n, k, e, p, seed=n, selection="batch", budget=b)
     for seed in range(3):
         x = torch.randint(-2, 3, (40, h), generator=torch.Generator().manual_seed(seed)).float()
         rows, ids = a.route_batch(x)
@@ -119,8 +118,7 @@ def test_route_batch_matches_brute_force(shape):
 
 
 def test_route_batch_no_neuron_case():
-    a = _int_adapter(4, 12, 3, 3, 1)
-    a.selection = "batch"
+    a = _int_adapter(4, 12, 3, 3, 1, selection="batch")
     rows, ids = a.route_batch(torch.zeros(5, 4))  # every expert weight is 0: no row is chosen
     assert rows.numel() == 0 and ids.shape == (5, 0)
     x = torch.zeros(5, 4, requires_grad=True)
@@ -174,12 +172,18 @@ def test_overlapped_fetch_equals_serial_bitwise(selection):
     a = meft.SparseAdapter(h, 300, 6, 17, 3, seed=4, selection=selection, budget=9)
     a.master[:, h:] = torch.randn(300, h)
     a.reset_working_copy()
+    threads = []
+    host_side = a._host_side
+    a._host_side = lambda *args: (threads.append(threading.current_thread().name), host_side(*args))[1]
     g = torch.Generator().manual_seed(2)
     for _ in range(3):
+        threads.clear()
         x, w = torch.randn(3, 41, h, generator=g), torch.randn(3, 41, h, generator=g)
         ys, gs, (i_s, r_s) = _fwd_bwd(a, x, w, overlap=False)
         yo, go, (i_o, r_o) = _fwd_bwd(a, x, w, overlap=True)
         assert torch.equal(ys, yo) and torch.equal(gs, go) and torch.equal(i_s, i_o) and torch.equal(r_s, r_o)
+        # the serial run routed on the caller's thread, the overlapped one on the fetch thread
+        assert threads[0] == threading.current_thread().name and threads[1].startswith("meft-fetch")
     # a fetch started for another input is not used (the adapter routes the input it is given)
     x1, x2 = torch.randn(5, h, generator=g), torch.randn(5, h, generator=g)
     a.overlap = True
