@@ -67,12 +67,13 @@ def _dense_reference(a, x, ids):
     return y, kv
 
 
+@pytest.mark.parametrize("selection", ["token", "batch"])
 @pytest.mark.parametrize("compute", ["masked", "gather"])
-@pytest.mark.parametrize("shape", [(16, 64, 4, 8, 2), (9, 33, 1, 5, 5), (4, 5, 5, 1, 1)],
-                         ids=lambda s: "h{}_N{}_k{}_E{}_p{}".format(*s))
-def test_sparse_forward_and_grad_equal_dense_masked(shape, compute):
-    h, n, k, e, p = shape
-    a = meft.SparseAdapter(h, n, k, e, p, seed=3)
+@pytest.mark.parametrize("shape", [(16, 64, 4, 8, 2, 6), (9, 33, 1, 5, 5, 33), (4, 5, 5, 1, 1, 2)],
+                         ids=lambda s: "h{}_N{}_k{}_E{}_p{}_B{}".format(*s))
+def test_sparse_forward_and_grad_equal_dense_masked(shape, compute, selection):
+    h, n, k, e, p, b = shape
+    a = meft.SparseAdapter(h, n, k, e, p, seed=3, selection=selection, budget=b)
     a.compute = compute
     a.master[:, h:] = torch.randn(n, h)  # non-zero values so that the key gradients are non-zero too
     a.reset_working_copy()
@@ -81,20 +82,32 @@ def test_sparse_forward_and_grad_equal_dense_masked(shape, compute):
     y = a(x)
     (y * w).sum().backward()
     idx, g = a.take_gradient()
-    gx = x.grad.clone()
-    ids = a.route(x.detach().reshape(-1, h))
+    if selection == "token":
+        ids = a.route(x.detach().reshape(-1, h))
+        rows = torch.unique(ids[ids >= 0])
+    else:
+        rows, ids = a.route_batch(x.detach().reshape(-1, h))
     x2 = x.detach().reshape(-1, h).clone().requires_grad_(True)
     yr, kv = _dense_reference(a, x2, ids)
     (yr.reshape(2, 13, h) * w).sum().backward()
     # fp32 sums of at most 26 O(1) products in another order: differences of a few 1e-6 (absolute)
     tol = dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y.detach().reshape(-1, h), yr.detach(), **tol)
-    torch.testing.assert_close(gx.reshape(-1, h), x2.grad, **tol)
-    assert torch.equal(idx, torch.unique(ids[ids >= 0]))
+    torch.testing.assert_close(x.grad.reshape(-1, h), x2.grad, **tol)
+    used = torch.unique(ids[ids >= 0])
+    assert torch.equal(idx, used) and bool(torch.isin(used, rows).all())  # rows no token used: no update
     torch.testing.assert_close(g, kv.grad[idx], **tol)
     rest = torch.ones(n, dtype=torch.bool)
     rest[idx] = False
     assert bool((kv.grad[rest] == 0).all())  # the dense gradient lives on the selected rows only
+    st = a.stats  # moved: the rows (batch: + the representative keys); back: the routing input or the
+    # batch summary (+ the used mask) and the used rows' gradient
+    if selection == "token":
+        assert st["bytes_h2d"] == rows.numel() * 2 * h * 2
+        assert st["bytes_d2h"] == x.numel() * 4 + idx.numel() * 2 * h * 4
+    else:
+        assert st["bytes_h2d"] == rows.numel() * 2 * h * 2 + e * h * 4
+        assert st["bytes_d2h"] == a.batch_probe * (8 + h * 4) + rows.numel() + idx.numel() * 2 * h * 4
 
 
 # ---------------------------------------------------------------------- selection="batch"
@@ -124,35 +137,6 @@ def test_route_batch_no_neuron_case():
     x = torch.zeros(5, 4, requires_grad=True)
     y = a(x)
     assert torch.equal(y, torch.zeros_like(x)) and a.stats["rows_moved"] == 0
-
-
-@pytest.mark.parametrize("compute", ["masked", "gather"])
-@pytest.mark.parametrize("shape", [(16, 64, 4, 8, 2, 6), (9, 33, 1, 5, 5, 33), (4, 5, 5, 1, 1, 2)],
-                         ids=lambda s: "h{}_N{}_k{}_E{}_p{}_B{}".format(*s))
-def test_batch_forward_and_grad_equal_dense_masked(shape, compute):
-    h, n, k, e, p, b = shape
-    a = meft.SparseAdapter(h, n, k, e, p, seed=3, selection="batch", budget=b)
-    a.compute = compute
-    a.master[:, h:] = torch.randn(n, h)
-    a.reset_working_copy()
-    x = torch.randn(2, 13, h, requires_grad=True)
-    w = torch.randn(2, 13, h)
-    y = a(x)
-    (y * w).sum().backward()
-    idx, g = a.take_gradient()
-    rows, ids = a.route_batch(x.detach().reshape(-1, h))
-    x2 = x.detach().reshape(-1, h).clone().requires_grad_(True)
-    yr, kv = _dense_reference(a, x2, ids)
-    (yr.reshape(2, 13, h) * w).sum().backward()
-    tol = dict(rtol=1e-4, atol=1e-5)  # as in the token-mode test: fp32 sums in another order
-    torch.testing.assert_close(y.detach().reshape(-1, h), yr.detach(), **tol)
-    torch.testing.assert_close(x.grad.reshape(-1, h), x2.grad, **tol)
-    used = torch.unique(ids[ids >= 0])
-    assert torch.equal(idx, used) and bool(torch.isin(used, rows).all())  # rows no token used: no update
-    torch.testing.assert_close(g, kv.grad[idx], **tol)
-    st = a.stats  # moved: the rows; back: the batch summary, the used mask and the used rows' gradient
-    assert st["bytes_h2d"] == rows.numel() * 2 * h * 2 + e * h * 4
-    assert st["bytes_d2h"] == a.batch_probe * (8 + h * 4) + rows.numel() + idx.numel() * 2 * h * 4
 
 
 def _fwd_bwd(a, x, w, overlap):
