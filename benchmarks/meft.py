@@ -232,9 +232,9 @@ def main():
     ap.add_argument("--budgets", default=None, help="selection='batch': comma-separated rows per step and layer "
                     "(default: topk, the library default)")
     ap.add_argument("--selections", default="token,batch", help="variants to run (comma-separated: token, batch)")
-    ap.add_argument("--headline", default="batch", choices=meft.SELECTIONS,
-                    help="the variant the issue's JSON keys report (default batch at budget k: the variant under "
-                         "which the transfer target is reachable at training micro-batch sizes, docs/meft.md)")
+    ap.add_argument("--headline", default="token", choices=meft.SELECTIONS,
+                    help="the variant the issue's JSON keys report (default token, lspo.meft's default: the lower "
+                         "loss; batch meets the transfer target but lost to a tuned LoRA, docs/meft.md)")
     ap.add_argument("--paper-neurons", type=int, default=65536, help="transfer-only shape: neurons (0: skip)")
     ap.add_argument("--paper-hidden", type=int, default=256)
     ap.add_argument("--paper-tokens", default="1,16,256", help="transfer-only shape: tokens per micro-batch")
@@ -355,7 +355,7 @@ def main():
         "lora_rank": head["lora_rank"],
         "variants": res,
         "transfer_only": {"neurons": a.paper_neurons, "hidden": a.paper_hidden, "topk": a.topk,
-                          "target": round(1.5 * a.topk / max(1, a.paper_neurons), 6),
+                          "target": round(1.5 * a.topk / a.paper_neurons, 6) if a.paper_neurons else None,
                           "runs": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in paper]},
         "isa": lspo.active_isa(),
         "threads": a.threads,
