@@ -381,6 +381,8 @@ def test_finetune_example_meft_gsm8k_and_resume(tmp_path, one_torch_thread):
         assert torch.equal(x["master"], y["master"])
     with pytest.raises(ValueError, match="drop --optimizer"):
         run("--optimizer", "adamw")
+    batch = run("--meft-selection", "batch", "--meft-budget", "8", "--steps", "2")  # the micro-batch shares 8 rows
+    assert len(batch["train_losses"]) == 2 and all(l == l for l in batch["train_losses"])
 
 
 def test_benchmark_smoke(tmp_path):
