@@ -162,7 +162,7 @@ def tier_plan(args, name, device):
     ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
     kw = {}
     if args.opt == "lsp":
-        kw["state_elems"], kw["buffer_bytes"] = lsp_state(name, args.subspace)
+        kw["state_elems"], kw["buffer_bytes"] = lsp_state(name, args.requested_subspace)
     # meta tensors have no values: transformers' packed-sequence probe (an .item()) cannot run (the
     # batch is one plain sequence per row), as in benchmarks/tiers.py
     probe = getattr(mu, "find_packed_sequence_indices", None)
@@ -430,7 +430,9 @@ def _iterate(args, res, model, plan, rk, opt_kwargs):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.requested_model, args.requested_shape = args.model, (args.batch, args.seq)
+    # (--smoke shrinks the run below; the tier plan stays that of the requested configuration)
+    args.requested_model, args.requested_shape, args.requested_subspace = args.model, (args.batch, args.seq), \
+        args.subspace
     if args.plan and tiered(args):  # the tier plan only (meta device; the link measured here)
         plan = tier_plan(args, args.model, "cuda" if torch.cuda.is_available() else "cpu")
         print(plan.describe())

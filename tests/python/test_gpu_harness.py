@@ -250,6 +250,8 @@ def test_run_all_smoke_of_tiers_benches(tmp_path):
         assert r["tier_applied"]["offload_params"] and r["runner_peak_weight_gib"] > 0
         assert r["tier_plan"]["state_disk_gib"] == 0 and r["disk_slots"] == 0  # LSP's state fits the host
     assert runs["tmax_lsp_tiers_24g"]["model"] == "30b" and runs["t67_lsp_tiers_24g"]["model"] == "6.7b"
+    # the plan of the requested configuration (d=1024), not of the tiny run's d
+    assert abs(runs["tmax_lsp_tiers_24g"]["tier_plan"]["state_host_gib"] - 19.38) < 0.01
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| tmax_lsp_tiers_24g | 30b (smoke) | streamed, window " in table
     assert [c["bench"] for c in doc["tiers"]] == ["tmax_lsp_tiers_24g", "t67_lsp_tiers_24g"]
