@@ -190,8 +190,11 @@ def plan_summary(plan):
 
 
 def apply_plan(plan, n_layers, smoke, state_elems):
-    """(TierRunner kwargs, optimizer kwargs without the state directory) of the plan for a model of
-    n_layers layers: the plan's own for a real run; with --smoke the same kinds of decisions, scaled."""
+    """(TierRunner kwargs, optimizer kwargs) of the plan for a model of n_layers layers whose engine
+    keeps state for state_elems elements: the plan's own for a real run; with --smoke the same kinds of
+    decisions (streamed or not, the policies the plan uses, the state's host share), scaled."""
+    from lspo import planner
+
     rk = plan.runner_kwargs()
     ok = plan.optimizer_kwargs()
     if not smoke:
@@ -199,7 +202,8 @@ def apply_plan(plan, n_layers, smoke, state_elems):
     kinds = [k for k in ("keep", "swap", "recompute") if k in plan.policies]
     rk = dict(rk, window=min(rk["window"], n_layers), policies=[kinds[i % len(kinds)] for i in range(n_layers)])
     if ok:
-        ok = dict(ok, host_memory_limit=int(24 * state_elems * plan.state_host_limit / plan.state_bytes))
+        share = plan.state_host_limit / plan.state_bytes
+        ok = dict(ok, host_memory_limit=int(planner.STATE_BYTES_PER_ELEM * state_elems * share))
     return rk, ok
 
 
