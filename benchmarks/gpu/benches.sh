@@ -62,32 +62,34 @@ bench n13_deepspeed "native call2" 150 300 $L --model 1.3b --batch 4 --opt deeps
 # ---- tiers (issue 13, LoHan; at the end of call 2: a session that runs them selects LSPO_GPU_BENCH=tiers).
 # The largest model: `llama_iter.py --plan --model M --opt lsp --subspace 1024 --nnz 8 --plan-device-gb 22
 # --plan-host-gb 110` (benchmarks/gpu/README.md has the numbers): 30b (32.5 B params, LLaMA-1 33B shapes) is
-# the largest whose plan fits, with the decoder layers' bf16 weights (60.5 GiB) streamed from pinned host
-# memory, window 4; 65B's weights alone (122 GiB) do not fit the 128 GiB host. Device budget 22 of the
+# the largest whose plan fits (device estimate 18.95 GiB, host 84.3 GiB), the decoder layers' bf16 weights
+# (59.8 GiB) streamed from pinned host memory, window 4, activations keep 5 / recompute 55; 65B's weights
+# alone (122 GiB) do not fit the 110 GiB host budget. Device budget 22 of the
 # 23.5 GiB the cap leaves: the planner does not count the fp32 loss/logits (0.4 GiB at 1 x 1024) nor the
 # allocator's rounding. Host budget 110 of 128 GiB: pinned buffers are rounded up to powers of two by
-# torch's host allocator (60.5 GiB of layer weights take ~75 GiB pinned), which the planner does not know.
+# torch's host allocator (59.8 GiB of layer weights take ~75 GiB pinned), which the planner does not know.
 # LSPAdamW, not OffloadAdamW: full offload's state (24 B/param in host memory, 12 B/param per generation
 # on disk, and persist() writes the whole state to the state directory every step) puts 30b at ~780 GB
 # of state -- the 64 GiB disk holds OffloadAdamW's checkpoint up to ~2.5 B params. LSPAdamW's state
 # (dense embeddings/head + d x d moments per projected layer) is ~19 GiB and fits the host: the plan keeps
 # it there (--state-dir is given for when it does not). --refit-every 0: a refit check step holds an fp32
 # copy of every projected gradient until step() (130 GB at 32.5 B params); no run here refits.
-# Times: building 32.5 B params on the host (random init) and pinning them ~60-90 s, per step ~3 x 60.5 GiB
-# of weight copies (forward, recomputation, backward) + 60.5 GiB of gradients back at ~50 GB/s PCIe
+# Times: building 32.5 B params on the host (random init: 1.3B took 36.7 s on the 2-core VM, ~110 s scaled
+# to 16 cores) and pinning them ~10-20 s, per step ~3 x 60 GiB
+# of weight copies (forward, recomputation, backward) + 60 GiB of gradients back at ~50 GB/s PCIe
 # ~5 s + LSPAdamW's compress/apply on the host's 16 cores (~5 s, an estimate); 1 + 2 steps.
 TIERS="--batch 1 --opt lsp --subspace 1024 --nnz 8 --refit-every 0 --steps 2 --warmup 1"
 TIERS_PLAN="--mem-cap-gb 24 --plan-device-gb 22 --plan-host-gb 110 --state-dir /tmp/lspo-state"
 bench tmax_lsp_tiers_24g "tiers call2" 240 420 $L --model "$TIERS_MODEL" $TIERS $TIERS_PLAN
 # the same model without tiers under the cap: its bf16 weights alone exceed 23.5 GiB (OOM while building)
 bench tmax_lsp_24g "tiers call2 expect-oom" 25 120 $L --model "$TIERS_MODEL" $TIERS --ckpt --mem-cap-gb 24
-# the same model natively on the whole card (60.5 GiB of weights + LSP buffers fit 139 GiB): time reference
+# the same model natively on the whole card (60.6 GiB of weights + LSP buffers fit 139 GiB): time reference
 bench tmax_lsp_native "tiers call2" 60 240 $L --model "$TIERS_MODEL" $TIERS --ckpt
 # ZeRO-Offload cannot run 30b (nor 13b) on this machine: ZeRO-2 keeps the bf16 weights on the card
-# (60.5 GiB > 23.5) and 16 B/param fp32 on the host (fp32 weights, gradients, m, v: 520 GB > 128 GiB). The
+# (60.6 GiB > 23.5) and 16 B/param fp32 on the host (fp32 weights, gradients, m, v: 520 GB > 128 GiB). The
 # comparison with it is at 6.7B, where its host side needs 108 GB of the 128 GiB (it may still be killed
 # for host memory; the row then says so): 6.7B with tiers, against c67_lsp_24g (call 1: LSP with the
 # weights resident under the same cap) and ZeRO-Offload under the same cap (its CPU Adam JIT-compiles
-# first, ~70 s on the 2-core VM; 6.7B AdamW on 16 cores ~2-3 s a step): last.
+# first, ~70 s on the 2-core VM; its 6.7B CPU Adam step on 16 cores: ~2-3 s, a guess): last.
 bench t67_lsp_tiers_24g "tiers call2" 90 240 $L --model 6.7b $TIERS $TIERS_PLAN
 bench t67_deepspeed_24g "tiers call2" 240 300 $L --model 6.7b --batch 1 --ckpt --mem-cap-gb 24 --opt deepspeed --steps 2 --warmup 1
