@@ -160,7 +160,11 @@ const GroupHyper& OptimizerCore::Impl::hyper(const CoreSlot& s) const {
 bool OptimizerCore::Impl::refit_pending(const CoreSlot& s) const {
   if (!s.projected || s.group >= static_cast<int64_t>(groups.size())) return false;
   const int64_t k = groups[s.group].refit_every;
-  return k > 0 && s.step % k == 0;  // the next step t = step + 1 satisfies (t - 1) % k == 0
+  if (k <= 0) return false;
+  // the next step t = step + 1 is a check when (t - 1 - offset) % k == 0, t - 1 >= offset; staggered,
+  // projected slot number j has offset j % k, so about 1/k of the layers hold dense sums at a time
+  const int64_t off = opt.refit_stagger ? s.number % k : 0;
+  return s.step >= off && (s.step - off) % k == 0;
 }
 
 SpecKey OptimizerCore::Impl::key(const CoreSlot& s, int64_t step, double grad_scale) const {
@@ -298,7 +302,8 @@ void OptimizerCore::Impl::add_dense(CoreSlot& s, const torch::Tensor& g) {
   if (sum.defined()) {
     sum.add_(g);
   } else {
-    sum = g.to(torch::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    // in the gradient's dtype, as autograd itself accumulates (bf16 weights: half the memory of fp32)
+    sum = g.clone(at::MemoryFormat::Contiguous);
   }
   s.dense_count += 1;
 }
@@ -500,9 +505,13 @@ void OptimizerCore::Impl::refit(CoreSlot& s) {
   // a different seed per layer and check for the fresh values of a re-init
   o.seed = (opt.seed * 1000003ULL + static_cast<uint64_t>(s.number) * 7919ULL + static_cast<uint64_t>(s.checks)) &
            0x7FFFFFFFULL;
-  const std::vector<GradSample> fit_samples{GradSample::dense(s.fit_sum)};
+  // fp32 for the check (one layer at a time, transient)
+  torch::Tensor fit = s.fit_sum.to(torch::kFloat), held;
+  if (s.held_sum.defined()) held = s.held_sum.to(torch::kFloat);
+  s.fit_sum = s.held_sum = torch::Tensor();
+  const std::vector<GradSample> fit_samples{GradSample::dense(fit)};
   std::vector<GradSample> heldout;
-  if (s.held_sum.defined()) heldout.push_back(GradSample::dense(s.held_sum));
+  if (held.defined()) heldout.push_back(GradSample::dense(held));
   RefitRecord rec;
   rec.step = s.step + 1;
   rec.param = s.name;
@@ -533,11 +542,10 @@ void OptimizerCore::Impl::refit(CoreSlot& s) {
     rec.random_heldout = relative_error(Pr, Qr, heldout.empty() ? fit_samples : heldout);
   }
   // the step's whole gradient, compressed with the projectors the check left
-  if (s.held_sum.defined()) s.fit_sum.add_(s.held_sum);
-  s.acc = compress(s.P, s.Q, s.fit_sum).contiguous();
+  if (held.defined()) fit.add_(held);
+  s.acc = compress(s.P, s.Q, fit).contiguous();
   s.acc_count = 1;
   s.host_fresh = false;
-  s.fit_sum = s.held_sum = torch::Tensor();
   s.dense_count = 0;
   refits.push_back(rec);
   engine->add_event("refit", s.name, 0, t0, engine->now_us());

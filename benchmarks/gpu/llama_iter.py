@@ -231,6 +231,9 @@ def make_optimizer(args, model, extra=None):
 
         if args.refit_every is not None:
             extra = dict(extra, refit_every=args.refit_every)
+        # staggered refit checks: a check step holds two gradient-dtype sums of each checking layer;
+        # all layers at once would not fit the capped cards (4 B/param in bf16)
+        extra = dict(extra, refit_stagger=True)
         opt = lspo.LSPAdamW(model, lr=lr, subspace=args.subspace, nnz=args.nnz, record_timeline=bool(args.trace),
                             pinned_limit_bytes=pinned, **extra)
         if not args.no_wrap and not tiered(args):
@@ -297,8 +300,8 @@ def parse_args(argv=None):
     ap.add_argument("--trace", default=None, help="lsp/offload: write the engine timeline (Chrome trace)")
     ap.add_argument("--no-wrap", action="store_true", help="lsp: compress p.grad in hooks instead of wrapping layers")
     ap.add_argument("--refit-every", type=int, default=None,
-                    help="lsp: projector refit check interval (default: LSPAdamW's; 0: never; a check step holds "
-                         "an fp32 copy of every projected gradient until step())")
+                    help="lsp: projector refit check interval (default: LSPAdamW's; 0: never; checks are "
+                         "staggered: a step holds two gradient-dtype sums of 1/refit_every of the layers)")
     ap.add_argument("--plan-device-gb", type=float, default=None,
                     help="tiers: device budget (GiB) given to lspo.planner (default: --mem-cap-gb minus "
                          "--cuda-context-gib); the plan is applied (module doc)")

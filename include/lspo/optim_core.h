@@ -18,7 +18,8 @@
 //              then a speculative Adam job on the engine's worker (overlapped with backward).
 //              On a refit-check step a projected layer's micro-batch gradients are instead summed
 //              densely in two halves (even micro-batches: the fit sum, odd: the held-out sum) and
-//              p.grad is freed (memory: two fp32 m x n sums per projected layer, check steps only).
+//              p.grad is freed (memory: two m x n sums in the gradient's dtype per layer that is
+//              checking: every projected layer, or about 1/refit_every of them with refit_stagger).
 //   step()     the step boundary: global norm, the non-finite skip (AMP found_inf included), refit
 //              checks (lspo::refit, lspo/refit.h: fit on the fit sum, judged on the held-out sum, kept
 //              only if the held-out error improves; then fit + held-out sum is compressed, so
@@ -58,6 +59,11 @@ struct CoreOptions {
   // Every refit check also measures whitened random projectors of the same d, r on the held-out sum
   // (RefitRecord::random_heldout; one extra error evaluation per check).
   bool refit_diagnostics = false;
+  // Staggered refit checks: projected slot j checks at steps t with (t - 1 - j % k) % k == 0 (k =
+  // refit_every), so about 1/k of the layers hold their dense check sums at once (device memory on
+  // a GPU) and the checks' time is spread over the steps; false (default, measured better in
+  // docs/convergence.md): every layer at t = 1, 1 + k, ...
+  bool refit_stagger = false;
   // The disk tier (engine.h): state that does not fit host_memory_limit_bytes lives in files under
   // state_dir; every step() ends with the engine's atomic persist(); resume continues from it.
   std::string state_dir;

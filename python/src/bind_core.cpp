@@ -38,7 +38,8 @@ LSPO_REGISTER_BINDINGS(core) {
       .def(
           py::init([](const std::string& name, bool overlap, bool record_timeline, int64_t pinned_limit_bytes,
                       double max_grad_norm, int64_t seed, const std::string& state_dir, int64_t host_memory_limit_bytes,
-                      bool resume, bool whiten, double scale, bool scale_auto, bool refit_diagnostics) {
+                      bool resume, bool whiten, double scale, bool scale_auto, bool refit_diagnostics,
+                      bool refit_stagger) {
             LSPO_CHECK(seed >= 0, name, ": seed must be >= 0, got ", seed);
             lspo::CoreOptions o;
             o.name = name;
@@ -54,13 +55,14 @@ LSPO_REGISTER_BINDINGS(core) {
             o.update_scale = scale;
             o.scale_auto = scale_auto;
             o.refit_diagnostics = refit_diagnostics;
+            o.refit_stagger = refit_stagger;
             return std::make_shared<OptimizerCore>(o);
           }),
           py::arg("name"), py::arg("overlap") = true, py::arg("record_timeline") = false,
           py::arg("pinned_limit_bytes") = int64_t(4) << 30, py::arg("max_grad_norm") = 0.0, py::arg("seed") = 0,
           py::arg("state_dir") = "", py::arg("host_memory_limit_bytes") = -1, py::arg("resume") = false,
           py::arg("whiten") = true, py::arg("scale") = 1.0, py::arg("scale_auto") = false,
-          py::arg("refit_diagnostics") = false)
+          py::arg("refit_diagnostics") = false, py::arg("refit_stagger") = false)
       .def("allocate_all", &OptimizerCore::allocate_all, py::call_guard<py::gil_scoped_release>())
       .def("resume", &OptimizerCore::resume)
       .def("slots_on_disk", &OptimizerCore::slots_on_disk)

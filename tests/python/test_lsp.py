@@ -358,3 +358,24 @@ def test_wrapped_conv1d_layout():
             o.step()
             o.zero_grad()
     torch.testing.assert_close(c1.weight, c2.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_staggered_refit_checks_hold_few_dense_sums():
+    # refit_stagger: projected parameter k checks at steps 1 + k % refit_every, then every refit_every
+    # steps, so at most ceil(layers / refit_every) layers hold dense check sums after a backward
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[torch.nn.Linear(24, 24) for _ in range(5)])
+    o = lspo.LSPAdamW(layers, lr=1e-3, subspace=8, nnz=2, min_dim=8, refit_every=3, refit_stagger=True)
+    ws = [m.weight for m in layers]
+    checking = []
+    for step in range(1, 8):
+        layers(torch.randn(4, 24)).square().mean().backward()
+        dense = [o._core.accumulated(o._index[w]) is None for w in ws]  # sums, no S yet: a check step
+        assert sum(dense) <= 2  # ceil(5 / 3)
+        checking.append(dense)
+        o.step()
+        o.zero_grad()
+    for k in range(5):  # layer k: steps 1 + k % 3 + 3 j
+        assert [t for t in range(1, 8) if checking[t - 1][k]] == [t for t in range(1, 8) if (t - 1 - k % 3) % 3 == 0]
+    assert {(r["step"], r["param"].split(":")[0]) for r in o.refits} == \
+        {(t, f"lsp{k}") for k in range(5) for t in range(1, 8) if (t - 1 - k % 3) % 3 == 0}
