@@ -114,6 +114,7 @@ int64_t OptimizerCore::add_param(const torch::Tensor& p, int64_t group, bool pro
   } else {
     s->name = "param" + std::to_string(idx) + ":" + shape_str(p);
   }
+  if (I.comm) I.assign_owner(*s);
   I.slots.push_back(std::move(s));
   return idx;
 }
@@ -160,7 +161,7 @@ SpecKey OptimizerCore::Impl::key(const CoreSlot& s, int64_t step, double grad_sc
 }
 
 void OptimizerCore::Impl::ensure_allocated(CoreSlot& s) {
-  if (s.eslot >= 0) return;
+  if (s.eslot >= 0 || !owns(s)) return;  // data parallel: host state only for the slots this rank owns
   if (s.projected) {
     s.eslot = engine->add_slot(s.name, torch::Tensor(), s.P.d * s.Q.d, torch::kFloat, torch::kFloat, s.index);
   } else {
@@ -226,7 +227,7 @@ void OptimizerCore::on_grad(int64_t i) {
     I.accumulate(s, S, /*owned=*/true);
     return;
   }
-  if (!I.opt.overlap) return;  // serial schedule: everything happens in step()
+  if (!I.opt.overlap || I.comm) return;  // serial schedule or data parallel: everything happens in step()
   I.ensure_allocated(s);
   I.sync_master(s);
   I.copy_to_host(s, g);
@@ -259,7 +260,7 @@ void OptimizerCore::Impl::accumulate(CoreSlot& s, const torch::Tensor& S, bool o
     s.acc.add_(S);
   }
   s.acc_count += 1;
-  if (!opt.overlap) return;
+  if (!opt.overlap || comm) return;  // data parallel: Adam must see the reduced S (step())
   copy_to_host(s, s.acc);
   submit(s, key(s, s.step + 1, spec_scale));
 }
@@ -315,19 +316,33 @@ StepResult OptimizerCore::step(const StepInputs& in) {
                  "max_grad_norm=...");
   }
   const double inv_scale = in.amp_scale ? 1.0 / *in.amp_scale : 1.0;
+  if (I.comm) {  // data parallel: the same live slots everywhere, their gradients summed on the owners
+    I.dist_check_live(live);
+    I.dist_reduce(live);
+  }
 
   // 1. norms of what each slot holds; any inf/NaN (or AMP's found_inf) skips the whole step
   std::vector<torch::Tensor> nt, extra;  // extra: dense gradients of projected slots that also hold S
   for (CoreSlot* s : live) {
     const bool acc = s->projected && s->acc_count > 0;
+    if (!I.owns(*s)) {  // data parallel: the owner measures, the sum over ranks below
+      nt.push_back(torch::zeros({}, torch::kFloat));
+      continue;
+    }
     nt.push_back(norm_fp32(acc ? s->acc : s->param.grad()));
     if (acc && s->param.grad().defined()) extra.push_back(norm_fp32(s->param.grad()));
   }
   std::vector<double> norms = to_host(nt);
   bool finite = !in.found_inf;
-  for (double n : norms) finite = finite && std::isfinite(n);
   if (!extra.empty())
     for (double n : to_host(extra)) finite = finite && std::isfinite(n);
+  if (I.comm) {  // every rank: the same norms and the same skip decision
+    norms.push_back(finite ? 0.0 : 1.0);
+    I.dist_sum(norms, "norms");
+    finite = norms.back() == 0.0;
+    norms.pop_back();
+  }
+  for (double n : norms) finite = finite && std::isfinite(n);
   if (!finite) {
     eng.wait_all();
     for (CoreSlot* s : live) I.drop(*s);
@@ -344,14 +359,24 @@ StepResult OptimizerCore::step(const StepInputs& in) {
     // gradient (the hooks left it dense), which the refit learns from; then it is compressed
     std::vector<torch::Tensor> refit_norms;
     std::vector<size_t> refit_pos;
+    std::vector<CoreSlot*> refitted;  // data parallel: projectors to broadcast from their owners
+    const size_t first_record = I.refits.size();
     for (size_t k = 0; k < live.size(); ++k) {
       CoreSlot& s = *live[k];
       if (!s.projected || !s.param.grad().defined()) continue;
+      if (!I.owns(s)) {  // data parallel: the owner refits and compresses the reduced gradient
+        if (I.refit_pending(s)) refitted.push_back(&s);
+        s.param.mutable_grad() = torch::Tensor();
+        refit_norms.push_back(torch::zeros({}, torch::kFloat));
+        refit_pos.push_back(k);
+        continue;
+      }
       torch::Tensor G = s.param.grad();
       I.ensure_allocated(s);
       if (I.refit_pending(s)) {
         LSPO_CHECK(s.acc_count == 0, I.opt.name, ": '", s.name, "' received compressed gradients on a refit step");
         I.refit(s, G);
+        refitted.push_back(&s);
       }
       torch::Tensor S = compress(s.P, s.Q, G);
       s.param.mutable_grad() = torch::Tensor();
@@ -366,8 +391,10 @@ StepResult OptimizerCore::step(const StepInputs& in) {
       refit_norms.push_back(norm_fp32(s.acc));
       refit_pos.push_back(k);
     }
+    if (I.comm && !refitted.empty()) I.dist_sync_refits(refitted, first_record);
     if (!refit_pos.empty()) {
       std::vector<double> rn = to_host(refit_norms);
+      if (I.comm) I.dist_sum(rn, "refit norms");
       for (size_t j = 0; j < rn.size(); ++j) norms[refit_pos[j]] = rn[j];
     }
     // 3. global norm (S for projected slots: what Adam consumes), clipping folded into grad_scale
@@ -386,6 +413,7 @@ StepResult OptimizerCore::step(const StepInputs& in) {
     // 4. keep each speculation that used exactly these inputs, recompute the others
     for (CoreSlot* sp : live) {
       CoreSlot& s = *sp;
+      if (!I.owns(s)) continue;  // data parallel: the owner's result arrives in dist_gather
       I.ensure_allocated(s);
       if (!s.projected) I.sync_master(s);
       const SpecKey k = I.key(s, s.step + 1, scale);
@@ -405,12 +433,15 @@ StepResult OptimizerCore::step(const StepInputs& in) {
     // 5. commit and apply in forward order (the worker keeps running the later slots)
     for (CoreSlot* sp : live) {
       CoreSlot& s = *sp;
-      eng.commit(s.eslot);
-      I.finish(s);
+      if (I.owns(s)) {
+        eng.commit(s.eslot);
+        I.finish(s);
+      }
       s.step += 1;
       s.has_spec = false;
       s.host_fresh = false;
     }
+    if (I.comm) I.dist_gather(live);  // data parallel: the owners' results to every other rank
   } catch (...) {
     try {
       eng.wait_all();

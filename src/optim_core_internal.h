@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "lspo/dist.h"
 #include "lspo/optim_core.h"
 #ifdef LSPO_WITH_CUDA
 #include "lspo/cuda.h"
@@ -27,6 +28,7 @@ struct CoreSlot {
   int64_t group = 0;
   int64_t index = 0;         // registration (forward) order; the engine queue's priority
   bool projected = false;
+  int64_t owner = 0;         // data parallel: the rank that holds the state and runs Adam (dist.h)
   std::string name;          // one name everywhere: engine slot, timeline, refit records
   int64_t eslot = -1;        // engine slot; -1 until the first gradient (nothing allocated before)
   int64_t step = 0;          // committed steps
@@ -61,6 +63,8 @@ struct OptimizerCore::Impl {
   double last_norm = 0;
   int64_t grads_modified = 0;
   mutable std::mutex mu;     // hooks (autograd threads) vs step() vs introspection
+  std::shared_ptr<Communicator> comm;  // data parallel (dist.h); null: one process
+  std::vector<int64_t> owner_load;     // per rank: state elements of the slots it owns
 #ifdef LSPO_WITH_CUDA
   cuda::Stream d2h, h2d;     // the two copy streams (created on first CUDA use)
   int device = -1;
@@ -84,6 +88,15 @@ struct OptimizerCore::Impl {
   void wait_upload(CoreSlot& s);        // the last H2D from out_buffer finished
   void before_acc_write(CoreSlot& s);   // the compute stream waits for the last D2H of acc
   void finish(CoreSlot& s);             // committed result -> the parameter
+  void apply_result(CoreSlot& s, const torch::Tensor& out);  // out_buffer-shaped host result -> parameter
+  // optim_core_dist.cpp: data parallel (dist.h)
+  bool owns(const CoreSlot& s) const { return !comm || s.owner == comm->rank(); }
+  void assign_owner(CoreSlot& s);
+  void dist_check_live(const std::vector<CoreSlot*>& live);
+  void dist_reduce(const std::vector<CoreSlot*>& live);
+  void dist_sum(std::vector<double>& v, const char* what);
+  void dist_sync_refits(const std::vector<CoreSlot*>& refitted, size_t first_record);
+  void dist_gather(const std::vector<CoreSlot*>& live);
 };
 
 }  // namespace lspo

@@ -120,6 +120,15 @@ void OptimizerCore::load_state(int64_t i, const SlotState& st, bool dry_run) {
     if (t->defined())
       LSPO_CHECK(t->is_floating_point(), who, ": state tensors must be floating point, got ", t->scalar_type());
   if (dry_run) return;
+  if (!I.owns(s)) {  // data parallel: the owner holds the moments; every rank holds the projectors
+    if (s.projected) {
+      s.P = std::move(P);
+      s.Q = std::move(Q);
+    }
+    s.step = st.step;
+    I.drop(s);
+    return;
+  }
   I.ensure_allocated(s);
   OffloadEngine& eng = *I.engine;
   eng.wait(s.eslot);

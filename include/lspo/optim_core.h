@@ -36,6 +36,8 @@
 
 namespace lspo {
 
+class Communicator;  // lspo/dist.h
+
 struct CoreOptions {
   std::string name = "OffloadAdamW";             // used in error messages
   bool overlap = true;                           // false: the serial reference schedule
@@ -155,6 +157,13 @@ class OptimizerCore {
 
   OffloadEngine& engine();
   const OffloadEngine& engine() const;
+
+  // Data parallel (lspo/dist.h): set before the first gradient, on every rank, after the same
+  // add_param calls; every slot (and any added later) gets an owner rank. Not with a state_dir.
+  void set_communicator(std::shared_ptr<Communicator> comm);
+  bool distributed() const;
+  int64_t owner(int64_t slot) const;  // 0 without a communicator
+  bool owns(int64_t slot) const;      // true without a communicator
 
  private:
   struct Impl;

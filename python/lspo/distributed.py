@@ -1,0 +1,225 @@
+"""``lspo.distributed``: data parallel for :class:`~lspo.LSPAdamW` and :class:`~lspo.OffloadAdamW` on
+``torch.distributed`` (gloo on CPU, NCCL on GPU), launched with ``torchrun``. See docs/distributed.md.
+
+Usage (every rank)::
+
+    dist.init_process_group("gloo")            # torchrun sets RANK / WORLD_SIZE / MASTER_ADDR
+    model = build_model()                      # no DistributedDataParallel wrapper
+    opt = lspo.LSPAdamW(model, ...)
+    lspo.distributed.data_parallel(opt)        # before the first backward
+    for batch in my_shard_of_the_data: loss(batch).backward(); opt.step(); opt.zero_grad()
+
+What happens (the optimizer core does it at ``step()``, lspo/dist.h):
+
+* the parameters are broadcast from rank 0 once (as DDP does at construction);
+* every parameter (optimizer slot) has an owner rank, balanced by host-state bytes: only the owner
+  allocates its CPU state (fp32 moments, the master of a dense parameter) and runs its Adam, so host
+  memory per rank falls with the world size (ZeRO-1/2 style);
+* the gradients are *reduced onto their owners*: a projected layer sends its compressed gradient
+  ``S`` (``dP x dQ``), not the dense ``m x n`` one; a dense parameter its gradient (as DDP);
+* the per-slot norms are all-reduced (clipping and the non-finite skip use the global norm, the same
+  on every rank); refits run on the owner, on the reduced gradient, and the new projector values are
+  broadcast, so every rank holds the same projectors;
+* each owner broadcasts its result -- the ``dP x dQ`` update of a projected layer, the new weights of
+  a dense parameter -- and the other ranks apply it.
+
+The reduction happens at the step boundary (bucketed, all buckets in flight at once), not during
+backward. ``state_dict()`` is a collective: rank 0 gets the full checkpoint (the format of one
+process, so it loads into any world size), the other ranks a dict marked ``lspo_partial``.
+:func:`save_checkpoint` writes it atomically (temporary file + rename, after every rank delivered).
+A collective that fails (a dead rank, a timeout) raises :class:`lspo.LspoError` naming the rank and
+the collective.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+from ._C import LspoError
+
+__all__ = ["TorchCommunicator", "data_parallel", "save_checkpoint", "load_checkpoint", "is_partial"]
+
+_BUCKET_BYTES = 25 << 20
+
+
+class TorchCommunicator(_C.Communicator):
+    """The core's collectives (lspo/dist.h) on a ``torch.distributed`` process group. Tensors are
+    bucketed per (peer rank, dtype) up to ``bucket_bytes``; all buckets are launched asynchronously,
+    then waited for. With NCCL, host tensors travel through the current CUDA device. ``stats`` counts
+    the payload bytes this rank handed to each kind of collective."""
+
+    def __init__(self, group: Optional[Any] = None, bucket_bytes: int = _BUCKET_BYTES):
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise LspoError("lspo.distributed: torch.distributed is not initialized (call "
+                            "torch.distributed.init_process_group first, e.g. under torchrun)")
+        self.group = group
+        self._rank = dist.get_rank(group)
+        self._world = dist.get_world_size(group)
+        backend = dist.get_backend(group)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.bucket_bytes = int(bucket_bytes)
+        self.stats: Dict[str, int] = {"reduce_bytes": 0, "broadcast_bytes": 0, "all_reduce_bytes": 0, "steps": 0}
+
+    def rank(self) -> int:
+        return self._rank
+
+    def world_size(self) -> int:
+        return self._world
+
+    def _global(self, r: int) -> int:
+        return r if self.group is None else dist.get_global_rank(self.group, r)
+
+    def _fail(self, what: str, e: BaseException) -> LspoError:
+        return LspoError(f"lspo.distributed: rank {self._rank} of {self._world}: the collective '{what}' failed "
+                         f"({type(e).__name__}: {e}). A peer rank probably died or timed out; restart the job from "
+                         "the last checkpoint (this rank's weights may be partly updated).")
+
+    def _buckets(self, tensors: List[torch.Tensor], owners: List[int]) -> List[tuple]:
+        groups: Dict[tuple, List[int]] = {}
+        for i, (t, o) in enumerate(zip(tensors, owners)):
+            groups.setdefault((int(o), t.dtype), []).append(i)
+        out = []
+        for (o, dt), idx in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            cur: List[int] = []
+            size = 0
+            for i in idx:
+                nb = tensors[i].numel() * tensors[i].element_size()
+                if cur and size + nb > self.bucket_bytes:
+                    out.append((o, cur))
+                    cur, size = [], 0
+                cur.append(i)
+                size += nb
+            if cur:
+                out.append((o, cur))
+        return out
+
+    def _run(self, tensors: List[torch.Tensor], owners: List[int], what: str, op: str) -> None:
+        if not tensors:
+            return
+        pending = []
+        try:
+            for o, idx in self._buckets(tensors, owners):
+                flat = torch.cat([tensors[i].reshape(-1).to(self.device) for i in idx])
+                if op == "reduce":
+                    work = dist.reduce(flat, self._global(o), op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+                else:
+                    work = dist.broadcast(flat, self._global(o), group=self.group, async_op=True)
+                self.stats[op + "_bytes"] += flat.numel() * flat.element_size()
+                pending.append((o, idx, flat, work))
+            for o, idx, flat, work in pending:
+                work.wait()
+        except Exception as e:  # noqa: BLE001 -- any transport error becomes one clear lspo error
+            raise self._fail(what, e) from e
+        for o, idx, flat, _ in pending:
+            if (o != self._rank) if op == "reduce" else (o == self._rank):
+                continue  # reduce: only the owner takes the sum; broadcast: the owner has it already
+            off = 0
+            for i in idx:
+                t = tensors[i]
+                n = t.numel()
+                t.copy_(flat[off:off + n].view(t.shape))
+                off += n
+
+    def reduce_sum(self, tensors, owners, what):
+        self._run(list(tensors), list(owners), what, "reduce")
+
+    def broadcast(self, tensors, owners, what):
+        self._run(list(tensors), list(owners), what, "broadcast")
+
+    def all_reduce_sum(self, t, what):
+        if what == "gradient presence check":
+            self.stats["steps"] += 1
+        buf = t.to(self.device)
+        try:
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(what, e) from e
+        self.stats["all_reduce_bytes"] += buf.numel() * buf.element_size()
+        t.copy_(buf)
+
+
+def data_parallel(opt, group: Optional[Any] = None, *, broadcast_parameters: bool = True,
+                  bucket_bytes: int = _BUCKET_BYTES):
+    """Makes ``opt`` (an :class:`~lspo.OffloadAdamW` or :class:`~lspo.LSPAdamW`, built the same way on
+    every rank) data parallel over ``group`` (default: the world). Call it on every rank before the
+    first backward. Returns ``opt``."""
+    if getattr(opt, "_dist", None) is not None:
+        raise LspoError(f"{opt._kind}: data_parallel() was already called on this optimizer")
+    comm = TorchCommunicator(group, bucket_bytes)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if broadcast_parameters:
+        try:
+            with torch.no_grad():
+                for p in params:
+                    buf = p.detach().to(comm.device)
+                    dist.broadcast(buf, comm._global(0), group=group)
+                    if buf.data_ptr() != p.data_ptr():
+                        p.copy_(buf)
+        except Exception as e:  # noqa: BLE001
+            raise comm._fail("parameter broadcast", e) from e
+    opt._core.set_communicator(comm)
+    opt._dist = comm
+    return opt
+
+
+def is_partial(state_dict: dict) -> bool:
+    """True for the dict a rank other than 0 gets from a data-parallel ``state_dict()``."""
+    return bool(state_dict.get("lspo_partial", False))
+
+
+def _gather_state(opt, sd: dict) -> dict:
+    """The data-parallel ``state_dict()``: every rank's owned slots, merged on rank 0."""
+    comm: TorchCommunicator = opt._dist
+    shards: Optional[List[Any]] = [None] * comm.world_size() if comm.rank() == 0 else None
+    try:
+        dist.gather_object(sd["state"], shards, dst=comm._global(0), group=comm.group)
+    except Exception as e:  # noqa: BLE001
+        raise comm._fail("state_dict gather", e) from e
+    if comm.rank() != 0:
+        return dict(sd, state={}, lspo_partial=True)
+    state: dict = {}
+    for sh in shards:
+        state.update(sh)
+    return dict(sd, state=dict(sorted(state.items())))
+
+
+def save_checkpoint(path: str, obj_fn=None, *, optimizer=None, model=None, group: Optional[Any] = None,
+                    **extra) -> None:
+    """Collective: writes ``{"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra}``
+    (or ``obj_fn()``'s result, called on every rank) to ``path`` from rank 0, atomically: into a
+    temporary file renamed over ``path`` only after every rank delivered its shard; a final barrier
+    makes every rank return after the file exists. If a rank dies first, the others raise
+    :class:`lspo.LspoError` and ``path`` is untouched."""
+    if obj_fn is None:
+        def obj_fn():
+            out = dict(extra)
+            if model is not None:
+                out["model"] = model.state_dict()
+            if optimizer is not None:
+                out["optimizer"] = optimizer.state_dict()
+            return out
+    obj = obj_fn()  # the optimizer's state_dict() gathers (a collective)
+    rank = dist.get_rank(group)
+    if rank == 0:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    try:
+        dist.barrier(group=group)
+    except Exception as e:  # noqa: BLE001
+        raise LspoError(f"lspo.distributed: rank {rank}: the barrier after saving '{path}' failed "
+                        f"({type(e).__name__}: {e})") from e
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
+    """Every rank reads the full checkpoint (it loads into any world size)."""
+    return torch.load(path, map_location=map_location, weights_only=False)

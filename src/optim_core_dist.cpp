@@ -1,0 +1,179 @@
+// Data parallel for the optimizer core (lspo/dist.h): slot ownership, the reduction of the gradients
+// onto their owners, the global norm, the projector sync after refits, the owners' results to
+// every rank. step() in optim_core.cpp calls these at the points dist.h lists.
+#include <algorithm>
+#include <cmath>
+
+#include "optim_core_internal.h"
+
+namespace lspo {
+
+int64_t least_loaded(const std::vector<int64_t>& load) {
+  LSPO_CHECK(!load.empty(), "least_loaded: no ranks");
+  return static_cast<int64_t>(std::min_element(load.begin(), load.end()) - load.begin());
+}
+
+namespace {
+// Host bytes the owner of a slot allocates (engine.h): both halves of the double-buffered fp32 state
+// (2 x 8 B moments-only, 2 x 12 B with the master) plus the gradient and result buffers.
+int64_t host_bytes(const CoreSlot& s) {
+  if (!s.param.requires_grad()) return 0;  // frozen: never allocated
+  return s.projected ? 24 * s.P.d * s.Q.d : (24 + 2 * static_cast<int64_t>(s.param.element_size())) * s.param.numel();
+}
+}  // namespace
+
+void OptimizerCore::Impl::assign_owner(CoreSlot& s) {
+  s.owner = least_loaded(owner_load);
+  owner_load[s.owner] += host_bytes(s);
+}
+
+void OptimizerCore::set_communicator(std::shared_ptr<Communicator> comm) {
+  Impl& I = *impl_;
+  std::lock_guard<std::mutex> lk(I.mu);
+  const std::string& nm = I.opt.name;
+  LSPO_CHECK(I.opt.state_dir.empty(), nm, ": data parallel with a state_dir (the disk tier) is not supported");
+  for (const auto& sp : I.slots)
+    LSPO_CHECK(sp->eslot < 0 && sp->acc_count == 0 && sp->step == 0, nm,
+               ": set the communicator before the first gradient and before loading a checkpoint ('", sp->name,
+               "' already has state)");
+  I.comm = std::move(comm);
+  I.owner_load.clear();
+  if (!I.comm) {
+    for (auto& sp : I.slots) sp->owner = 0;
+    return;
+  }
+  const int64_t w = I.comm->world_size();
+  LSPO_CHECK(w >= 1 && I.comm->rank() >= 0 && I.comm->rank() < w, nm, ": invalid rank ", I.comm->rank(),
+             " of world size ", w);
+  I.owner_load.assign(static_cast<size_t>(w), 0);
+  // largest first onto the least loaded rank (slots added later: least loaded, in order)
+  std::vector<CoreSlot*> order;
+  for (auto& sp : I.slots) order.push_back(sp.get());
+  std::stable_sort(order.begin(), order.end(),
+                   [](const CoreSlot* a, const CoreSlot* b) { return host_bytes(*a) > host_bytes(*b); });
+  for (CoreSlot* s : order) I.assign_owner(*s);
+}
+
+bool OptimizerCore::distributed() const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return impl_->comm != nullptr;
+}
+
+int64_t OptimizerCore::owner(int64_t slot) const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return impl_->slot(slot, "owner").owner;
+}
+
+bool OptimizerCore::owns(int64_t slot) const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  return impl_->owns(impl_->slot(slot, "owns"));
+}
+
+// Every rank must hold gradients for the same slots (else the collectives below would pair
+// different tensors): per slot, "has S" and "has a dense gradient", summed over ranks.
+void OptimizerCore::Impl::dist_check_live(const std::vector<CoreSlot*>& live) {
+  const int64_t n = static_cast<int64_t>(slots.size());
+  torch::Tensor f = torch::zeros({2 * n}, torch::kDouble);
+  double* p = f.data_ptr<double>();
+  for (CoreSlot* s : live) {
+    p[2 * s->index] = s->projected && s->acc_count > 0 ? 1.0 : 0.0;
+    p[2 * s->index + 1] = s->param.grad().defined() ? 1.0 : 0.0;
+  }
+  comm->all_reduce_sum(f, "gradient presence check");
+  const double w = static_cast<double>(comm->world_size());
+  for (int64_t i = 0; i < n; ++i)
+    for (int k = 0; k < 2; ++k) {
+      const double v = p[2 * i + k];
+      LSPO_CHECK(v == 0.0 || v == w, opt.name, ": rank ", comm->rank(), ": '", slots[i]->name, "' has ",
+                 k == 0 ? "a compressed" : "a dense", " gradient on ", v, " of ", w,
+                 " ranks; every rank must run the same backward over the same parameters before step()");
+    }
+}
+
+void OptimizerCore::Impl::dist_reduce(const std::vector<CoreSlot*>& live) {
+  std::vector<torch::Tensor> ts;
+  std::vector<int64_t> owners;
+  for (CoreSlot* s : live) {
+    if (s->projected && s->acc_count > 0) {
+      ts.push_back(s->acc);
+      owners.push_back(s->owner);
+    }
+    if (s->param.grad().defined()) {
+      if (!s->param.grad().is_contiguous()) s->param.mutable_grad() = s->param.grad().contiguous();
+      ts.push_back(s->param.grad());
+      owners.push_back(s->owner);
+    }
+  }
+  comm->reduce_sum(ts, owners, "gradient reduce");
+  const double inv = 1.0 / static_cast<double>(comm->world_size());
+  for (size_t k = 0; k < ts.size(); ++k)
+    if (owners[k] == comm->rank()) ts[k].mul_(inv);
+}
+
+void OptimizerCore::Impl::dist_sum(std::vector<double>& v, const char* what) {
+  if (v.empty()) return;
+  torch::Tensor t = torch::from_blob(v.data(), {static_cast<int64_t>(v.size())}, torch::kDouble).clone();
+  comm->all_reduce_sum(t, what);
+  std::copy(t.data_ptr<double>(), t.data_ptr<double>() + t.numel(), v.begin());
+}
+
+// After the owners' refits: every rank takes the owner's projector values and refit record; the
+// step's records are kept in the same (forward) order on every rank.
+void OptimizerCore::Impl::dist_sync_refits(const std::vector<CoreSlot*>& refitted, size_t first_record) {
+  std::vector<RefitRecord> mine(refits.begin() + static_cast<std::ptrdiff_t>(first_record), refits.end());
+  refits.resize(first_record);
+  std::vector<torch::Tensor> ts, recs;
+  std::vector<int64_t> owners;
+  for (CoreSlot* s : refitted) {
+    torch::Tensor r = torch::zeros({4}, torch::kDouble);
+    if (owns(*s)) {
+      auto it = std::find_if(mine.begin(), mine.end(), [&](const RefitRecord& x) { return x.param == s->name; });
+      LSPO_CHECK(it != mine.end(), opt.name, ": internal: no refit record for '", s->name, "'");
+      double* p = r.data_ptr<double>();
+      p[0] = it->error_before;
+      p[1] = it->error_after;
+      p[2] = it->refit ? 1.0 : 0.0;
+      p[3] = it->seconds;
+    }
+    for (const torch::Tensor& t : {s->P.values, s->Q.values, r}) {
+      LSPO_CHECK(t.is_contiguous(), opt.name, ": internal: projector values of '", s->name, "' not contiguous");
+      ts.push_back(t);
+      owners.push_back(s->owner);
+    }
+    recs.push_back(r);
+  }
+  comm->broadcast(ts, owners, "projector sync after refit");
+  for (size_t k = 0; k < refitted.size(); ++k) {
+    const double* p = recs[k].data_ptr<double>();
+    RefitRecord rec;
+    rec.step = refitted[k]->step + 1;
+    rec.param = refitted[k]->name;
+    rec.error_before = p[0];
+    rec.error_after = p[1];
+    rec.refit = p[2] != 0.0;
+    rec.seconds = p[3];
+    refits.push_back(rec);
+  }
+}
+
+// The owners' committed results (projected: the update u, dense: the new weights) to every rank;
+// the other ranks apply them to their weights exactly as the owner did.
+void OptimizerCore::Impl::dist_gather(const std::vector<CoreSlot*>& live) {
+  std::vector<torch::Tensor> ts;
+  std::vector<int64_t> owners;
+  for (CoreSlot* s : live) {
+    if (owns(*s)) {
+      ts.push_back(engine->out_buffer(s->eslot));
+    } else if (s->projected) {
+      ts.push_back(torch::empty({s->P.d * s->Q.d}, torch::kFloat));
+    } else {
+      ts.push_back(torch::empty({s->param.numel()}, s->param.options().device(torch::kCPU)));
+    }
+    owners.push_back(s->owner);
+  }
+  comm->broadcast(ts, owners, "update gather");
+  for (size_t k = 0; k < live.size(); ++k)
+    if (!owns(*live[k])) apply_result(*live[k], ts[k]);
+}
+
+}  // namespace lspo
