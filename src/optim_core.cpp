@@ -166,7 +166,8 @@ void OptimizerCore::Impl::ensure_allocated(CoreSlot& s) {
     s.eslot = engine->add_slot(s.name, torch::Tensor(), s.P.d * s.Q.d, torch::kFloat, torch::kFloat, s.index);
   } else {
     const auto dt = s.param.scalar_type();
-    s.eslot = engine->add_slot(s.name, s.param.detach(), s.param.numel(), dt, dt, s.index);
+    torch::Tensor master = part(s, s.param.detach());  // data parallel: a split slot's range
+    s.eslot = engine->add_slot(s.name, master, master.numel(), dt, dt, s.index);
     s.param_version = s.param._version();
   }
 }
@@ -180,7 +181,7 @@ void OptimizerCore::Impl::sync_master(CoreSlot& s) {
   if (v == s.param_version) return;
   engine->wait(s.eslot);
   torch::Tensor master = engine->load_state(s.eslot, StateKind::kMaster);
-  torch::Tensor w = s.param.detach().reshape(-1).to(torch::kCPU);
+  torch::Tensor w = part(s, s.param.detach()).reshape(-1).to(torch::kCPU);
   const bool same = w.scalar_type() == torch::kFloat ? torch::equal(w, master)
                                                       : torch::equal(w, master.to(w.scalar_type()));
   if (!same) engine->store_state(s.eslot, StateKind::kMaster, w.to(torch::kFloat));
@@ -329,7 +330,7 @@ StepResult OptimizerCore::step(const StepInputs& in) {
       nt.push_back(torch::zeros({}, torch::kFloat));
       continue;
     }
-    nt.push_back(norm_fp32(acc ? s->acc : s->param.grad()));
+    nt.push_back(norm_fp32(acc ? s->acc : I.part(*s, s->param.grad())));
     if (acc && s->param.grad().defined()) extra.push_back(norm_fp32(s->param.grad()));
   }
   std::vector<double> norms = to_host(nt);
@@ -338,7 +339,7 @@ StepResult OptimizerCore::step(const StepInputs& in) {
     for (double n : to_host(extra)) finite = finite && std::isfinite(n);
   if (I.comm) {  // every rank: the same norms and the same skip decision
     norms.push_back(finite ? 0.0 : 1.0);
-    I.dist_sum(norms, "norms");
+    I.dist_norms(norms, live);
     finite = norms.back() == 0.0;
     norms.pop_back();
   }
@@ -417,7 +418,7 @@ StepResult OptimizerCore::step(const StepInputs& in) {
       I.ensure_allocated(s);
       if (!s.projected) I.sync_master(s);
       const SpecKey k = I.key(s, s.step + 1, scale);
-      const torch::Tensor src = s.projected ? s.acc : s.param.grad();
+      const torch::Tensor src = s.projected ? s.acc : I.part(s, s.param.grad());
       const bool fresh = s.host_fresh && (s.projected || I.same_grad(s, src));
       if (!s.projected && s.host_fresh && !fresh) I.grads_modified += 1;
       bool ok = fresh && s.has_spec && s.spec == k;

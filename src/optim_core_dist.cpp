@@ -16,18 +16,34 @@ int64_t least_loaded(const std::vector<int64_t>& load) {
 namespace {
 // Host bytes the owner of a slot allocates (engine.h): both halves of the double-buffered fp32 state
 // (2 x 8 B moments-only, 2 x 12 B with the master) plus the gradient and result buffers.
-int64_t host_bytes(const CoreSlot& s) {
+int64_t host_bytes(const CoreSlot& s, int64_t numel = -1) {
   if (!s.param.requires_grad()) return 0;  // frozen: never allocated
-  return s.projected ? 24 * s.P.d * s.Q.d : (24 + 2 * static_cast<int64_t>(s.param.element_size())) * s.param.numel();
+  if (numel < 0) numel = s.param.numel();
+  return s.projected ? 24 * s.P.d * s.Q.d : (24 + 2 * static_cast<int64_t>(s.param.element_size())) * numel;
+}
+
+// Rank r's range of n elements split over w ranks.
+std::pair<int64_t, int64_t> range_of(int64_t n, int64_t w, int64_t r) {
+  const int64_t lo = n * r / w;
+  return {lo, n * (r + 1) / w - lo};
 }
 }  // namespace
 
 void OptimizerCore::Impl::assign_owner(CoreSlot& s) {
+  const int64_t w = static_cast<int64_t>(owner_load.size());
+  if (!s.projected && w > 1 && split_min_numel > 0 && s.param.numel() >= split_min_numel && s.param.is_contiguous()) {
+    s.owner = -1;  // split: every rank owns one contiguous range
+    for (int64_t r = 0; r < w; ++r) owner_load[r] += host_bytes(s, range_of(s.param.numel(), w, r).second);
+    std::tie(s.lo, s.len) = range_of(s.param.numel(), w, comm->rank());
+    return;
+  }
+  s.lo = 0;
+  s.len = -1;
   s.owner = least_loaded(owner_load);
   owner_load[s.owner] += host_bytes(s);
 }
 
-void OptimizerCore::set_communicator(std::shared_ptr<Communicator> comm) {
+void OptimizerCore::set_communicator(std::shared_ptr<Communicator> comm, int64_t split_min_numel) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> lk(I.mu);
   const std::string& nm = I.opt.name;
@@ -36,10 +52,16 @@ void OptimizerCore::set_communicator(std::shared_ptr<Communicator> comm) {
     LSPO_CHECK(sp->eslot < 0 && sp->acc_count == 0 && sp->step == 0, nm,
                ": set the communicator before the first gradient and before loading a checkpoint ('", sp->name,
                "' already has state)");
+  LSPO_CHECK(split_min_numel >= 0, nm, ": split_min_numel must be >= 0, got ", split_min_numel);
   I.comm = std::move(comm);
+  I.split_min_numel = split_min_numel;
   I.owner_load.clear();
   if (!I.comm) {
-    for (auto& sp : I.slots) sp->owner = 0;
+    for (auto& sp : I.slots) {
+      sp->owner = 0;
+      sp->lo = 0;
+      sp->len = -1;
+    }
     return;
   }
   const int64_t w = I.comm->world_size();
@@ -62,6 +84,12 @@ bool OptimizerCore::distributed() const {
 int64_t OptimizerCore::owner(int64_t slot) const {
   std::lock_guard<std::mutex> lk(impl_->mu);
   return impl_->slot(slot, "owner").owner;
+}
+
+std::pair<int64_t, int64_t> OptimizerCore::shard_range(int64_t slot) const {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  const CoreSlot& s = impl_->slot(slot, "shard_range");
+  return {s.lo, s.len};
 }
 
 bool OptimizerCore::owns(int64_t slot) const {
@@ -100,14 +128,32 @@ void OptimizerCore::Impl::dist_reduce(const std::vector<CoreSlot*>& live) {
     }
     if (s->param.grad().defined()) {
       if (!s->param.grad().is_contiguous()) s->param.mutable_grad() = s->param.grad().contiguous();
-      ts.push_back(s->param.grad());
-      owners.push_back(s->owner);
+      const torch::Tensor& g = s->param.grad();
+      if (s->owner < 0) {  // split: each rank's range onto that rank (a reduce-scatter)
+        for (int64_t r = 0; r < comm->world_size(); ++r) {
+          auto rg = range_of(g.numel(), comm->world_size(), r);
+          ts.push_back(g.view(-1).narrow(0, rg.first, rg.second));
+          owners.push_back(r);
+        }
+      } else {
+        ts.push_back(g);
+        owners.push_back(s->owner);
+      }
     }
   }
   comm->reduce_sum(ts, owners, "gradient reduce");
   const double inv = 1.0 / static_cast<double>(comm->world_size());
   for (size_t k = 0; k < ts.size(); ++k)
     if (owners[k] == comm->rank()) ts[k].mul_(inv);
+}
+
+void OptimizerCore::Impl::dist_norms(std::vector<double>& norms, const std::vector<CoreSlot*>& live) {
+  // a split slot's norm: the root of the sum of its ranges' squared norms
+  for (size_t k = 0; k < live.size(); ++k)
+    if (live[k]->owner < 0) norms[k] *= norms[k];
+  dist_sum(norms, "norms");
+  for (size_t k = 0; k < live.size(); ++k)
+    if (live[k]->owner < 0) norms[k] = std::sqrt(norms[k]);
 }
 
 void OptimizerCore::Impl::dist_sum(std::vector<double>& v, const char* what) {
@@ -162,6 +208,14 @@ void OptimizerCore::Impl::dist_gather(const std::vector<CoreSlot*>& live) {
   std::vector<torch::Tensor> ts;
   std::vector<int64_t> owners;
   for (CoreSlot* s : live) {
+    if (s->owner < 0) {  // split: every rank's range of the (updated) weights, in place (an all-gather)
+      for (int64_t r = 0; r < comm->world_size(); ++r) {
+        auto rg = range_of(s->param.numel(), comm->world_size(), r);
+        ts.push_back(s->param.detach().view(-1).narrow(0, rg.first, rg.second));
+        owners.push_back(r);
+      }
+      continue;
+    }
     if (owns(*s)) {
       ts.push_back(engine->out_buffer(s->eslot));
     } else if (s->projected) {
@@ -172,8 +226,16 @@ void OptimizerCore::Impl::dist_gather(const std::vector<CoreSlot*>& live) {
     owners.push_back(s->owner);
   }
   comm->broadcast(ts, owners, "update gather");
-  for (size_t k = 0; k < live.size(); ++k)
-    if (!owns(*live[k])) apply_result(*live[k], ts[k]);
+  size_t k = 0;
+  for (CoreSlot* s : live) {
+    if (s->owner < 0) {
+      k += static_cast<size_t>(comm->world_size());
+      s->param_version = s->param._version();  // the other ranges came from their owners, not a user edit
+      continue;
+    }
+    if (!owns(*s)) apply_result(*s, ts[k]);
+    ++k;
+  }
 }
 
 }  // namespace lspo

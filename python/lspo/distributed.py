@@ -144,10 +144,15 @@ class TorchCommunicator(_C.Communicator):
 
 
 def data_parallel(opt, group: Optional[Any] = None, *, broadcast_parameters: bool = True,
-                  bucket_bytes: int = _BUCKET_BYTES):
+                  bucket_bytes: int = _BUCKET_BYTES, split_min_numel: int = 1 << 20):
     """Makes ``opt`` (an :class:`~lspo.OffloadAdamW` or :class:`~lspo.LSPAdamW`, built the same way on
     every rank) data parallel over ``group`` (default: the world). Call it on every rank before the
-    first backward. Returns ``opt``."""
+    first backward. Returns ``opt``.
+
+    Every parameter gets one owner rank (balanced by host-state bytes, largest first), except dense
+    parameters of at least ``split_min_numel`` elements (0: none), which are split into one
+    contiguous range per rank (their gradient is reduce-scattered, each rank runs Adam on its range,
+    the ranges are all-gathered): one big embedding would otherwise bound the state per rank."""
     if getattr(opt, "_dist", None) is not None:
         raise LspoError(f"{opt._kind}: data_parallel() was already called on this optimizer")
     comm = TorchCommunicator(group, bucket_bytes)
@@ -162,7 +167,7 @@ def data_parallel(opt, group: Optional[Any] = None, *, broadcast_parameters: boo
                         p.copy_(buf)
         except Exception as e:  # noqa: BLE001
             raise comm._fail("parameter broadcast", e) from e
-    opt._core.set_communicator(comm)
+    opt._core.set_communicator(comm, int(split_min_numel))
     opt._dist = comm
     return opt
 
@@ -182,10 +187,37 @@ def _gather_state(opt, sd: dict) -> dict:
         raise comm._fail("state_dict gather", e) from e
     if comm.rank() != 0:
         return dict(sd, state={}, lspo_partial=True)
+    params = [p for g in opt.param_groups for p in g["params"]]
     state: dict = {}
-    for sh in shards:
-        state.update(sh)
+    for sh in shards:  # rank order: a split parameter's ranges come in order
+        for i, st in sh.items():
+            if i not in state:
+                state[i] = dict(st)
+                continue
+            for k, t in st.items():  # another range of a split parameter
+                if isinstance(t, torch.Tensor) and k != "step":
+                    state[i][k] = torch.cat([state[i][k].reshape(-1), t.reshape(-1)])
+    for i, st in state.items():
+        if opt._core.owner(opt._index[params[i]]) < 0:
+            for k, t in st.items():
+                if isinstance(t, torch.Tensor) and k != "step":
+                    st[k] = t.view(params[i].shape)
     return dict(sd, state=dict(sorted(state.items())))
+
+
+def _local_state(opt, saved: dict, params: list) -> dict:
+    """The data-parallel ``load_state_dict()``: a split parameter's state narrowed to this rank's range."""
+    out = dict(saved)
+    for i, st in saved.items():
+        lo, n = opt._core.shard_range(opt._index[params[i]])
+        if n < 0 or not st:
+            continue
+        loc = dict(st)
+        for k, t in st.items():
+            if isinstance(t, torch.Tensor) and k != "step" and t.numel() == params[i].numel():
+                loc[k] = t.reshape(-1)[lo:lo + n].clone()
+        out[i] = loc
+    return out
 
 
 def save_checkpoint(path: str, obj_fn=None, *, optimizer=None, model=None, group: Optional[Any] = None,

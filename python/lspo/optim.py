@@ -325,6 +325,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         if state_dict.get("lspo_optimizer", self._kind) != self._kind:
             raise ValueError(f"{self._kind}.load_state_dict: the checkpoint holds the state of a "
                              f"{state_dict['lspo_optimizer']}, not of a {self._kind}")
+        if getattr(self, "_dist", None) is not None:  # data parallel: a split parameter keeps its range
+            from .distributed import _local_state
+            saved = _local_state(self, saved, params)
         for i, p in enumerate(params):  # validate every slot first: a bad checkpoint changes nothing
             if i in saved and saved[i]:
                 try:

@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--clip", type=float, default=None)
     ap.add_argument("--refit-every", type=int, default=2)
     ap.add_argument("--no-dist", action="store_true")
+    ap.add_argument("--split", type=int, default=200, help="split dense parameters of >= this many elements")
     ap.add_argument("--save-at", type=int, default=0)
     ap.add_argument("--ckpt", default="")
     ap.add_argument("--resume", default="")
@@ -64,7 +65,7 @@ def main():
         rank, world = dist.get_rank(), dist.get_world_size()
     model, opt = build(args)
     if not args.no_dist:
-        ld.data_parallel(opt)
+        ld.data_parallel(opt, split_min_numel=args.split)
     X, Y = data(args)
     per = 2 * args.b // world
     start = 0
@@ -107,6 +108,7 @@ def main():
                    norm=opt.last_grad_norm if hasattr(opt, "last_grad_norm") else None)
         if not args.no_dist and not err:
             out["comm"] = dict(opt._dist.stats)
+            out["owners"] = [opt._core.owner(i) for i in range(opt._core.num_slots)]
         torch.save(out, args.out)
     if args.die and rank == 0:
         os._exit(0)  # the group is broken: skip the destroy handshake

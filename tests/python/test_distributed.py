@@ -95,7 +95,8 @@ def test_lsp_host_state_per_rank_halves(lsp_runs):
     _, _, two, one = lsp_runs
     assert len(two["host"]) == 2 and min(two["host"]) > 0
     assert max(two["host"]) <= 0.55 * one["host"][0]
-    assert sum(two["host"]) == one["host"][0]  # each slot's state exists on exactly one rank
+    assert sum(two["host"]) == one["host"][0]  # each slot's state (or range of it) lives on exactly one rank
+    assert -1 in two["owners"] and {0, 1} <= set(two["owners"])  # owned slots on both ranks, and a split one
 
 
 def test_offload_two_ranks_match_one_rank(tmp_path):
@@ -106,6 +107,7 @@ def test_offload_two_ranks_match_one_rank(tmp_path):
     assert state_diff(two["state"], one["state"]) < ATOL
     assert two["norm"] == pytest.approx(one["norm"], rel=1e-5) and one["norm"] > CLIP
     assert max(two["host"]) <= 0.55 * one["host"][0] and sum(two["host"]) == one["host"][0]
+    assert two["owners"].count(-1) == 3  # the three weights (>= 200 elements) are split over the ranks
 
 
 def test_checkpoint_from_world_two_resumes_in_world_one_and_two(lsp_runs):
