@@ -103,6 +103,7 @@ def worker(args) -> dict:
         t0 = time.perf_counter()
         before = dict(opt._dist.stats) if use_dist else None
         xb = xs[0][rank * 2 // world:(rank + 1) * 2 // world]
+        xb = xb.flip(0) if args.swap else xb
         model(input_ids=xb, labels=xb).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -138,6 +139,7 @@ def worker(args) -> dict:
             t0 = time.perf_counter()
             for k, x in enumerate(xs):
                 xb = x[rank * 4 // world:(rank + 1) * 4 // world]
+                xb = xb.flip(0) if args.swap else xb
                 if kind == "ddp_zero" and use_dist and k < len(xs) - 1:
                     with net.no_sync():
                         (tiny_loss(net, xb) / len(xs)).backward()
@@ -169,6 +171,45 @@ def worker(args) -> dict:
     return out if rank == 0 else {}
 
 
+def layout_variants() -> dict:
+    """bytes_vs_ddp of other LSPAdamW configurations on SmolLM2-135M shapes, computed from the slot
+    layout: per step the core reduces dP x dQ fp32 per projected matrix and the gradient of every
+    other trainable parameter (the formula tests/python/test_distributed.py checks against measured
+    bytes, and the measured default row here)."""
+    model = smollm2(0)
+    emb = model.get_input_embeddings().weight
+    out = {}
+    cases = {
+        "d256_all_trainable": (dict(subspace=256), None, False),
+        "d512_all_trainable (LSPAdamW default d)": (dict(subspace=512), None, False),
+        "d256_embedding_frozen": (dict(subspace=256), None, True),
+        "d128_min_dim128_embedding_frozen": (dict(subspace=128, min_dim=128), None, True),
+        "d256_embedding_projected (project=True group)": (dict(subspace=256), True, False),
+        "d128_min_dim128_embedding_projected": (dict(subspace=128, min_dim=128), True, False),
+    }
+    for name, (kw, proj_emb, freeze) in cases.items():
+        emb.requires_grad_(not freeze)
+        if proj_emb:
+            rest = [p for p in model.parameters() if p is not emb]
+            opt = lspo.LSPAdamW([{"params": [emb], "project": True}, {"params": rest}], nnz=8, refit_every=0, **kw)
+        else:
+            opt = lspo.LSPAdamW(model, nnz=8, refit_every=0, **kw)
+        core = opt._core
+        sent = 0
+        for p, i in opt._index.items():
+            if not p.requires_grad:
+                continue
+            if core.is_projected(i):
+                pd, qd = core.projectors(i)[2], core.projectors(i)[5]
+                sent += pd * qd * 4
+            else:
+                sent += p.numel() * p.element_size()
+        out[name] = round(sent / unique_grad_bytes(model), 4)
+        del opt
+    emb.requires_grad_(True)
+    return out
+
+
 def port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -183,6 +224,7 @@ def main():
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--worker", default="")
     ap.add_argument("--no-dist", action="store_true")
+    ap.add_argument("--swap", action="store_true", help="reverse the samples of each batch (same math, other rounding)")
     args = ap.parse_args()
     args.steps = args.steps or (3 if args.quick else 6)
     args.tiny_steps = args.tiny_steps or (5 if args.quick else 12)
@@ -200,11 +242,16 @@ def main():
                         f"--master_port={port()}", __file__, "--worker", f2, *common], env=env, check=True)
         t_two = time.perf_counter() - t0
         subprocess.run([sys.executable, __file__, "--worker", f1, "--no-dist", *common], env=env, check=True)
+        fs = os.path.join(tmp, "swap.pt")
+        subprocess.run([sys.executable, __file__, "--worker", fs, "--no-dist", "--swap", *common], env=env, check=True)
         two, one = torch.load(f2, weights_only=False), torch.load(f1, weights_only=False)
+        swap = torch.load(fs, weights_only=False)
 
-    def diff(k):
-        return max((two[k]["params"][n] - one[k]["params"][n]).abs().max().item() for n in one[k]["params"])
+    def diff(k, a=None):
+        a = two if a is None else a
+        return max((a[k]["params"][n] - one[k]["params"][n]).abs().max().item() for n in one[k]["params"])
 
+    variants = layout_variants()
     s2, s1 = two["smollm2"], one["smollm2"]
     last = s2["per_step"][-1]
     ddp = s2["ddp_bytes"]
@@ -219,7 +266,8 @@ def main():
         small_allreduce_bytes_per_step=last["all_reduce_bytes"],
         bytes_vs_ddp=last["reduce_bytes"] / ddp,
         gather_bytes_vs_ddp=last["broadcast_bytes"] / ddp,
-        refit_step_bytes_vs_ddp=1.0,  # a refit step reduces the dense gradients (the owner fits on them)
+        refit_step_bytes_vs_ddp=1.0,
+        bytes_vs_ddp_by_config=variants,  # a refit step reduces the dense gradients (the owner fits on them)
         projected_param_fraction=s2["projected_bytes"] / ddp,
         state_bytes_per_rank=s2["hosts"],
         state_bytes_one_rank=s1["hosts"][0],
@@ -229,6 +277,9 @@ def main():
         tiny_lsp_two_vs_one_max_abs_diff=diff("lsp"),
         tiny_offload_two_vs_one_max_abs_diff=diff("offload"),
         two_vs_one_rank_max_abs_diff=max(diff("smollm2"), diff("lsp"), diff("offload")),
+        # the fp32 noise floor: 1 rank, the same global batch with its samples in the other order (the
+        # same math; only the rounding of the batch mean differs), against the plain 1-rank run
+        one_rank_reordered_max_abs_diff={k: diff(k, swap) for k in ("smollm2", "lsp", "offload")},
         tiny_state_bytes_per_rank_ratio={k: max(two[k]["hosts"]) / one[k]["hosts"][0]
                                          for k in ("lsp", "offload", "ddp_zero")},
         tiny_step_s_two_ranks={k: two[k]["step_s"] for k in ("lsp", "offload", "ddp_zero")},
@@ -240,10 +291,12 @@ def main():
     print(f"bytes per step: ours reduced {res['reduced_bytes_per_step'] / 1e6:.1f} MB + broadcast "
           f"{res['broadcast_bytes_per_step'] / 1e6:.1f} MB; DDP all-reduces {ddp / 1e6:.1f} MB "
           f"-> bytes_vs_ddp {res['bytes_vs_ddp']:.3f}")
+    print("bytes_vs_ddp by configuration (slot layout):", json.dumps(variants, indent=1))
     print(f"host state per rank: {[f'{h / 1e6:.0f} MB' for h in s2['hosts']]} vs {s1['hosts'][0] / 1e6:.0f} MB "
           f"on one rank -> ratio {res['state_bytes_per_rank_ratio']:.3f}")
     print(f"2 vs 1 rank max |dW|: smollm2 {res['smollm2_two_vs_one_max_abs_diff']:.2e}, tiny lsp "
-          f"{res['tiny_lsp_two_vs_one_max_abs_diff']:.2e}, tiny offload {res['tiny_offload_two_vs_one_max_abs_diff']:.2e}")
+          f"{res['tiny_lsp_two_vs_one_max_abs_diff']:.2e}, tiny offload {res['tiny_offload_two_vs_one_max_abs_diff']:.2e}"
+          f"; fp32 noise floor (1 rank, samples reordered): {res['one_rank_reordered_max_abs_diff']}")
     print(json.dumps(res))
 
 
