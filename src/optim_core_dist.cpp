@@ -121,7 +121,26 @@ void OptimizerCore::Impl::dist_check_live(const std::vector<CoreSlot*>& live) {
 void OptimizerCore::Impl::dist_reduce(const std::vector<CoreSlot*>& live) {
   std::vector<torch::Tensor> ts;
   std::vector<int64_t> owners;
-  for (CoreSlot* s : live) {
+  for (CoreSlot* s : live) reduce_pieces(*s, ts, owners);
+  comm->reduce_sum(ts, owners, "gradient reduce");
+  const double inv = 1.0 / static_cast<double>(comm->world_size());
+  for (size_t k = 0; k < ts.size(); ++k)
+    if (owners[k] == comm->rank()) ts[k].mul_(inv);
+}
+
+std::pair<std::vector<torch::Tensor>, std::vector<int64_t>> OptimizerCore::reduce_pieces(int64_t slot) {
+  std::lock_guard<std::mutex> lk(impl_->mu);
+  LSPO_CHECK(impl_->comm, impl_->opt.name, ": reduce_pieces needs a communicator (set_communicator)");
+  std::pair<std::vector<torch::Tensor>, std::vector<int64_t>> out;
+  impl_->reduce_pieces(impl_->slot(slot, "reduce_pieces"), out.first, out.second);
+  return out;
+}
+
+// What the slot sends to the step's reduce, now: its compressed sum and/or its dense gradient (a split
+// slot's in one range per rank), with the rank each piece is summed onto.
+void OptimizerCore::Impl::reduce_pieces(CoreSlot& slot, std::vector<torch::Tensor>& ts, std::vector<int64_t>& owners) {
+  CoreSlot* s = &slot;
+  {
     if (s->projected && s->acc_count > 0) {
       ts.push_back(s->acc);
       owners.push_back(s->owner);
@@ -141,10 +160,6 @@ void OptimizerCore::Impl::dist_reduce(const std::vector<CoreSlot*>& live) {
       }
     }
   }
-  comm->reduce_sum(ts, owners, "gradient reduce");
-  const double inv = 1.0 / static_cast<double>(comm->world_size());
-  for (size_t k = 0; k < ts.size(); ++k)
-    if (owners[k] == comm->rank()) ts[k].mul_(inv);
 }
 
 void OptimizerCore::Impl::dist_norms(std::vector<double>& norms, const std::vector<CoreSlot*>& live) {

@@ -101,6 +101,7 @@ struct OptimizerCore::Impl {
   void assign_owner(CoreSlot& s);
   void dist_check_live(const std::vector<CoreSlot*>& live);
   void dist_reduce(const std::vector<CoreSlot*>& live);
+  void reduce_pieces(CoreSlot& s, std::vector<torch::Tensor>& ts, std::vector<int64_t>& owners);
   void dist_sum(std::vector<double>& v, const char* what);
   void dist_norms(std::vector<double>& norms, const std::vector<CoreSlot*>& live);  // + trailing entries
   void dist_sync_refits(const std::vector<CoreSlot*>& refitted, size_t first_record);

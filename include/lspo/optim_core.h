@@ -167,6 +167,9 @@ class OptimizerCore {
   int64_t owner(int64_t slot) const;  // 0 without a communicator
   bool owns(int64_t slot) const;      // true without a communicator
   std::pair<int64_t, int64_t> shard_range(int64_t slot) const;  // (lo, len) of a split slot; len -1: whole
+  // The tensors (and their destination ranks) the slot would send to step()'s reduce now: a face may
+  // launch that reduce early, from the gradient hook of the last micro-batch (dist.h).
+  std::pair<std::vector<torch::Tensor>, std::vector<int64_t>> reduce_pieces(int64_t slot);
 
  private:
   struct Impl;

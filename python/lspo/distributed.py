@@ -32,7 +32,9 @@ the collective.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -41,7 +43,7 @@ import torch.distributed as dist
 from . import _C
 from ._C import LspoError
 
-__all__ = ["TorchCommunicator", "data_parallel", "save_checkpoint", "load_checkpoint", "is_partial"]
+__all__ = ["TorchCommunicator", "data_parallel", "no_sync", "save_checkpoint", "load_checkpoint", "is_partial"]
 
 _BUCKET_BYTES = 25 << 20
 
@@ -52,8 +54,13 @@ class TorchCommunicator(_C.Communicator):
     then waited for. With NCCL, host tensors travel through the current CUDA device. ``stats`` counts
     the payload bytes this rank handed to each kind of collective."""
 
-    def __init__(self, group: Optional[Any] = None, bucket_bytes: int = _BUCKET_BYTES):
+    def __init__(self, group: Optional[Any] = None, bucket_bytes: int = _BUCKET_BYTES, overlap: bool = True):
         super().__init__()
+        self.overlap = bool(overlap)  # reduces launched from the gradient hooks (prelaunch)
+        self.sync = True              # False inside no_sync(): accumulation micro-batches launch nothing
+        self._pending: Dict[tuple, List[torch.Tensor]] = {}
+        self._pending_bytes: Dict[tuple, int] = {}
+        self._launched: List[tuple] = []
         if not dist.is_available() or not dist.is_initialized():
             raise LspoError("lspo.distributed: torch.distributed is not initialized (call "
                             "torch.distributed.init_process_group first, e.g. under torchrun)")
@@ -63,7 +70,8 @@ class TorchCommunicator(_C.Communicator):
         backend = dist.get_backend(group)
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         self.bucket_bytes = int(bucket_bytes)
-        self.stats: Dict[str, int] = {"reduce_bytes": 0, "broadcast_bytes": 0, "all_reduce_bytes": 0, "steps": 0}
+        self.stats: Dict[str, int] = {"reduce_bytes": 0, "broadcast_bytes": 0, "all_reduce_bytes": 0, "steps": 0,
+                                      "early_bytes": 0}  # early: launched during backward and used
 
     def rank(self) -> int:
         return self._rank
@@ -125,8 +133,69 @@ class TorchCommunicator(_C.Communicator):
                 t.copy_(flat[off:off + n].view(t.shape))
                 off += n
 
+    # ------------------------------------------------------------ reduces launched during backward
+    def prelaunch(self, tensors: List[torch.Tensor], owners: List[int]) -> None:
+        """From a gradient hook: queue the pieces of one slot (``OptimizerCore.reduce_pieces``) into
+        their (owner, dtype) bucket; a full bucket is launched (asynchronously) at once. The data is
+        snapshotted at launch; ``reduce_sum`` at the step uses a launched piece only if the tensor
+        is unchanged since (same storage and version) on every rank, and reduces it again otherwise."""
+        for t, o in zip(tensors, owners):
+            key = (int(o), t.dtype)
+            self._pending.setdefault(key, []).append(t)
+            self._pending_bytes[key] = self._pending_bytes.get(key, 0) + t.numel() * t.element_size()
+            if self._pending_bytes[key] >= self.bucket_bytes:
+                self._launch(key)
+
+    def _launch(self, key: tuple) -> None:
+        ts = self._pending.pop(key)
+        self._pending_bytes.pop(key)
+        try:
+            flat = torch.cat([t.reshape(-1).to(self.device) for t in ts])
+            work = dist.reduce(flat, self._global(key[0]), op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        except Exception as e:  # noqa: BLE001
+            raise self._fail("gradient reduce (launched during backward)", e) from e
+        self.stats["reduce_bytes"] += flat.numel() * flat.element_size()
+        self._launched.append((key[0], [(t, t._version) for t in ts], flat, work))
+
     def reduce_sum(self, tensors, owners, what):
-        self._run(list(tensors), list(owners), what, "reduce")
+        tensors, owners = list(tensors), list(owners)
+        if not self.overlap:
+            self._run(tensors, owners, what, "reduce")
+            return
+        for key in sorted(self._pending, key=lambda k: (k[0], str(k[1]))):  # the same order on every rank
+            self._launch(key)
+        index = {}
+        for li, (o, items, flat, _) in enumerate(self._launched):
+            off = 0
+            for t, ver in items:  # a later launch of the same tensor replaces an earlier one
+                index[(t.data_ptr(), t.numel(), t.dtype, o)] = (li, off, ver)
+                off += t.numel()
+        hits = []
+        flags = torch.zeros(len(tensors), dtype=torch.float64)
+        for i, (t, o) in enumerate(zip(tensors, owners)):
+            h = index.get((t.data_ptr(), t.numel(), t.dtype, int(o)))
+            ok = h is not None and h[2] == t._version
+            flags[i] = 1.0 if ok else 0.0
+            hits.append(h if ok else None)
+        launched, self._launched = self._launched, []
+        try:
+            if len(tensors):
+                dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.group)  # usable on every rank?
+            for _, _, _, work in launched:
+                work.wait()
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(what, e) from e
+        self.stats["all_reduce_bytes"] += flags.numel() * flags.element_size()
+        todo = []
+        for i, (t, o) in enumerate(zip(tensors, owners)):
+            if flags[i].item() != self._world:
+                todo.append(i)
+                continue
+            self.stats["early_bytes"] += t.numel() * t.element_size()
+            if int(o) == self._rank:
+                li, off, _ = hits[i]
+                t.copy_(launched[li][2][off:off + t.numel()].view(t.shape))
+        self._run([tensors[i] for i in todo], [owners[i] for i in todo], what, "reduce")
 
     def broadcast(self, tensors, owners, what):
         self._run(list(tensors), list(owners), what, "broadcast")
@@ -144,7 +213,7 @@ class TorchCommunicator(_C.Communicator):
 
 
 def data_parallel(opt, group: Optional[Any] = None, *, broadcast_parameters: bool = True,
-                  bucket_bytes: int = _BUCKET_BYTES, split_min_numel: int = 1 << 20):
+                  bucket_bytes: int = _BUCKET_BYTES, split_min_numel: int = 1 << 20, overlap: bool = True):
     """Makes ``opt`` (an :class:`~lspo.OffloadAdamW` or :class:`~lspo.LSPAdamW`, built the same way on
     every rank) data parallel over ``group`` (default: the world). Call it on every rank before the
     first backward. Returns ``opt``.
@@ -152,10 +221,15 @@ def data_parallel(opt, group: Optional[Any] = None, *, broadcast_parameters: boo
     Every parameter gets one owner rank (balanced by host-state bytes, largest first), except dense
     parameters of at least ``split_min_numel`` elements (0: none), which are split into one
     contiguous range per rank (their gradient is reduce-scattered, each rank runs Adam on its range,
-    the ranges are all-gathered): one big embedding would otherwise bound the state per rank."""
+    the ranges are all-gathered): one big embedding would otherwise bound the state per rank.
+
+    ``overlap``: each parameter's reduce is queued from its gradient hook and launched, bucketed and
+    asynchronously, while backward goes on; wrap the accumulation micro-batches (all but the last of
+    a step) in :func:`no_sync` -- as with DDP -- or their launches are wasted (the step reduces the
+    final sums again; results stay right)."""
     if getattr(opt, "_dist", None) is not None:
         raise LspoError(f"{opt._kind}: data_parallel() was already called on this optimizer")
-    comm = TorchCommunicator(group, bucket_bytes)
+    comm = TorchCommunicator(group, bucket_bytes, overlap)
     params = [p for g in opt.param_groups for p in g["params"]]
     if broadcast_parameters:
         try:
@@ -169,7 +243,36 @@ def data_parallel(opt, group: Optional[Any] = None, *, broadcast_parameters: boo
             raise comm._fail("parameter broadcast", e) from e
     opt._core.set_communicator(comm, int(split_min_numel))
     opt._dist = comm
+    if overlap:
+        ref = weakref.ref(opt)
+        for p, i in opt._index.items():
+            if p.requires_grad:  # after the optimizer's own hook: the core has consumed the gradient
+                opt._hooks.append(p.register_post_accumulate_grad_hook(_prelaunch_hook(ref, i)))
     return opt
+
+
+def _prelaunch_hook(opt_ref, slot: int):
+    def hook(_p: torch.Tensor) -> None:
+        opt = opt_ref()
+        if opt is not None and opt._dist.sync:
+            ts, owners = opt._core.reduce_pieces(slot)
+            opt._dist.prelaunch(ts, owners)
+    return torch.compiler.disable(hook)
+
+
+@contextlib.contextmanager
+def no_sync(opt):
+    """Backward passes inside launch no reduce (gradient accumulation: every micro-batch of a step
+    but the last), as ``DistributedDataParallel.no_sync``. The step's reduce covers them anyway."""
+    comm = getattr(opt, "_dist", None)
+    if comm is None:
+        yield
+        return
+    prev, comm.sync = comm.sync, False
+    try:
+        yield
+    finally:
+        comm.sync = prev
 
 
 def is_partial(state_dict: dict) -> bool:

@@ -81,6 +81,7 @@ LSPO_REGISTER_BINDINGS(core) {
       .def("slots_on_disk", &OptimizerCore::slots_on_disk)
       .def("set_communicator", &OptimizerCore::set_communicator, py::arg("comm"), py::arg("split_min_numel") = 0)
       .def("shard_range", &OptimizerCore::shard_range)
+      .def("reduce_pieces", &OptimizerCore::reduce_pieces)
       .def_property_readonly("distributed", &OptimizerCore::distributed)
       .def("owner", &OptimizerCore::owner)
       .def("owns", &OptimizerCore::owns)

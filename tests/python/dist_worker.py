@@ -8,6 +8,7 @@ state_dict and per-rank host-state bytes to --out (torch.save)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -48,6 +49,8 @@ def main():
     ap.add_argument("--clip", type=float, default=None)
     ap.add_argument("--refit-every", type=int, default=2)
     ap.add_argument("--no-dist", action="store_true")
+    ap.add_argument("--no-sync", action="store_true", help="accumulation micro-batches inside ld.no_sync(opt)")
+    ap.add_argument("--no-overlap", action="store_true", help="reduce only at step() (no launches from hooks)")
     ap.add_argument("--split", type=int, default=200, help="split dense parameters of >= this many elements")
     ap.add_argument("--save-at", type=int, default=0)
     ap.add_argument("--ckpt", default="")
@@ -65,7 +68,7 @@ def main():
         rank, world = dist.get_rank(), dist.get_world_size()
     model, opt = build(args)
     if not args.no_dist:
-        ld.data_parallel(opt, split_min_numel=args.split)
+        ld.data_parallel(opt, split_min_numel=args.split, overlap=not args.no_overlap)
     X, Y = data(args)
     per = 2 * args.b // world
     start = 0
@@ -80,8 +83,10 @@ def main():
             for k in range(args.accum):
                 x = X[t, k, rank * per:(rank + 1) * per]
                 y = Y[t, k, rank * per:(rank + 1) * per]
-                loss = torch.nn.functional.mse_loss(model(x), y) / args.accum
-                loss.backward()
+                quiet = args.no_sync and k < args.accum - 1  # accumulation micro-batches launch nothing
+                with ld.no_sync(opt) if quiet else contextlib.nullcontext():
+                    loss = torch.nn.functional.mse_loss(model(x), y) / args.accum
+                    loss.backward()
             if args.die == "step" and rank == 1 and t == 1:
                 os._exit(3)  # dies mid-step: after backward, before the collectives
             opt.step()

@@ -70,7 +70,7 @@ def state_diff(a, b):
 def lsp_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lsp")
     ck = str(tmp / "ck.pt")
-    two, _ = run(tmp, "two", "--opt", "lsp", "--clip", CLIP, "--save-at", 3, "--ckpt", ck)
+    two, _ = run(tmp, "two", "--opt", "lsp", "--clip", CLIP, "--save-at", 3, "--ckpt", ck, "--no-sync")
     one, _ = run(tmp, "one", "--opt", "lsp", "--clip", CLIP, world=1)
     return tmp, ck, two, one
 
@@ -89,6 +89,9 @@ def test_lsp_two_ranks_match_one_rank(lsp_runs):
     proj = sum(one["params"][n].numel() * 4 for n in ("0.weight", "3.weight"))
     assert two["comm"]["steps"] == 6
     assert two["comm"]["reduce_bytes"] == 3 * dense + 3 * (dense - proj + 2 * 12 * 12 * 4)
+    # with no_sync() on the first micro-batch, every reduce was launched from the hooks during the
+    # last backward and used as launched
+    assert two["comm"]["early_bytes"] == two["comm"]["reduce_bytes"]
 
 
 def test_lsp_host_state_per_rank_halves(lsp_runs):
@@ -99,8 +102,12 @@ def test_lsp_host_state_per_rank_halves(lsp_runs):
     assert -1 in two["owners"] and {0, 1} <= set(two["owners"])  # owned slots on both ranks, and a split one
 
 
-def test_offload_two_ranks_match_one_rank(tmp_path):
-    two, _ = run(tmp_path, "two", "--opt", "offload", "--clip", CLIP)
+@pytest.mark.parametrize("mode", ["stale_launches", "no_overlap"])
+def test_offload_two_ranks_match_one_rank(tmp_path, mode):
+    # stale_launches: accumulation without no_sync(): the first micro-batch's launches are outdated by
+    # the second and the step reduces again; no_overlap: every reduce at step()
+    two, _ = run(tmp_path, "two", "--opt", "offload", "--clip", CLIP,
+                 *(["--no-overlap"] if mode == "no_overlap" else []))
     one, _ = run(tmp_path, "one", "--opt", "offload", "--clip", CLIP, world=1)
     assert not two["error"]
     assert max_diff(two["params"], one["params"]) < ATOL
@@ -108,6 +115,11 @@ def test_offload_two_ranks_match_one_rank(tmp_path):
     assert two["norm"] == pytest.approx(one["norm"], rel=1e-5) and one["norm"] > CLIP
     assert max(two["host"]) <= 0.55 * one["host"][0] and sum(two["host"]) == one["host"][0]
     assert two["owners"].count(-1) == 3  # the three weights (>= 200 elements) are split over the ranks
+    dense = sum(p.numel() * 4 for p in one["params"].values())
+    if mode == "no_overlap":
+        assert two["comm"]["reduce_bytes"] == 6 * dense and two["comm"]["early_bytes"] == 0
+    else:  # launched twice (2 micro-batches), the second launch used
+        assert two["comm"]["reduce_bytes"] == 2 * 6 * dense and two["comm"]["early_bytes"] == 6 * dense
 
 
 def test_checkpoint_from_world_two_resumes_in_world_one_and_two(lsp_runs):
@@ -130,5 +142,8 @@ def test_dead_rank_gives_clear_error_and_no_checkpoint(tmp_path, when):
     assert p.returncode != 0  # torchrun reports the dead rank
     err = res["error"]
     assert err.startswith("lspo.distributed: rank 0 of 2: the collective"), err
-    assert ("state_dict gather" if when == "save" else "gradient presence check") in err
+    # the first collective that waits on the dead peer: the reduces launched during backward, or the
+    # presence check after them
+    assert any(w in err for w in (("state_dict gather",) if when == "save" else
+                                  ("gradient presence check", "gradient reduce"))), err
     assert not ck.exists() and not [f for f in os.listdir(tmp_path) if f.startswith("ck.pt")]
