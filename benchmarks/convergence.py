@@ -30,6 +30,16 @@ setting; it is counted in RSS), deduplicated by storage.
                                                       docs/img/convergence_<steps>steps_lr<lr>_{steps,time}.png
   python benchmarks/convergence.py --quick ...        tiny model, few steps (the smoke test)
 Last stdout line: one JSON object {"runs": {name: {final_val_loss, ...}}, "lsp_vs_adamw": ..., ...}.
+(The from-scratch runs are a stress test for the subspace optimizers, not their use case.)
+
+Fine-tuning protocol (benchmarks/ft_protocol.py):
+  python benchmarks/convergence.py --finetune [--quick] [--ft-runs adamw,lsp,...] [--out results.json]
+TinyGPT pretrained with AdamW on tinyshakespeare (cached), fine-tuned on GSM8K SFT (loss on answer
+bytes) with torch AdamW, lspo.LSPAdamW (its defaults, subspace n/2), peft LoRA r=16 and r=64, GaLore at
+LSPAdamW's optimizer memory; each optimizer's lr is the best of its 3-point grid on the validation
+split (seed 0), then more seeds at that lr; reported: test-split answer loss (mean over seeds).
+--quick: a CI-sized model and run (a few minutes). Last line JSON: lsp_vs_adamw_finetune_loss_ratio,
+lsp_vs_lora_loss_ratio, lsp_vs_galore_loss_ratio, learned_vs_random_heldout_error, refit_time_fraction.
 """
 import argparse
 import json
@@ -169,9 +179,9 @@ def worker(name, a):
            "state_bytes": state_bytes(opt), "rss_before_opt_mb": rss0,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if name.startswith("lsp_"):
-        rec["refits"] = sum(1 for r in opt.refits if r["refit"])
+        rec["refits"] = sum(1 for r in opt.refits if r["kept"])
         rec["refit_checks"] = len(opt.refits)
-        errs = [r["error_before"] for r in opt.refits]
+        errs = [r["heldout_before"] for r in opt.refits]
         rec["refit_error_before_mean"] = sum(errs) / len(errs) if errs else None
         rec["projected_params"] = len(opt.projected_params)
     if name == "galore":
@@ -250,13 +260,153 @@ def table(recs):
         rel = f"{100 * (r['final_val_loss'] / base - 1):+.2f}%" if base else "-"
         note = ""
         if "refits" in r:
-            note = (f"{r['projected_params']} projected; {r['refits']}/{r['refit_checks']} refit checks refitted "
-                    f"(mean e before {r['refit_error_before_mean']:.2f})")
+            note = (f"{r['projected_params']} projected; {r['refits']}/{r['refit_checks']} refit checks kept a fit "
+                    f"(mean held-out e before {r['refit_error_before_mean']:.2f})")
         if "galore_rank" in r:
             note = f"rank {r['galore_rank']}"
         log(f"| {r['label']} | {r['final_val_loss']:.4f} | {rel} | {r['state_bytes'] / 2**20:.2f} MiB | "
             f"{r['trainable_params'] / 1e6:.2f}M | {r['peak_rss_mb']:.0f} MB | {r['train_s']:.0f} s | "
             f"{r['s_per_step']:.3f} | {note} |")
+
+
+# ------------------------------------------------------------------ fine-tuning protocol (--finetune)
+FT_RUNS = ("adamw", "lsp", "lora_r16", "lora_r64", "galore")
+# 3-point grids (a first quick run with adamw/lsp at 1e-4..1e-3 and galore at 3e-4..3e-3 put every best at
+# the grid's top: benchmarks/results/finetune_quick_grid1.json)
+FT_GRIDS = {"adamw": (1e-3, 3e-3, 1e-2), "lsp": (1e-3, 3e-3, 1e-2), "lora_r16": (3e-3, 1e-2, 3e-2),
+            "lora_r64": (3e-3, 1e-2, 3e-2), "galore": (1e-3, 3e-3, 1e-2)}
+
+
+def finetune_main(a):
+    import ft_protocol as ftp
+    if a.quick:
+        spec = ftp.TinySpec(n_layer=2, n_embd=128, block=128, pretrain_steps=a.pretrain_steps or 300, pretrain_batch=16)
+        cfg = ftp.FtConfig(steps=a.ft_steps or 150, batch=8, micro=4, eval_every=50, lsp_subspace=64,
+                           threads=a.threads)
+        n_val = n_test = a.ft_eval or 64
+    else:
+        spec = ftp.TinySpec(n_layer=6, n_embd=256, block=a.ft_block, pretrain_steps=a.pretrain_steps or 1500,
+                            pretrain_batch=16)
+        cfg = ftp.FtConfig(steps=a.ft_steps or 500, batch=a.ft_batch, micro=4, eval_every=50, lsp_subspace=128,
+                           threads=a.threads)
+        n_val = n_test = a.ft_eval or 256
+    a.ft_seeds = a.ft_seeds or (1 if a.quick else 2)
+    cfg.lsp_kwargs = {"refit_diagnostics": True}
+    if a.lsp_kwargs:
+        cfg.lsp_kwargs.update(json.loads(a.lsp_kwargs))
+    torch.set_num_threads(a.threads)
+    lspo.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    _, pre = ftp.pretrained_tinygpt(spec, log=log)
+    log(f"finetune: TinyGPT {spec.n_layer}x{spec.n_embd} (block {spec.block}) pretrained {spec.pretrain_steps} steps "
+        f"(val loss {pre['val_loss']:.3f}); GSM8K bytes, {cfg.steps} steps x {cfg.batch} seqs ({cfg.micro} micro-batches), "
+        f"lsp d={cfg.lsp_subspace} {cfg.lsp_kwargs}; seeds {a.ft_seeds}; {a.threads} thread(s); load {load0:.2f}")
+    data = ftp.ByteSFT(spec.block, n_val=n_val, n_test=n_test)
+    runs = [r for r in (a.ft_runs.split(",") if a.ft_runs else FT_RUNS) if r]
+    results = {}
+    for name in runs:
+        grid = [float(x) for x in a.ft_lrs.split(",")] if a.ft_lrs else FT_GRIDS[name]
+        sweep = []
+        for lr in grid:
+            try:
+                rec = ftp.finetune(name, lr, 0, spec, cfg, data, log=log if a.progress else None)
+            except ImportError as e:
+                log(f"{name}: not run ({e})")
+                sweep = None
+                break
+            sweep.append(rec)
+            log(f"{name} lr {lr:g} seed 0: val {rec['val_loss']:.4f} test {rec['test_loss']:.4f} "
+                f"({rec['train_s']:.0f} s{', refit %.1f s' % rec['refit_s'] if 'refit_s' in rec else ''})")
+        if sweep is None:
+            continue
+        best = min(sweep, key=lambda r: r["val_loss"])
+        seeds = [best] + [ftp.finetune(name, best["lr"], sd, spec, cfg, data) for sd in range(1, a.ft_seeds)]
+        for r in seeds[1:]:
+            log(f"{name} lr {r['lr']:g} seed {r['seed']}: val {r['val_loss']:.4f} test {r['test_loss']:.4f}")
+        mean = lambda k: sum(r[k] for r in seeds) / len(seeds)  # noqa: E731
+        results[name] = {"lr": best["lr"], "sweep_val": {f"{r['lr']:g}": r["val_loss"] for r in sweep},
+                         "test_loss": mean("test_loss"), "val_loss": mean("val_loss"),
+                         "test_loss_seeds": [r["test_loss"] for r in seeds], "train_s": mean("train_s"),
+                         "state_bytes": best["state_bytes"], "trainable_params": best["trainable_params"],
+                         "curve": best["curve"]}
+        for k in ("galore_rank", "refit_checks", "refits_kept", "refits_fitted", "refit_s", "refit_time_fraction",
+                  "learned_vs_random_heldout_error", "heldout_error_learned_mean", "heldout_error_random_mean"):
+            if k in best:
+                results[name][k] = (sum(r[k] for r in seeds if r.get(k) is not None) /
+                                    max(1, sum(1 for r in seeds if r.get(k) is not None))) \
+                    if isinstance(best[k], float) else best[k]
+    ratio = lambda x, y: (results[x]["test_loss"] / results[y]["test_loss"]  # noqa: E731
+                          if x in results and y in results else None)
+    lsp = results.get("lsp", {})
+    loras = sorted((k for k in results if k.startswith("lora_")), key=lambda k: results[k]["state_bytes"])
+    lora_peer = next((k for k in loras if results[k]["state_bytes"] >= lsp.get("state_bytes", 0)),
+                     loras[-1] if loras else None)
+    summary = {
+        "protocol": "quick" if a.quick else "full",
+        "model": f"TinyGPT {spec.n_layer}x{spec.n_embd} block {spec.block}", "pretrain_val_loss": pre["val_loss"],
+        "steps": cfg.steps, "batch": cfg.batch, "micro": cfg.micro, "seeds": a.ft_seeds,
+        "lsp_kwargs": cfg.lsp_kwargs, "lsp_subspace": cfg.lsp_subspace,
+        "runs": {k: {x: v for x, v in r.items() if x != "curve"} for k, r in results.items()},
+        "lsp_vs_adamw_finetune_loss_ratio": ratio("lsp", "adamw"),
+        "lsp_vs_lora_loss_ratio": ratio("lsp", lora_peer) if lora_peer else None, "lora_peer": lora_peer,
+        "lsp_vs_galore_loss_ratio": ratio("lsp", "galore"),
+        "learned_vs_random_heldout_error": lsp.get("learned_vs_random_heldout_error"),
+        "refit_time_fraction": lsp.get("refit_time_fraction"),
+        "elapsed_s": time.perf_counter() - t0, "load_average_start_end": [load0, os.getloadavg()[0]],
+        "cpu": lspo.cpu_info() if hasattr(lspo, "cpu_info") else None,
+    }
+    log("\n| optimizer | lr (best of grid) | val loss | test loss (mean of seeds) | vs AdamW | optimizer state | "
+        "train time | notes |")
+    log("|---|---|---|---|---|---|---|---|")
+    base = results.get("adamw", {}).get("test_loss")
+    for k, r in results.items():
+        note = ""
+        if k == "lsp":
+            note = (f"{r.get('refits_kept')}/{r.get('refit_checks')} checks kept a fit; refit {r.get('refit_s', 0):.1f} s; "
+                    f"held-out e learned {r.get('heldout_error_learned_mean') or float('nan'):.3f} vs random "
+                    f"{r.get('heldout_error_random_mean') or float('nan'):.3f}")
+        if "galore_rank" in r:
+            note = f"rank {r['galore_rank']}"
+        rel = f"{100 * (r['test_loss'] / base - 1):+.2f}%" if base else "-"
+        log(f"| {k} | {r['lr']:g} | {r['val_loss']:.4f} | {r['test_loss']:.4f} | {rel} | "
+            f"{r['state_bytes'] / 2**20:.2f} MiB | {r['train_s']:.0f} s | {note} |")
+    if not a.no_plots and results:
+        summary["plots"] = plot_finetune(results, spec, cfg, a)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        full = dict(summary)
+        full["curves"] = {k: r["curve"] for k, r in results.items()}
+        Path(a.out).write_text(json.dumps(full, indent=1))
+    print(json.dumps(summary), flush=True)
+
+
+def plot_finetune(results, spec, cfg, a):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out = Path(a.plot_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "quick" if a.quick else f"{spec.n_layer}x{spec.n_embd}_{cfg.steps}steps"
+    paths = []
+    for xkey, xlabel in (("step", "step"), ("wall_s", "training wall time (s, evaluation excluded)")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for k, r in results.items():
+            c = r["curve"]
+            ax.plot([p[xkey] for p in c], [p["val_loss"] for p in c], label=f"{k} (lr {r['lr']:g})",
+                    linestyle="--" if k.startswith(("lora", "galore")) else "-")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation answer loss (nats/byte)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"GSM8K SFT, TinyGPT {spec.n_layer}x{spec.n_embd} pretrained; seed 0, best lr of each grid",
+                     fontsize=9)
+        fig.tight_layout()
+        p = out / f"finetune_{tag}_{'steps' if xkey == 'step' else 'time'}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(str(p))
+    return paths
 
 
 def parse(argv=None):
@@ -280,6 +430,17 @@ def parse(argv=None):
     p.add_argument("--plot-dir", default=str(ROOT / "docs" / "img"))
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--progress", action="store_true", help="per-eval progress lines on stderr")
+    p.add_argument("--finetune", action="store_true", help="the fine-tuning protocol (benchmarks/ft_protocol.py)")
+    p.add_argument("--ft-runs", help=f"--finetune: comma-separated subset of {','.join(FT_RUNS)}")
+    p.add_argument("--ft-steps", type=int, help="--finetune: steps (default 500, --quick 150)")
+    p.add_argument("--ft-seeds", type=int, help="--finetune: seeds at the chosen lr (default 2, --quick 1)")
+    p.add_argument("--ft-block", type=int, default=256, help="--finetune (full): context length in bytes")
+    p.add_argument("--ft-batch", type=int, default=8, help="--finetune (full): sequences a step")
+    p.add_argument("--pretrain-steps", type=int, help="--finetune: AdamW pretraining steps (default 1500, --quick 300)")
+    p.add_argument("--ft-eval", type=int, help="--finetune: validation and test problems (default 256, --quick 64)")
+    p.add_argument("--ft-lrs", help="--finetune: comma-separated lr grid for every run (default: per-optimizer grids)")
+    p.add_argument("--lsp-kwargs", help="--finetune: JSON of extra LSPAdamW arguments (ablations)")
+    p.add_argument("--out", help="--finetune: also write the full JSON (with curves) to this file")
     a = p.parse_args(argv)
     raw = list(sys.argv[1:] if argv is None else argv)
     q = a.quick
@@ -309,6 +470,9 @@ def parse(argv=None):
 
 def main(argv=None):
     a = parse(argv)
+    if a.finetune:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        return finetune_main(a)
     if a.worker:
         print(json.dumps(worker(a.worker, a)), flush=True)
         return

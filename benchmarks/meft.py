@@ -164,10 +164,10 @@ def run_lora(spec, base, rank, lr, data, a):
     return r
 
 
-def run_meft(spec, base, lr, data, a):
+def run_meft(spec, base, lr, data, a, selection="token", budget=None):
     model = base_model(spec, base)
     ads = meft.add_sparse_adapters(model, neurons=a.neurons, topk=a.topk, experts=a.experts, probe=a.probe,
-                                   seed=a.seed)
+                                   seed=a.seed, selection=selection, budget=budget)
     opt = meft.MeftAdamW(model, lr=lr, weight_decay=0.0)
     r = sft(model, opt, data, lr, a)
     st = [ad.stats for ad in ads]
@@ -178,6 +178,38 @@ def run_meft(spec, base, lr, data, a):
              selected_per_token=sum(s["selected"] for s in st) / max(1, sum(s["tokens"] for s in st)),
              host_bytes=sum(ad.master.numel() * (4 * 3 + 2) + ad.row_steps.numel() * 8 for ad in ads))
     return r
+
+
+# ------------------------------------------------------------------ 3. transfer at a paper-like shape
+def transfer_only(neurons, hidden, topk, experts, probe, tokens, seed=0):
+    """Bytes crossing per step over a dense adapter's, for one adapter of `neurons` rows and random
+    keys (N(0, 1/hidden)) and values, on a micro-batch of `tokens` random N(0, 1) inputs: one forward +
+    backward per selection mode (no update). Random keys spread the routing: an upper estimate of
+    the union a trained adapter moves."""
+    out = []
+    a = meft.SparseAdapter(hidden, neurons, topk, experts, probe, seed=seed, overlap=False)
+    a.master[:, hidden:] = torch.randn(neurons, hidden, generator=torch.Generator().manual_seed(seed + 1))
+    a.reset_working_copy()
+    g = torch.Generator().manual_seed(seed + 2)
+    for T in tokens:
+        x = torch.randn(T, hidden, generator=g)
+        for sel in ("token", "batch"):
+            a.selection = sel
+            # steady state: a first step's rows were updated (their experts' representative keys are
+            # stale on the device, as after every step of training); that step is not counted
+            a(x.clone().requires_grad_(True)).sum().backward()
+            a.rows_updated(a.take_gradient()[0])
+            for k in a.stats:
+                a.stats[k] = 0
+            xx = x.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            a(xx).sum().backward()
+            a.take_gradient()
+            st = a.stats
+            out.append(dict(selection=sel, tokens=T, rows_moved_fraction=st["rows_moved"] / neurons,
+                            bytes_moved_vs_dense=(st["bytes_h2d"] + st["bytes_d2h"]) / st["dense_bytes"],
+                            tk_over_n=T * topk / neurons, seconds=time.perf_counter() - t0))
+    return out
 
 
 def main():
@@ -197,6 +229,15 @@ def main():
     ap.add_argument("--topk", type=int, default=16)
     ap.add_argument("--experts", type=int, default=None, help="default round(sqrt(neurons))")
     ap.add_argument("--probe", type=int, default=4)
+    ap.add_argument("--budgets", default=None, help="selection='batch': comma-separated rows per step and layer "
+                    "(default: topk, the library default)")
+    ap.add_argument("--selections", default="token,batch", help="variants to run (comma-separated: token, batch)")
+    ap.add_argument("--headline", default="token", choices=meft.SELECTIONS,
+                    help="the variant the issue's JSON keys report (default token, lspo.meft's default: the lower "
+                         "loss; batch meets the transfer target but lost to a tuned LoRA, docs/meft.md)")
+    ap.add_argument("--paper-neurons", type=int, default=65536, help="transfer-only shape: neurons (0: skip)")
+    ap.add_argument("--paper-hidden", type=int, default=256)
+    ap.add_argument("--paper-tokens", default="1,16,256", help="transfer-only shape: tokens per micro-batch")
     ap.add_argument("--lr-meft", default=None, help="comma-separated lrs (default 3e-3 quick, 1e-3,3e-3,1e-2 full)")
     ap.add_argument("--lr-lora", default=None, help="comma-separated lrs (default as --lr-meft)")
     ap.add_argument("--eval-examples", type=int, default=128)
@@ -242,31 +283,64 @@ def main():
     # each method at each of its learning rates; the lr of each is picked on the validation split
     # (GSM8K train's last 10%), the test losses of the picks are compared. LoRA's rank matches the
     # device bytes of the picked MEFT run.
-    rms = {lr: run_meft(spec, base, lr, data, a) for lr in a.lr_meft}
-    lr_m = min(rms, key=lambda k: rms[k]["val_loss"])
-    rm = rms[lr_m]
+    # each variant at each of its learning rates; the lr of each is picked on the validation split
+    # (GSM8K train's last 10%), the test losses of the picks are compared. Each variant has its own
+    # LoRA, at the rank whose device bytes match that variant's picked run.
+    budgets = [int(b) for b in a.budgets.split(",")] if a.budgets else [a.topk]
+    sels = a.selections.split(",")
+    variants = ([("token", None)] if "token" in sels else []) + ([("batch", b) for b in budgets] if "batch" in sels else [])
     per_rank = 16 * lora_params_per_rank(m0)
-    rank = max(1, round(rm["device_bytes"] / per_rank))
-    rls = {lr: run_lora(spec, base, rank, lr, data, a) for lr in a.lr_lora}
-    lr_l = min(rls, key=lambda k: rls[k]["val_loss"])
-    rl = rls[lr_l]
-    for name, runs in (("MEFT", rms), ("LoRA", rls)):
-        log(f"# {name} answer loss by lr (val / test): " +
-            ", ".join(f"{k:g}: {v['val_loss']:.4f} / {v['heldout_loss']:.4f}" for k, v in runs.items()))
+    lora_cache, res = {}, {}
     topk_fraction = a.topk / a.neurons
-    ratio = rm["bytes_moved"] / rm["dense_bytes"]
-    log(f"# GSM8K SFT {a.sft_steps} steps x {a.batch}: held-out answer loss before {base_loss:.4f}; "
-        f"MEFT (N {a.neurons}, k {a.topk}, E {a.experts}, p {a.probe}, lr {lr_m:g}) {rm['heldout_loss']:.4f} in "
-        f"{rm['seconds']:.0f}s, device {rm['device_bytes'] / 2**20:.2f} MiB, host {rm['host_bytes'] / 2**20:.1f} MiB; "
-        f"LoRA r {rank} (lr {lr_l:g}) {rl['heldout_loss']:.4f} in {rl['seconds']:.0f}s, device "
-        f"{rl['device_bytes'] / 2**20:.2f} MiB")
-    log(f"# transfer: {ratio:.4f} of a dense adapter's bytes (k/N = {topk_fraction:.4f}); rows moved per step and "
-        f"layer = {rm['union_fraction']:.3f} of N; neurons used per token {rm['selected_per_token']:.1f}")
+    for sel, b in variants:
+        name = sel if b is None or b == a.topk else f"{sel}{b}"
+        rms = {lr: run_meft(spec, base, lr, data, a, sel, b) for lr in a.lr_meft}
+        lr_m = min(rms, key=lambda k: rms[k]["val_loss"])
+        rm = rms[lr_m]
+        rank = max(1, round(rm["device_bytes"] / per_rank))
+        if rank not in lora_cache:
+            lora_cache[rank] = {lr: run_lora(spec, base, rank, lr, data, a) for lr in a.lr_lora}
+        rls = lora_cache[rank]
+        lr_l = min(rls, key=lambda k: rls[k]["val_loss"])
+        rl = rls[lr_l]
+        for nm, runs in ((f"MEFT {name}", rms), (f"LoRA r {rank}", rls)):
+            log(f"# {nm} answer loss by lr (val / test): " +
+                ", ".join(f"{k:g}: {v['val_loss']:.4f} / {v['heldout_loss']:.4f}" for k, v in runs.items()))
+        ratio = rm["bytes_moved"] / rm["dense_bytes"]
+        log(f"# GSM8K SFT {a.sft_steps} steps x {a.batch}: held-out answer loss before {base_loss:.4f}; "
+            f"MEFT {name} (N {a.neurons}, k {a.topk}, E {a.experts}, p {a.probe}, budget {b}, lr {lr_m:g}) "
+            f"{rm['heldout_loss']:.4f} in {rm['seconds']:.0f}s, device {rm['device_bytes'] / 2**20:.3f} MiB, host "
+            f"{rm['host_bytes'] / 2**20:.1f} MiB; LoRA r {rank} (lr {lr_l:g}) {rl['heldout_loss']:.4f} in "
+            f"{rl['seconds']:.0f}s, device {rl['device_bytes'] / 2**20:.3f} MiB")
+        log(f"# transfer ({name}): {ratio:.4f} of a dense adapter's bytes (k/N = {topk_fraction:.4f}, target "
+            f"<= {1.5 * topk_fraction:.4f}); rows moved per step and layer = {rm['union_fraction']:.4f} of N; "
+            f"neurons used per token {rm['selected_per_token']:.1f}")
+        res[name] = dict(
+            bytes_moved_vs_dense=round(ratio, 5), bytes_target_met=ratio <= 1.5 * topk_fraction,
+            rows_moved_fraction=round(rm["union_fraction"], 4), neurons_per_token=round(rm["selected_per_token"], 2),
+            meft_vs_lora_loss_ratio=round(rm["heldout_loss"] / rl["heldout_loss"], 4),
+            meft_heldout_loss=round(rm["heldout_loss"], 4), lora_heldout_loss=round(rl["heldout_loss"], 4),
+            lora_rank=rank, meft_lr=lr_m, lora_lr=lr_l, meft_device_bytes=rm["device_bytes"],
+            lora_device_bytes=rl["device_bytes"], meft_seconds=round(rm["seconds"], 1),
+            lora_seconds=round(rl["seconds"], 1), budget=b)
+    paper = []
+    if a.paper_neurons:
+        pe = max(1, round(math.sqrt(a.paper_neurons)))
+        paper = transfer_only(a.paper_neurons, a.paper_hidden, a.topk, pe, a.probe,
+                              [int(t) for t in a.paper_tokens.split(",")], a.seed)
+        for r in paper:
+            log(f"# transfer only, N {a.paper_neurons}, hidden {a.paper_hidden}, k {a.topk}, E {pe}, p {a.probe}, "
+                f"{r['tokens']} tokens, {r['selection']}: rows moved {r['rows_moved_fraction']:.5f} of N (T k / N = "
+                f"{r['tk_over_n']:.5f}), bytes {r['bytes_moved_vs_dense']:.5f} of dense (target <= "
+                f"{1.5 * a.topk / a.paper_neurons:.5f}), {r['seconds']:.2f} s")
+    headline = a.headline if any(k.startswith(a.headline) for k in res) else next(iter(res))
+    head = res.get(headline) or next(v for k, v in res.items() if k.startswith(headline))
     out = {
-        "bytes_moved_vs_dense": round(ratio, 5),
+        "headline_variant": headline,
+        "bytes_moved_vs_dense": head["bytes_moved_vs_dense"],
         "topk_fraction": round(topk_fraction, 5),
-        "bytes_target_met": ratio <= 1.5 * topk_fraction,
-        "rows_moved_fraction": round(rm["union_fraction"], 4),
+        "bytes_target_met": head["bytes_target_met"],
+        "rows_moved_fraction": head["rows_moved_fraction"],
         "sparse_adam_rows_per_s": round(rows_per_s, 1),
         "sparse_adam_row_len": a.row_len,
         "sparse_adam_roofline_fraction": round(frac, 3),
@@ -274,17 +348,15 @@ def main():
         "sparse_adam_vs_dense_kernel_bandwidth": round(BYTES_PER_ELEM * elems / sa["t_sparse"] / dense_bw, 3),
         "sparse_adam_vs_torch_sparse_adam": round(sa["t_torch"] / sa["t_sparse"], 2),
         "sparse_adam_vs_dense_step": round(sa["t_dense"] / sa["t_sparse"], 2),
-        "meft_vs_lora_loss_ratio": round(rm["heldout_loss"] / rl["heldout_loss"], 4),
-        "meft_heldout_loss": round(rm["heldout_loss"], 4),
-        "lora_heldout_loss": round(rl["heldout_loss"], 4),
+        "meft_vs_lora_loss_ratio": head["meft_vs_lora_loss_ratio"],
+        "meft_heldout_loss": head["meft_heldout_loss"],
+        "lora_heldout_loss": head["lora_heldout_loss"],
         "base_heldout_loss": round(base_loss, 4),
-        "lora_rank": rank,
-        "meft_lr": lr_m,
-        "lora_lr": lr_l,
-        "meft_device_bytes": rm["device_bytes"],
-        "lora_device_bytes": rl["device_bytes"],
-        "meft_seconds": round(rm["seconds"], 1),
-        "lora_seconds": round(rl["seconds"], 1),
+        "lora_rank": head["lora_rank"],
+        "variants": res,
+        "transfer_only": {"neurons": a.paper_neurons, "hidden": a.paper_hidden, "topk": a.topk,
+                          "target": round(1.5 * a.topk / a.paper_neurons, 6) if a.paper_neurons else None,
+                          "runs": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in paper]},
         "isa": lspo.active_isa(),
         "threads": a.threads,
         "quick": q,

@@ -50,12 +50,13 @@ METHODS = ("optimizer", "meft")
 # Flags that define the training run: a resumed run takes them from the checkpoint.
 RUN_FLAGS = ("model", "data", "optimizer", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "refit_every",
              "refit_iters", "lr", "warmup", "weight_decay", "max_grad_norm", "lora_rank", "seed", "amp", "steps",
-             "method", "meft_neurons", "meft_topk", "meft_experts", "meft_probe")
+             "method", "meft_neurons", "meft_topk", "meft_experts", "meft_probe", "meft_selection", "meft_budget")
 DEFAULTS = dict(model="smollm2", data=str(DEFAULT_DATA), optimizer="lsp", batch_size=4, seq_len=128,
                 grad_accum=1, subspace=256, nnz=8, refit_every=100, refit_iters=10, lr=1e-4, warmup=5,
                 weight_decay=0.0, max_grad_norm=1.0,
                 lora_rank=16, seed=0, amp="auto", steps=30,
-                method="optimizer", meft_neurons=4096, meft_topk=32, meft_experts=0, meft_probe=4)
+                method="optimizer", meft_neurons=4096, meft_topk=32, meft_experts=0, meft_probe=4,
+                meft_selection="token", meft_budget=0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--meft-topk", type=int, help="MEFT: neurons used per token (default 32)")
     a("--meft-experts", type=int, help="MEFT: key experts per adapter (default 0: round(sqrt(neurons)))")
     a("--meft-probe", type=int, help="MEFT: experts probed per token (default 4)")
+    a("--meft-selection", choices=("token", "batch"), help="MEFT: token (default): each token routes on its own; "
+                                                           "batch: the micro-batch shares --meft-budget rows per step")
+    a("--meft-budget", type=int, help="MEFT, --meft-selection batch: rows per step and layer (default 0: --meft-topk)")
     a("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     a("--steps", type=int, help="optimizer steps in the schedule (default 30)")
     a("--batch-size", type=int, help="sequences per micro-batch (default 4)")
@@ -195,7 +199,8 @@ def build_model(args, resume_dir: Path | None):
         from lspo import meft
         model = model.to(args.device)
         meft.add_sparse_adapters(model, neurons=args.meft_neurons, topk=args.meft_topk,
-                                 experts=args.meft_experts or None, probe=args.meft_probe, seed=args.seed)
+                                 experts=args.meft_experts or None, probe=args.meft_probe, seed=args.seed,
+                                 selection=args.meft_selection, budget=args.meft_budget or None)
         return model, tok
     if resume_dir is not None and args.optimizer != "lora":
         model, tok = hf.load_checkpoint(resume_dir)

@@ -145,7 +145,7 @@ void OptimizerCore::Impl::apply_result(CoreSlot& s, const torch::Tensor& out) {
     const GroupHyper& h = hyper(s);
     if (h.weight_decay != 0.0) p.mul_(1.0 - h.lr * h.weight_decay);
     torch::Tensor w = p;
-    apply_(w, s.P, s.Q, u, 1.0);
+    apply_(w, s.P, s.Q, u, s.scale);
     if (!p.is_cuda()) engine->add_event("apply", s.name, 0, t0, engine->now_us());
     s.acc = torch::Tensor();  // freed between steps
     s.acc_count = 0;

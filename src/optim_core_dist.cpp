@@ -98,23 +98,29 @@ bool OptimizerCore::owns(int64_t slot) const {
 }
 
 // Every rank must hold gradients for the same slots (else the collectives below would pair
-// different tensors): per slot, "has S" and "has a dense gradient", summed over ranks.
+// different tensors): per slot, "has S", "has a fit sum", "has a held-out sum" (refit-check steps)
+// and "has a dense gradient", summed over ranks.
 void OptimizerCore::Impl::dist_check_live(const std::vector<CoreSlot*>& live) {
+  constexpr int kinds = 4;
+  static const char* what[kinds] = {"a compressed gradient", "a refit fit sum", "a refit held-out sum",
+                                    "a dense gradient"};
   const int64_t n = static_cast<int64_t>(slots.size());
-  torch::Tensor f = torch::zeros({2 * n}, torch::kDouble);
+  torch::Tensor f = torch::zeros({kinds * n}, torch::kDouble);
   double* p = f.data_ptr<double>();
   for (CoreSlot* s : live) {
-    p[2 * s->index] = s->projected && s->acc_count > 0 ? 1.0 : 0.0;
-    p[2 * s->index + 1] = s->param.grad().defined() ? 1.0 : 0.0;
+    p[kinds * s->index] = s->projected && s->acc_count > 0 ? 1.0 : 0.0;
+    p[kinds * s->index + 1] = s->fit_sum.defined() ? 1.0 : 0.0;
+    p[kinds * s->index + 2] = s->held_sum.defined() ? 1.0 : 0.0;
+    p[kinds * s->index + 3] = s->param.grad().defined() ? 1.0 : 0.0;
   }
   comm->all_reduce_sum(f, "gradient presence check");
   const double w = static_cast<double>(comm->world_size());
   for (int64_t i = 0; i < n; ++i)
-    for (int k = 0; k < 2; ++k) {
-      const double v = p[2 * i + k];
-      LSPO_CHECK(v == 0.0 || v == w, opt.name, ": rank ", comm->rank(), ": '", slots[i]->name, "' has ",
-                 k == 0 ? "a compressed" : "a dense", " gradient on ", v, " of ", w,
-                 " ranks; every rank must run the same backward over the same parameters before step()");
+    for (int k = 0; k < kinds; ++k) {
+      const double v = p[kinds * i + k];
+      LSPO_CHECK(v == 0.0 || v == w, opt.name, ": rank ", comm->rank(), ": '", slots[i]->name, "' has ", what[k],
+                 " on ", v, " of ", w, " ranks; every rank must run the same backward passes (as many ",
+                 "micro-batches) over the same parameters before step()");
     }
 }
 
@@ -145,6 +151,11 @@ void OptimizerCore::Impl::reduce_pieces(CoreSlot& slot, std::vector<torch::Tenso
       ts.push_back(s->acc);
       owners.push_back(s->owner);
     }
+    for (const torch::Tensor* sum : {&s->fit_sum, &s->held_sum})  // a refit-check step's dense sums
+      if (s->projected && sum->defined()) {
+        ts.push_back(*sum);
+        owners.push_back(s->owner);
+      }
     if (s->param.grad().defined()) {
       if (!s->param.grad().is_contiguous()) s->param.mutable_grad() = s->param.grad().contiguous();
       const torch::Tensor& g = s->param.grad();
@@ -183,21 +194,28 @@ void OptimizerCore::Impl::dist_sum(std::vector<double>& v, const char* what) {
 void OptimizerCore::Impl::dist_sync_refits(const std::vector<CoreSlot*>& refitted, size_t first_record) {
   std::vector<RefitRecord> mine(refits.begin() + static_cast<std::ptrdiff_t>(first_record), refits.end());
   refits.resize(first_record);
+  constexpr int64_t kFields = 14;  // the record (RefitResult and the rest) and the slot's refit state
   std::vector<torch::Tensor> ts, recs;
   std::vector<int64_t> owners;
   for (CoreSlot* s : refitted) {
-    torch::Tensor r = torch::zeros({4}, torch::kDouble);
+    torch::Tensor r = torch::zeros({kFields}, torch::kDouble);
     if (owns(*s)) {
       auto it = std::find_if(mine.begin(), mine.end(), [&](const RefitRecord& x) { return x.param == s->name; });
       LSPO_CHECK(it != mine.end(), opt.name, ": internal: no refit record for '", s->name, "'");
-      double* p = r.data_ptr<double>();
-      p[0] = it->error_before;
-      p[1] = it->error_after;
-      p[2] = it->refit ? 1.0 : 0.0;
-      p[3] = it->seconds;
+      const RefitResult& q = it->result;
+      const double v[kFields] = {q.heldout_before, q.heldout_after, q.fit_before,   q.fit_after,
+                                 q.fitted ? 1.0 : 0.0, q.kept ? 1.0 : 0.0, q.reinit ? 1.0 : 0.0,
+                                 static_cast<double>(q.iters), q.seconds, q.reference_error,
+                                 static_cast<double>(it->check), it->random_heldout, s->refit_ref,
+                                 static_cast<double>(s->checks)};
+      std::copy(v, v + kFields, r.data_ptr<double>());
     }
-    for (const torch::Tensor& t : {s->P.values, s->Q.values, r}) {
-      LSPO_CHECK(t.is_contiguous(), opt.name, ": internal: projector values of '", s->name, "' not contiguous");
+    std::vector<torch::Tensor> parts{s->P.values, s->Q.values};
+    for (const torch::Tensor& wt : {s->P.whiten, s->Q.whiten})  // whitened: the same on every rank
+      if (wt.defined()) parts.push_back(wt);
+    parts.push_back(r);
+    for (const torch::Tensor& t : parts) {
+      LSPO_CHECK(t.is_contiguous(), opt.name, ": internal: projector tensors of '", s->name, "' not contiguous");
       ts.push_back(t);
       owners.push_back(s->owner);
     }
@@ -206,13 +224,25 @@ void OptimizerCore::Impl::dist_sync_refits(const std::vector<CoreSlot*>& refitte
   comm->broadcast(ts, owners, "projector sync after refit");
   for (size_t k = 0; k < refitted.size(); ++k) {
     const double* p = recs[k].data_ptr<double>();
+    CoreSlot& s = *refitted[k];
     RefitRecord rec;
-    rec.step = refitted[k]->step + 1;
-    rec.param = refitted[k]->name;
-    rec.error_before = p[0];
-    rec.error_after = p[1];
-    rec.refit = p[2] != 0.0;
-    rec.seconds = p[3];
+    rec.step = s.step + 1;
+    rec.param = s.name;
+    RefitResult& q = rec.result;
+    q.heldout_before = p[0];
+    q.heldout_after = p[1];
+    q.fit_before = p[2];
+    q.fit_after = p[3];
+    q.fitted = p[4] != 0.0;
+    q.kept = p[5] != 0.0;
+    q.reinit = p[6] != 0.0;
+    q.iters = static_cast<int64_t>(p[7]);
+    q.seconds = p[8];
+    q.reference_error = p[9];
+    rec.check = static_cast<int64_t>(p[10]);
+    rec.random_heldout = p[11];
+    s.refit_ref = p[12];
+    s.checks = static_cast<int64_t>(p[13]);
     refits.push_back(rec);
   }
 }

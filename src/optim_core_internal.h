@@ -2,6 +2,7 @@
 #pragma once
 #include <c10/util/intrusive_ptr.h>
 
+#include <limits>
 #include <memory>
 #include <optional>
 #include <mutex>
@@ -38,6 +39,14 @@ struct CoreSlot {
   SparseProjector P, Q;      // projected: on the parameter's device
   torch::Tensor acc;         // projected: accumulated S [dP, dQ] fp32 (undefined between steps)
   int64_t acc_count = 0;
+  // projected, refit-check step: the micro-batches' dense gradients summed in fp32, even ones into
+  // fit_sum, odd ones into held_sum (undefined outside check steps)
+  torch::Tensor fit_sum, held_sum;
+  int64_t dense_count = 0;
+  int64_t number = 0;        // projected: k, this slot's rank among the projected slots (seeds)
+  int64_t checks = 0;        // refit checks run
+  double refit_ref = std::numeric_limits<double>::quiet_NaN();  // held-out error the last check left
+  double scale = 1.0;        // projected: W += scale * P u Q^T
   // speculation
   bool has_spec = false;     // a job was submitted for the coming step
   SpecKey spec;
@@ -81,8 +90,14 @@ struct OptimizerCore::Impl {
   void sync_master(CoreSlot& s);
   void submit(CoreSlot& s, const SpecKey& k);
   void accumulate(CoreSlot& s, const torch::Tensor& S, bool owned);
-  void refit(CoreSlot& s, const torch::Tensor& G);
+  void add_dense(CoreSlot& s, const torch::Tensor& g);  // a check step's micro-batch -> fit/held sum
+  void refit(CoreSlot& s);   // one refit check on the sums, then S = compress(fit + held)
   void drop(CoreSlot& s);
+  // optim_core_persist.cpp: the projected slots' file in the state directory
+  int64_t projected_tag() const;   // the largest step of the allocated projected slots (-1: none)
+  int64_t write_projected();       // before the engine's persist(); returns the file's tag (-1: none)
+  void prune_projected(int64_t keep);  // after it: every other proj file goes
+  void resume_projected();
   // optim_core_copy.cpp: host <-> device
   void copy_to_host(CoreSlot& s, const torch::Tensor& src);  // src -> grad buffer (+ marks fresh)
   bool same_grad(const CoreSlot& s, const torch::Tensor& g) const;

@@ -3,7 +3,7 @@
 //
 // The checkpoint is the Python face's state_dict(), as a pickled dict (torch.save format):
 //   {"state": {i: {"step", "exp_avg", "exp_avg_sq", "master_param" | "proj_P_indices", "proj_P_values",
-//                   "proj_Q_indices", "proj_Q_values"}},
+//                   "proj_Q_indices", "proj_Q_values", ["proj_P_whiten", "proj_Q_whiten"], "proj_refit_ref"}},
 //    "param_groups": [{"lr", "betas", "eps", "weight_decay", [refit options], "params": [i, ...]}],
 //    "lspo_optimizer": "OffloadAdamW" | "LSPAdamW", "lspo_format": 2}
 // save_checkpoint / load_checkpoint read and write it as a file; the torch::serialize archive of
@@ -73,6 +73,13 @@ void LSPAdamWOptions::serialize(torch::serialize::OutputArchive& archive) const 
   LSPO_OPT_WRITE(refit_threshold);
   LSPO_OPT_WRITE(refit_iters);
   LSPO_OPT_WRITE(refit_lr);
+  LSPO_OPT_WRITE(refit_l2);
+  LSPO_OPT_WRITE(refit_drift);
+  LSPO_OPT_WRITE(refit_reinit);
+  LSPO_OPT_WRITE(whiten);
+  LSPO_OPT_WRITE(scale);
+  LSPO_OPT_WRITE(scale_auto);
+  LSPO_OPT_WRITE(refit_diagnostics);
   LSPO_OPT_WRITE(max_grad_norm);
   LSPO_OPT_WRITE(overlap);
   LSPO_OPT_WRITE(record_timeline);
@@ -92,6 +99,13 @@ void LSPAdamWOptions::serialize(torch::serialize::InputArchive& archive) {
   LSPO_OPT_READ(refit_threshold);
   LSPO_OPT_READ(refit_iters);
   LSPO_OPT_READ(refit_lr);
+  LSPO_OPT_READ(refit_l2);
+  LSPO_OPT_READ(refit_drift);
+  LSPO_OPT_READ(refit_reinit);
+  LSPO_OPT_READ(whiten);
+  LSPO_OPT_READ(scale);
+  LSPO_OPT_READ(scale_auto);
+  LSPO_OPT_READ(refit_diagnostics);
   LSPO_OPT_READ(max_grad_norm);
   LSPO_OPT_READ(overlap);
   LSPO_OPT_READ(record_timeline);
@@ -122,6 +136,9 @@ c10::impl::GenericDict group_dict(const torch::optim::OptimizerOptions& options)
     g.insert("refit_threshold", l->refit_threshold());
     g.insert("refit_iters", l->refit_iters());
     g.insert("refit_lr", l->refit_lr());
+    g.insert("refit_l2", l->refit_l2());
+    g.insert("refit_drift", l->refit_drift());
+    g.insert("refit_reinit", l->refit_reinit());
     if (l->project().has_value()) g.insert("project", *l->project());
   }
   return g;
@@ -151,6 +168,9 @@ void apply_group(torch::optim::OptimizerOptions& options, const c10::impl::Gener
     if (has("refit_threshold")) l->refit_threshold(num(g.at("refit_threshold")));
     if (has("refit_iters")) l->refit_iters(static_cast<int64_t>(num(g.at("refit_iters"))));
     if (has("refit_lr")) l->refit_lr(num(g.at("refit_lr")));
+    if (has("refit_l2")) l->refit_l2(num(g.at("refit_l2")));
+    if (has("refit_drift")) l->refit_drift(num(g.at("refit_drift")));
+    if (has("refit_reinit")) l->refit_reinit(g.at("refit_reinit").toStringRef());
   }
 }
 

@@ -42,6 +42,14 @@ void check_projector(const SparseProjector& P, const char* fn, const char* name)
   LSPO_CHECK(d >= 1, fn, ": projector '", name, "': d < 1 (d = ", d, ")");
   LSPO_CHECK(r <= d, fn, ": projector '", name, "': r > d (r = ", r, ", d = ", d, ")");
   LSPO_CHECK(d <= n, fn, ": projector '", name, "': d > n (d = ", d, ", n = ", n, ")");
+  if (P.whiten.defined()) {
+    LSPO_CHECK(P.whiten.dim() == 2 && P.whiten.size(0) == d && P.whiten.size(1) == d, fn, ": projector '", name,
+               "': whiten must be [d, d] = [", d, ", ", d, "], got sizes ", P.whiten.sizes());
+    LSPO_CHECK(P.whiten.scalar_type() == torch::kFloat32, fn, ": projector '", name, "': whiten must be float32, got ",
+               dtype_str(P.whiten.scalar_type()));
+    LSPO_CHECK(P.whiten.device() == P.indices.device(), fn, ": projector '", name, "': whiten on ",
+               P.whiten.device(), " but indices on ", P.indices.device());
+  }
 }
 
 // CPU kernels index memory with the indices: check their range (O(n r), cheap next to the kernels).
@@ -105,6 +113,25 @@ void prim_apply_rows(torch::Tensor& W, const SparseProjector& P, const torch::Te
                          static_cast<float>(alpha));
 }
 
+// ---- whitening (U = P T): T^T Y for a [d, k] result of P^T, Y T for a [k, d] result of (.) P,
+// and T D T_Q^T for an update D before it is expanded by P and Q.
+// The d x d products stay fp32 under an enclosing autocast region (which would run them in bf16).
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
+torch::Tensor wl(const SparseProjector& P, torch::Tensor Y) {
+  NoAutocast fp32(c10::autocast_dispatch_keyset);
+  return P.whitened() ? P.whiten.t().mm(Y) : Y;
+}
+torch::Tensor wr(torch::Tensor Y, const SparseProjector& P) {
+  NoAutocast fp32(c10::autocast_dispatch_keyset);
+  return P.whitened() ? Y.mm(P.whiten) : Y;
+}
+torch::Tensor unwhiten_delta(const SparseProjector& P, const SparseProjector& Q, torch::Tensor D) {
+  NoAutocast fp32(c10::autocast_dispatch_keyset);
+  if (P.whitened()) D = P.whiten.mm(D);
+  if (Q.whitened()) D = D.mm(Q.whiten.t());
+  return D.contiguous();
+}
+
 void check_pair(const SparseProjector& P, const SparseProjector& Q, const char* fn) {
   check_projector(P, fn, "P");
   check_projector(Q, fn, "Q");
@@ -118,28 +145,50 @@ void check_pair(const SparseProjector& P, const SparseProjector& Q, const char* 
 
 // ------------------------------------------------------------------ SparseProjector
 
+namespace {
+// Values of the init law for an n x d projector with r nonzeros a row: N(0, s^2) or +-s,
+// s = sqrt(d / (n r)) so that E[P^T P] = I (each column holds n r / d nonzeros on average).
+torch::Tensor init_values(int64_t n, int64_t d, int64_t r, uint64_t seed, ProjectorInit init) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed ^ 0x9E3779B97F4A7C15ull);
+  const double scale = std::sqrt(static_cast<double>(d) / (static_cast<double>(n) * static_cast<double>(r)));
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+  if (init == ProjectorInit::kGaussian) return at::normal(0.0, scale, {n, r}, gen, f32).contiguous();
+  return ((at::randint(0, 2, {n, r}, gen, f32) * 2 - 1) * scale).contiguous();
+}
+}  // namespace
+
 SparseProjector SparseProjector::random(int64_t n, int64_t d, int64_t r, uint64_t seed, torch::Device device,
-                                        ProjectorInit init) {
+                                        ProjectorInit init, bool whitened) {
   LSPO_CHECK(r >= 1, "SparseProjector::random: r < 1 (r = ", r, ")");
   LSPO_CHECK(r <= d, "SparseProjector::random: r > d (r = ", r, ", d = ", d, ")");
   LSPO_CHECK(d <= n, "SparseProjector::random: d > n (d = ", d, ", n = ", n, ")");
   torch::Tensor idx = torch::empty({n, r}, torch::kInt32);
   int32_t* ix = idx.data_ptr<int32_t>();
   std::mt19937_64 rng(seed);
+  // cover[t mod d]: row t's first position, a random permutation of [0, d) repeated, so that every
+  // column of P is used (n >= d) and P^T P has no empty row or column.
+  std::vector<int32_t> cover(d);
+  for (int64_t j = 0; j < d; ++j) cover[j] = static_cast<int32_t>(j);
+  for (int64_t j = d - 1; j > 0; --j) std::swap(cover[j], cover[rng() % static_cast<uint64_t>(j + 1)]);
   std::vector<int32_t> perm;
   std::unordered_set<int32_t> seen;
   for (int64_t t = 0; t < n; ++t) {
     int32_t* row = ix + t * r;
+    const int32_t first = cover[t % d];
     if (2 * r <= d) {  // rejection sampling: expected < 2 draws per entry
       seen.clear();
-      for (int64_t s = 0; s < r;) {
+      seen.insert(first);
+      row[0] = first;
+      for (int64_t s = 1; s < r;) {
         const auto j = static_cast<int32_t>(rng() % static_cast<uint64_t>(d));
         if (seen.insert(j).second) row[s++] = j;
       }
-    } else {  // partial Fisher-Yates
+    } else {  // partial Fisher-Yates with `first` fixed in front
       perm.resize(d);
       for (int64_t j = 0; j < d; ++j) perm[j] = static_cast<int32_t>(j);
-      for (int64_t s = 0; s < r; ++s) {
+      std::swap(perm[0], perm[first]);
+      row[0] = first;
+      for (int64_t s = 1; s < r; ++s) {
         const int64_t j = s + static_cast<int64_t>(rng() % static_cast<uint64_t>(d - s));
         std::swap(perm[s], perm[j]);
         row[s] = perm[s];
@@ -147,17 +196,34 @@ SparseProjector SparseProjector::random(int64_t n, int64_t d, int64_t r, uint64_
     }
     std::sort(row, row + r);
   }
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed ^ 0x9E3779B97F4A7C15ull);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(r));
-  torch::Tensor val;
-  if (init == ProjectorInit::kGaussian) {
-    val = at::normal(0.0, scale, {n, r}, gen, torch::TensorOptions().dtype(torch::kFloat32));
-  } else {
-    val = (at::randint(0, 2, {n, r}, gen, torch::TensorOptions().dtype(torch::kFloat32)) * 2 - 1) * scale;
-  }
   SparseProjector P;
   P.indices = idx.to(device);
-  P.values = val.contiguous().to(device);
+  P.values = init_values(n, d, r, seed, init).to(device);
+  P.d = d;
+  if (whitened) P.whiten_();
+  return P;
+}
+
+void SparseProjector::reinit_values_(uint64_t seed, ProjectorInit init) {
+  check_projector(*this, "SparseProjector::reinit_values_", "self");
+  values.copy_(init_values(n(), d, r(), seed, init));
+  if (whitened()) whiten_();
+}
+
+void SparseProjector::whiten_() {
+  torch::Tensor T = whitening_factor(*this);
+  if (whiten.defined() && whiten.sizes() == T.sizes() && whiten.device() == T.device()) {
+    whiten.copy_(T);  // in place: holders of the tensor (state dicts, Python) see the new factor
+  } else {
+    whiten = T;
+  }
+}
+
+SparseProjector SparseProjector::clone() const {
+  SparseProjector P;
+  P.indices = indices;
+  P.values = values.clone();
+  if (whiten.defined()) P.whiten = whiten.clone();
   P.d = d;
   return P;
 }
@@ -184,19 +250,23 @@ void SparseProjector::validate() const {
     LSPO_CHECK(!dup, "SparseProjector: duplicate column positions within a row of indices");
   }
   LSPO_CHECK(torch::isfinite(values).all().item<bool>(), "SparseProjector: values contain NaN or Inf");
+  LSPO_CHECK(!whiten.defined() || torch::isfinite(whiten).all().item<bool>(),
+             "SparseProjector: whiten contains NaN or Inf");
 }
 
 SparseProjector SparseProjector::to(torch::Device device) const {
   SparseProjector P;
   P.indices = indices.to(device);
   P.values = values.to(device);
+  if (whiten.defined()) P.whiten = whiten.to(device);
   P.d = d;
   return P;
 }
 
 torch::Tensor SparseProjector::dense(torch::ScalarType dtype) const {
   check_projector(*this, "SparseProjector::dense", "self");
-  return torch::zeros({n(), d}, values.options().dtype(dtype)).scatter_(1, indices.to(torch::kLong), values.to(dtype));
+  torch::Tensor D = torch::zeros({n(), d}, values.options()).scatter_(1, indices.to(torch::kLong), values);
+  return wr(D, *this).to(dtype);
 }
 
 void set_projector_backend(ProjectorBackend b) { g_backend.store(static_cast<int>(b)); }
@@ -209,7 +279,7 @@ torch::Tensor right_project(const torch::Tensor& X, const SparseProjector& P) {
   check_index_range(P, "right_project", "P");
   torch::Tensor Y = check_operand(X, "right_project", "X", P.indices.device());
   LSPO_CHECK(Y.size(1) == P.n(), "right_project: X has ", Y.size(1), " columns but P has n = ", P.n(), " rows");
-  return prim_right(Y, P);
+  return wr(prim_right(Y, P), P);
 }
 
 torch::Tensor left_project(const SparseProjector& P, const torch::Tensor& Y) {
@@ -217,7 +287,7 @@ torch::Tensor left_project(const SparseProjector& P, const torch::Tensor& Y) {
   check_index_range(P, "left_project", "P");
   torch::Tensor Z = check_operand(Y, "left_project", "Y", P.indices.device());
   LSPO_CHECK(Z.size(0) == P.n(), "left_project: Y has ", Z.size(0), " rows but P has n = ", P.n(), " rows");
-  return prim_left(P, Z);
+  return wl(P, prim_left(P, Z));
 }
 
 torch::Tensor compress(const SparseProjector& P, const SparseProjector& Q, const torch::Tensor& G) {
@@ -225,7 +295,7 @@ torch::Tensor compress(const SparseProjector& P, const SparseProjector& Q, const
   torch::Tensor g = check_operand(G, "compress", "G", P.indices.device());
   LSPO_CHECK(g.size(0) == P.n() && g.size(1) == Q.n(), "compress: G has sizes ", g.sizes(), " but P, Q need [",
              P.n(), ", ", Q.n(), "]");
-  return prim_left(P, prim_right(g, Q));  // P^T (G Q): [m, dQ] intermediate
+  return wr(wl(P, prim_left(P, prim_right(g, Q))), Q);  // P^T (G Q): [m, dQ] intermediate
 }
 
 torch::Tensor project_input(const SparseProjector& P, const torch::Tensor& X) {
@@ -233,7 +303,7 @@ torch::Tensor project_input(const SparseProjector& P, const torch::Tensor& X) {
   check_index_range(P, "project_input", "P");
   torch::Tensor x = check_operand(X, "project_input", "X", P.indices.device());
   LSPO_CHECK(x.size(1) == P.n(), "project_input: X has ", x.size(1), " features but P has n = ", P.n());
-  return prim_right(x, P).t().contiguous();  // (X P)^T = P^T X^T  [dP, tokens]
+  return wr(prim_right(x, P), P).t().contiguous();  // (X P T)^T = T^T P^T X^T  [dP, tokens]
 }
 
 torch::Tensor project_grad_output(const SparseProjector& Q, const torch::Tensor& dY) {
@@ -241,7 +311,7 @@ torch::Tensor project_grad_output(const SparseProjector& Q, const torch::Tensor&
   check_index_range(Q, "project_grad_output", "Q");
   torch::Tensor g = check_operand(dY, "project_grad_output", "dY", Q.indices.device());
   LSPO_CHECK(g.size(1) == Q.n(), "project_grad_output: dY has ", g.size(1), " features but Q has n = ", Q.n());
-  return prim_right(g, Q);  // [tokens, dQ]
+  return wr(prim_right(g, Q), Q);  // [tokens, dQ]
 }
 
 torch::Tensor compress_activations(const SparseProjector& P, const SparseProjector& Q, const torch::Tensor& X,
@@ -253,7 +323,8 @@ torch::Tensor compress_activations(const SparseProjector& P, const SparseProject
   LSPO_CHECK(x.size(1) == P.n(), "compress_activations: X has ", x.size(1), " features but P has n = ", P.n());
   LSPO_CHECK(g.size(1) == Q.n(), "compress_activations: dY has ", g.size(1), " features but Q has n = ", Q.n());
   // (X P)^T (dY Q): two sparse projections, then one dense [dP x tokens x dQ] GEMM (ATen/BLAS).
-  return torch::mm(prim_right(x, P).t(), prim_right(g, Q));
+  NoAutocast fp32(c10::autocast_dispatch_keyset);
+  return wr(wl(P, torch::mm(prim_right(x, P).t(), prim_right(g, Q))), Q);
 }
 
 namespace {
@@ -272,7 +343,7 @@ torch::Tensor check_delta(const SparseProjector& P, const SparseProjector& Q, co
 
 torch::Tensor decompress(const SparseProjector& P, const SparseProjector& Q, const torch::Tensor& Delta) {
   check_pair(P, Q, "decompress");
-  torch::Tensor D = check_delta(P, Q, Delta, "decompress");
+  torch::Tensor D = unwhiten_delta(P, Q, check_delta(P, Q, Delta, "decompress"));
   return prim_expand(P, delta_qt(Q, D));  // P (Delta Q^T)
 }
 
@@ -288,7 +359,7 @@ void apply_(torch::Tensor& W, const SparseProjector& P, const SparseProjector& Q
   LSPO_CHECK(W.is_contiguous(), "apply_: argument 'W' must be contiguous (updated in place)");
   LSPO_CHECK(W.size(0) == P.n() && W.size(1) == Q.n(), "apply_: W has sizes ", W.sizes(), " but P, Q need [",
              P.n(), ", ", Q.n(), "]");
-  torch::Tensor D = check_delta(P, Q, Delta, "apply_");
+  torch::Tensor D = unwhiten_delta(P, Q, check_delta(P, Q, Delta, "apply_"));
   torch::Tensor T = delta_qt(Q, D);  // [dP, n] fp32: d/m of W's size
   prim_apply_rows(W, P, T, alpha);
 }

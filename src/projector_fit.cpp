@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "lspo/projector.h"
+#include "projector_fit.h"
 
 namespace lspo {
 namespace {
@@ -107,10 +108,37 @@ Prepared prepare(const GradSample& s) {
   return p;
 }
 
+// Cholesky factor of a Gram matrix (fp64, differentiable) with a tiny relative ridge, so that a
+// column of P that all its values left (gram row of zeros) does not make the factorisation fail.
+torch::Tensor chol(const torch::Tensor& A) {
+  const int64_t d = A.size(0);
+  const double ridge = 1e-10 * std::max(A.diagonal().sum().item<double>() / static_cast<double>(d), 1e-30);
+  return torch::linalg_cholesky(A + ridge * torch::eye(d, A.options()));
+}
+
+// The pieces of the closed-form error that depend only on the projectors: the Gram matrices
+// (unwhitened) or their Cholesky factors (whitened).
+struct Basis {
+  torch::Tensor A, B;  // fp64 [dP, dP], [dQ, dQ]: P^T P, Q^T Q, or their Cholesky factors L_P, L_Q
+  bool whitened = false;
+};
+Basis basis(const torch::Tensor& posP, const torch::Tensor& pv, int64_t dP, const torch::Tensor& posQ,
+            const torch::Tensor& qv, int64_t dQ, bool whitened) {
+  Basis b;
+  b.A = gram(posP, pv, pv, dP, dP).to(torch::kFloat64);
+  b.B = gram(posQ, qv, qv, dQ, dQ).to(torch::kFloat64);
+  b.whitened = whitened;
+  if (whitened) {
+    b.A = chol(b.A);
+    b.B = chol(b.B);
+  }
+  return b;
+}
+
 // e for one sample in closed form (fp64 after the O(r size(G)) projections); differentiable.
 torch::Tensor sample_error(const Prepared& s, const torch::Tensor& pi32, const torch::Tensor& pi, const torch::Tensor& pv,
                            int64_t dP, const torch::Tensor& qi32, const torch::Tensor& qi, const torch::Tensor& qv,
-                           int64_t dQ, const torch::Tensor& A, const torch::Tensor& B) {
+                           int64_t dQ, const Basis& b) {
   if (s.g2 == 0) return torch::zeros({}, pv.options().dtype(torch::kFloat64));
   torch::Tensor S;
   if (s.Gt.defined()) {
@@ -120,18 +148,15 @@ torch::Tensor sample_error(const Prepared& s, const torch::Tensor& pi32, const t
     S = ad_left(pi32, pi, pv, dP, s.Xt).mm(ad_left(qi32, qi, qv, dQ, s.dYt).t());  // (P^T X^T)(dY Q)
   }
   S = S.to(torch::kFloat64);
-  torch::Tensor e2 = 1.0 + ((A.mm(S) * S.mm(B)).sum() - 2.0 * S.square().sum()) / s.g2;
+  torch::Tensor e2;
+  if (b.whitened) {  // ||U^T G V||^2 with U = P L_P^-T, V = Q L_Q^-T: ||L_P^-1 S L_Q^-T||^2
+    torch::Tensor Y = torch::linalg_solve_triangular(b.A, S, /*upper=*/false);
+    torch::Tensor Zt = torch::linalg_solve_triangular(b.B, Y.t(), /*upper=*/false);
+    e2 = 1.0 - Zt.square().sum() / s.g2;
+  } else {
+    e2 = 1.0 + ((b.A.mm(S) * S.mm(b.B)).sum() - 2.0 * S.square().sum()) / s.g2;
+  }
   return torch::sqrt(torch::clamp_min(e2, 0.0) + 1e-30);
-}
-
-torch::Tensor mean_error(const std::vector<Prepared>& prep, const SparseProjector& P, const SparseProjector& Q,
-                         const torch::Tensor& pi, const torch::Tensor& pv, const torch::Tensor& qi,
-                         const torch::Tensor& qv, const torch::Tensor& posP, const torch::Tensor& posQ) {
-  torch::Tensor A = gram(posP, pv, pv, P.d, P.d).to(torch::kFloat64);
-  torch::Tensor B = gram(posQ, qv, qv, Q.d, Q.d).to(torch::kFloat64);
-  torch::Tensor total = torch::zeros({}, pv.options().dtype(torch::kFloat64));
-  for (const auto& s : prep) total = total + sample_error(s, P.indices, pi, pv, P.d, Q.indices, qi, qv, Q.d, A, B);
-  return total / static_cast<double>(prep.size());
 }
 
 std::vector<GradSample> wrap_dense(const std::vector<torch::Tensor>& grads) {
@@ -141,7 +166,134 @@ std::vector<GradSample> wrap_dense(const std::vector<torch::Tensor>& grads) {
   return v;
 }
 
+std::vector<Prepared> prepare_all(const SparseProjector& P, const SparseProjector& Q,
+                                  const std::vector<GradSample>& samples, const char* fn) {
+  torch::NoGradGuard ng;
+  std::vector<Prepared> prep;
+  for (const auto& s : samples) {
+    check_sample_shapes(P, Q, s, fn);
+    prep.push_back(prepare(s));
+  }
+  return prep;
+}
+
+// What one fit needs besides the values: long indices and Gram positions of both projectors.
+struct FitCtx {
+  const SparseProjector& P;
+  const SparseProjector& Q;
+  torch::Tensor pi, qi, posP, posQ;
+  bool whitened;
+  FitCtx(const SparseProjector& P_, const SparseProjector& Q_)
+      : P(P_), Q(Q_), pi(P_.indices.to(torch::kLong)), qi(Q_.indices.to(torch::kLong)),
+        posP(gram_positions(P_.indices, P_.indices, P_.d)), posQ(gram_positions(Q_.indices, Q_.indices, Q_.d)),
+        whitened(P_.whitened()) {}
+  torch::Tensor mean_error(const std::vector<Prepared>& prep, const torch::Tensor& pv, const torch::Tensor& qv) const {
+    const Basis b = basis(posP, pv, P.d, posQ, qv, Q.d, whitened);
+    torch::Tensor total = torch::zeros({}, pv.options().dtype(torch::kFloat64));
+    for (const auto& s : prep) total = total + sample_error(s, P.indices, pi, pv, P.d, Q.indices, qi, qv, Q.d, b);
+    return total / static_cast<double>(prep.size());
+  }
+};
+
+void check_fit_pair(const SparseProjector& P, const SparseProjector& Q, const char* fn) {
+  P.validate();
+  Q.validate();
+  LSPO_CHECK(P.indices.device() == Q.indices.device(), fn, ": P and Q are on different devices");
+  LSPO_CHECK(P.whitened() == Q.whitened(), fn, ": P and Q must both be whitened or both not (P ",
+             P.whitened() ? "is" : "is not", ", Q ", Q.whitened() ? "is" : "is not", ")");
+}
+
 }  // namespace
+
+namespace detail {
+
+double closed_form_error(const SparseProjector& P, const SparseProjector& Q, const std::vector<GradSample>& samples) {
+  LSPO_CHECK(!samples.empty(), "closed_form_error: no gradient samples");
+  check_fit_pair(P, Q, "closed_form_error");
+  const std::vector<Prepared> prep = prepare_all(P, Q, samples, "closed_form_error");
+  torch::NoGradGuard ng;
+  return FitCtx(P, Q).mean_error(prep, P.values, Q.values).item<double>();
+}
+
+HeldoutFit fit_heldout(SparseProjector& P, SparseProjector& Q, const std::vector<GradSample>& samples,
+                       const std::vector<GradSample>& heldout, const FitOptions& opt, int64_t eval_every,
+                       int64_t patience) {
+  LSPO_CHECK(!samples.empty(), "fit: no gradient samples");
+  LSPO_CHECK(opt.lr > 0 && opt.max_iters >= 0 && opt.l2 >= 0, "fit: need lr > 0, max_iters >= 0, l2 >= 0");
+  LSPO_CHECK(eval_every >= 1, "fit: eval_every must be >= 1");
+  check_fit_pair(P, Q, "fit");
+  const std::vector<Prepared> prep = prepare_all(P, Q, samples, "fit");
+  const std::vector<Prepared> held = prepare_all(P, Q, heldout, "fit (held-out)");
+  const FitCtx ctx(P, Q);
+  // Adam runs on w = values / RMS(values at the start): its lr is relative to the values' scale.
+  const double sp = std::max(P.values.square().mean().sqrt().item<double>(), 1e-30);
+  const double sq = std::max(Q.values.square().mean().sqrt().item<double>(), 1e-30);
+  // the learning uses autograd whatever the caller's mode (optimizers call fit under no_grad)
+  torch::AutoGradMode grad_on(true);
+  const torch::Tensor wp0 = P.values.detach() / sp, wq0 = Q.values.detach() / sq;
+  torch::Tensor wp = wp0.clone().requires_grad_(true), wq = wq0.clone().requires_grad_(true);
+  torch::optim::Adam adam({wp, wq}, torch::optim::AdamOptions(opt.lr));
+
+  HeldoutFit out;
+  FitResult& res = out.fit;
+  auto held_error = [&](const torch::Tensor& pv, const torch::Tensor& qv) {
+    torch::NoGradGuard ng;
+    return ctx.mean_error(held, pv, qv).item<double>();
+  };
+  double best = std::numeric_limits<double>::infinity(), best_fit = best;
+  int64_t since_best = 0;
+  torch::Tensor best_p = P.values.detach().clone(), best_q = Q.values.detach().clone();
+  for (int64_t it = 0;; ++it) {
+    adam.zero_grad();
+    const torch::Tensor pv = wp * sp, qv = wq * sq;
+    torch::Tensor e = ctx.mean_error(prep, pv, qv);
+    const double ev = e.item<double>();
+    const bool last = ev <= opt.target_error || it >= opt.max_iters;
+    if (it == 0) res.error_before = ev;
+    // the kept iterate: lowest training e, or lowest held-out e at the evaluation points
+    double score = ev;
+    bool scored = true;
+    if (!held.empty()) {
+      scored = it % eval_every == 0 || last;
+      if (scored) {
+        score = held_error(pv.detach(), qv.detach());
+        if (it == 0) out.heldout_before = score;
+      }
+    }
+    bool stale = false;
+    if (scored && score < best) {
+      best = score;
+      best_fit = ev;
+      best_p = pv.detach().clone();
+      best_q = qv.detach().clone();
+      since_best = 0;
+    } else if (scored && !held.empty()) {
+      stale = patience > 0 && ++since_best >= patience;
+    }
+    if (last || stale) break;
+    torch::Tensor loss = e;
+    if (opt.l2 > 0) {
+      loss = ctx.whitened ? loss + opt.l2 * ((wp - wp0).square().mean() + (wq - wq0).square().mean())
+                          : loss + opt.l2 * (pv.norm() + qv.norm());
+    }
+    loss.backward();
+    adam.step();
+    res.iters = it + 1;
+  }
+  {
+    torch::NoGradGuard ng;
+    P.values.copy_(best_p);
+    Q.values.copy_(best_q);
+    if (P.whitened()) P.whiten_();
+    if (Q.whitened()) Q.whiten_();
+  }
+  res.error_after = best_fit;
+  out.heldout_after = held.empty() ? best_fit : best;
+  if (held.empty()) out.heldout_before = res.error_before;
+  return out;
+}
+
+}  // namespace detail
 
 double relative_error(const SparseProjector& P, const SparseProjector& Q, const std::vector<GradSample>& samples) {
   LSPO_CHECK(!samples.empty(), "relative_error: no gradient samples");
@@ -164,54 +316,7 @@ double relative_error(const SparseProjector& P, const SparseProjector& Q, const 
 }
 
 FitResult fit(SparseProjector& P, SparseProjector& Q, const std::vector<GradSample>& samples, const FitOptions& opt) {
-  LSPO_CHECK(!samples.empty(), "fit: no gradient samples");
-  LSPO_CHECK(opt.lr > 0 && opt.max_iters >= 0 && opt.l2 >= 0, "fit: need lr > 0, max_iters >= 0, l2 >= 0");
-  P.validate();
-  Q.validate();
-  LSPO_CHECK(P.indices.device() == Q.indices.device(), "fit: P and Q are on different devices");
-  std::vector<Prepared> prep;
-  {
-    torch::NoGradGuard ng;
-    for (const auto& s : samples) {
-      check_sample_shapes(P, Q, s, "fit");
-      prep.push_back(prepare(s));
-    }
-  }
-  // the learning uses autograd whatever the caller's mode (optimizers call fit under no_grad)
-  torch::AutoGradMode grad_on(true);
-  const torch::Tensor pi = P.indices.to(torch::kLong), qi = Q.indices.to(torch::kLong);
-  const torch::Tensor posP = gram_positions(P.indices, P.indices, P.d), posQ = gram_positions(Q.indices, Q.indices, Q.d);
-  torch::Tensor pv = P.values.detach().clone().requires_grad_(true);
-  torch::Tensor qv = Q.values.detach().clone().requires_grad_(true);
-  torch::optim::Adam adam({pv, qv}, torch::optim::AdamOptions(opt.lr));
-
-  FitResult res;
-  double best = std::numeric_limits<double>::infinity();
-  torch::Tensor best_p = pv.detach().clone(), best_q = qv.detach().clone();
-  for (int64_t it = 0;; ++it) {
-    adam.zero_grad();
-    torch::Tensor e = mean_error(prep, P, Q, pi, pv, qi, qv, posP, posQ);
-    const double ev = e.item<double>();
-    if (it == 0) res.error_before = ev;
-    if (ev < best) {
-      best = ev;
-      best_p = pv.detach().clone();
-      best_q = qv.detach().clone();
-    }
-    if (ev <= opt.target_error || it >= opt.max_iters) break;
-    torch::Tensor loss = e;
-    if (opt.l2 > 0) loss = loss + opt.l2 * (pv.norm() + qv.norm());
-    loss.backward();
-    adam.step();
-    res.iters = it + 1;
-  }
-  {
-    torch::NoGradGuard ng;
-    P.values.copy_(best_p);
-    Q.values.copy_(best_q);
-  }
-  res.error_after = best;
-  return res;
+  return detail::fit_heldout(P, Q, samples, {}, opt, 1).fit;
 }
 
 FitResult fit(SparseProjector& P, SparseProjector& Q, const std::vector<torch::Tensor>& grads, const FitOptions& opt) {
@@ -234,7 +339,22 @@ torch::Tensor cross_gram(const SparseProjector& P_new, const SparseProjector& P_
              P_old.n(), ")");
   LSPO_CHECK(P_new.indices.device() == P_old.indices.device(), "cross_gram: projectors on different devices");
   torch::NoGradGuard ng;
-  return gram(gram_positions(P_new.indices, P_old.indices, P_old.d), P_new.values, P_old.values, P_new.d, P_old.d);
+  torch::Tensor C =
+      gram(gram_positions(P_new.indices, P_old.indices, P_old.d), P_new.values, P_old.values, P_new.d, P_old.d);
+  if (P_new.whitened()) C = P_new.whiten.t().mm(C);
+  if (P_old.whitened()) C = C.mm(P_old.whiten);
+  return C;
+}
+
+torch::Tensor whitening_factor(const SparseProjector& P) {
+  LSPO_CHECK(P.values.defined() && P.indices.defined() && P.values.sizes() == P.indices.sizes() && P.d >= 1,
+             "whitening_factor: malformed projector");
+  torch::NoGradGuard ng;
+  const torch::Tensor A = gram(gram_positions(P.indices, P.indices, P.d), P.values, P.values, P.d, P.d);
+  LSPO_CHECK(torch::isfinite(A).all().item<bool>(), "whitening_factor: projector values contain NaN or Inf");
+  const torch::Tensor L = chol(A.to(torch::kFloat64));
+  const torch::Tensor Linv = torch::linalg_solve_triangular(L, torch::eye(P.d, L.options()), /*upper=*/false);
+  return Linv.t().to(torch::kFloat32).contiguous();  // T = L^-T, upper triangular
 }
 
 void carry_state(const SparseProjector& P_old, const SparseProjector& Q_old, const SparseProjector& P_new,

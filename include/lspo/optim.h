@@ -54,6 +54,7 @@ struct OffloadAdamWOptions : public torch::optim::OptimizerCloneableOptions<Offl
   TORCH_ARG(int64_t, pinned_limit_bytes) = int64_t(4) << 30;
   TORCH_ARG(std::string, state_dir) = "";                 // disk tier (engine.h): state beyond the limit
   TORCH_ARG(int64_t, host_memory_limit_bytes) = -1;       // fp32 state in host memory; -1: unlimited
+  TORCH_ARG(bool, resume) = false;  // continue from state_dir's last committed step (weights included)
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -64,7 +65,8 @@ struct OffloadAdamWOptions : public torch::optim::OptimizerCloneableOptions<Offl
 
 // Options of LSPAdamW (defaults as the Python lspo.LSPAdamW). Per group: lr, betas, eps,
 // weight_decay, project, subspace, nnz, min_dim (these four are read when a parameter is first
-// registered), refit_every, refit_threshold, refit_iters, refit_lr. Optimizer-wide (defaults only):
+// registered), refit_every, refit_threshold, refit_iters, refit_lr, refit_l2, refit_drift,
+// refit_reinit. Optimizer-wide (defaults only): whiten, scale, scale_auto, refit_diagnostics,
 // max_grad_norm, overlap, record_timeline, pinned_limit_bytes, seed.
 struct LSPAdamWOptions : public torch::optim::OptimizerCloneableOptions<LSPAdamWOptions> {
   LSPAdamWOptions(double lr = 1e-4);  // NOLINT
@@ -80,9 +82,18 @@ struct LSPAdamWOptions : public torch::optim::OptimizerCloneableOptions<LSPAdamW
   TORCH_ARG(int64_t, nnz) = 8;               // r: nonzeros per projector row
   TORCH_ARG(int64_t, min_dim) = 0;           // both dims >= min_dim to be projected; 0: = subspace
   TORCH_ARG(int64_t, refit_every) = 100;     // refit check at steps 1, 1 + k, 1 + 2k, ... (0: never)
-  TORCH_ARG(double, refit_threshold) = 0.3;  // refit when the relative error e exceeds this
-  TORCH_ARG(int64_t, refit_iters) = 50;      // Adam iterations of one fit (>= 1)
-  TORCH_ARG(double, refit_lr) = 0.05;        // learning rate of the fit's Adam on the projector values
+  // a check fits when the held-out error exceeds refit_threshold and has drifted above
+  // (1 + refit_drift) x what the last check left (lspo/refit.h)
+  TORCH_ARG(double, refit_threshold) = 0.0;
+  TORCH_ARG(int64_t, refit_iters) = 40;      // Adam iterations of one fit (>= 1)
+  TORCH_ARG(double, refit_lr) = 0.1;         // the fit's Adam lr, relative to the values' RMS
+  TORCH_ARG(double, refit_l2) = 0.01;        // proximal term toward the start values
+  TORCH_ARG(double, refit_drift) = 0.1;
+  TORCH_ARG(std::string, refit_reinit) = "on_failure";  // never | on_failure | always
+  TORCH_ARG(bool, whiten) = true;            // orthonormal bases U = P T (a true projection)
+  TORCH_ARG(double, scale) = 1.0;            // W += scale * P u Q^T
+  TORCH_ARG(bool, scale_auto) = false;       // scale = sqrt(m n / (dP dQ)) per layer instead
+  TORCH_ARG(bool, refit_diagnostics) = false;  // records the held-out error of random projectors too
   TORCH_ARG(double, max_grad_norm) = 0.0;
   TORCH_ARG(bool, overlap) = true;
   TORCH_ARG(bool, record_timeline) = false;
@@ -90,6 +101,7 @@ struct LSPAdamWOptions : public torch::optim::OptimizerCloneableOptions<LSPAdamW
   TORCH_ARG(int64_t, seed) = 0;              // projector i uses seeds seed + 2i (P), seed + 2i + 1 (Q)
   TORCH_ARG(std::string, state_dir) = "";
   TORCH_ARG(int64_t, host_memory_limit_bytes) = -1;
+  TORCH_ARG(bool, resume) = false;  // as OffloadAdamWOptions::resume (projectors and refit state too)
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -157,7 +169,8 @@ class OffloadOptimizerBase : public torch::optim::Optimizer {
     bool lsp = false;                    // LSPAdamW (else OffloadAdamW: nothing is projected)
     std::optional<bool> project;
     int64_t subspace = 0, nnz = 0, min_dim = 0, refit_every = 0, refit_iters = 0;
-    double refit_threshold = 0, refit_lr = 0;
+    double refit_threshold = 0, refit_lr = 0, refit_l2 = 0, refit_drift = 0;
+    ReinitPolicy refit_reinit = ReinitPolicy::kOnFailure;
   };
   struct Global {
     double max_grad_norm = 0;
@@ -165,6 +178,9 @@ class OffloadOptimizerBase : public torch::optim::Optimizer {
     int64_t pinned_limit_bytes = 0, seed = 0;
     std::string state_dir;
     int64_t host_memory_limit_bytes = -1;
+    bool resume = false;
+    bool whiten = true, scale_auto = false, refit_diagnostics = false;
+    double scale = 1.0;
   };
   OffloadOptimizerBase(const std::vector<torch::optim::OptimizerParamGroup>& groups,
                        std::unique_ptr<torch::optim::OptimizerOptions> defaults, const char* name, Global global);
@@ -172,6 +188,8 @@ class OffloadOptimizerBase : public torch::optim::Optimizer {
   virtual Hyper hyper(const torch::optim::OptimizerOptions& options) const = 0;
   // Registers parameters not seen yet (constructor, and groups added later with add_param_group).
   void sync_slots();
+  // resume = true: the core continues from state_dir (after sync_slots placed every slot)
+  void resume_from_state_dir();
 
  private:
   int64_t slot_of(const torch::Tensor& param, const char* fn) const;

@@ -16,9 +16,13 @@
 //              dense: G -> host buffer (D2H on the core's copy stream + event on CUDA);
 //              projected: S += P^T G Q on W's device, p.grad freed, S -> host buffer;
 //              then a speculative Adam job on the engine's worker (overlapped with backward).
-//   step()     the step boundary: global norm, the non-finite skip (AMP found_inf included), refits
-//              (on a refit step projected layers kept their dense gradient: the fit sees the step's
-//              whole accumulated gradient, so accumulation stays equivalent), clipping, then each
+//              On a refit-check step a projected layer's micro-batch gradients are instead summed
+//              densely in two halves (even micro-batches: the fit sum, odd: the held-out sum) and
+//              p.grad is freed (memory: two fp32 m x n sums per projected layer, check steps only).
+//   step()     the step boundary: global norm, the non-finite skip (AMP found_inf included), refit
+//              checks (lspo::refit, lspo/refit.h: fit on the fit sum, judged on the held-out sum, kept
+//              only if the held-out error improves; then fit + held-out sum is compressed, so
+//              accumulation stays equivalent), clipping, then each
 //              speculation is committed if its inputs were exactly right or recomputed otherwise,
 //              and the result is applied (H2D on the second copy stream, the compute stream waits
 //              on an event). The committed state is bitwise what the serial schedule computes.
@@ -26,6 +30,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -33,6 +38,7 @@
 
 #include "lspo/engine.h"
 #include "lspo/projector.h"
+#include "lspo/refit.h"
 
 namespace lspo {
 
@@ -45,6 +51,15 @@ struct CoreOptions {
   int64_t pinned_limit_bytes = int64_t(4) << 30;
   double max_grad_norm = 0.0;                    // <= 0: no clipping
   uint64_t seed = 0;                             // projected slot k: seeds seed + 2k (P), seed + 2k + 1 (Q)
+  // Projected slots: whitened projectors (an orthonormal basis U = P T, lspo/projector.h) and the
+  // update size: W += scale * P u Q^T, scale = update_scale, or sqrt(m n / (dP dQ)) per layer when
+  // scale_auto (a full AdamW step's Frobenius norm at the same lr).
+  bool whiten = true;
+  double update_scale = 1.0;
+  bool scale_auto = false;
+  // Every refit check also measures whitened random projectors of the same d, r on the held-out sum
+  // (RefitRecord::random_heldout; one extra error evaluation per check).
+  bool refit_diagnostics = false;
   // The disk tier (engine.h): state that does not fit host_memory_limit_bytes lives in files under
   // state_dir; every step() ends with the engine's atomic persist(); resume continues from it.
   std::string state_dir;
@@ -57,9 +72,13 @@ struct CoreOptions {
 struct GroupHyper {
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
   int64_t refit_every = 0;         // projected slots: refit check at steps 1, 1 + k, ... (0: never)
-  double refit_threshold = 0.3;
-  int64_t refit_iters = 50;
-  double refit_lr = 0.05;
+  // RefitOptions (lspo/refit.h) of the checks: threshold, iters, lr, l2, drift, reinit
+  double refit_threshold = 0.0;
+  int64_t refit_iters = 40;
+  double refit_lr = 0.1;
+  double refit_l2 = 0.01;
+  double refit_drift = 0.1;
+  ReinitPolicy refit_reinit = ReinitPolicy::kOnFailure;
 };
 
 struct StepInputs {
@@ -74,26 +93,31 @@ struct StepResult {
   double grad_norm = 0.0;           // global norm before clipping (NaN when skipped)
 };
 
+// One refit check of one projected slot (the fields of lspo::RefitResult, and where it happened).
 struct RefitRecord {
   int64_t step = 0;
   std::string param;
-  double error_before = 0, error_after = 0;
-  bool refit = false;
-  double seconds = 0;
+  int64_t check = 0;               // the slot's check count (1 at its first check)
+  RefitResult result;
+  double random_heldout = std::numeric_limits<double>::quiet_NaN();  // CoreOptions::refit_diagnostics
 };
 
 // The state of one slot, as both faces' checkpoints hold it (keys as torch's Adam state):
 //   step (committed steps), exp_avg, exp_avg_sq (fp32 host; the parameter's shape, or [dP, dQ]),
-//   master_param (dense), proj_P_indices/values, proj_Q_indices/values (projected).
+//   master_param (dense), proj_P_indices/values, proj_Q_indices/values, proj_P_whiten/proj_Q_whiten
+//   (whitened projectors), proj_refit_ref (the held-out error the last refit check left; NaN: none).
 struct SlotState {
   int64_t step = 0;
   torch::Tensor exp_avg, exp_avg_sq, master_param;
-  torch::Tensor P_indices, P_values, Q_indices, Q_values;
+  torch::Tensor P_indices, P_values, Q_indices, Q_values, P_whiten, Q_whiten;
+  double refit_ref = std::numeric_limits<double>::quiet_NaN();
+  int64_t refit_checks = 0;  // checks run (they seed a re-init's fresh values)
 };
 
 // The checkpoint entry of one slot as both faces hold it: {"step": fp32 scalar tensor, "exp_avg",
 // "exp_avg_sq", "master_param" | "proj_P_indices", "proj_P_values", "proj_Q_indices",
-// "proj_Q_values"}. from_dict accepts "step" as a tensor or a number; `who` names the caller.
+// "proj_Q_values", ["proj_P_whiten", "proj_Q_whiten"], "proj_refit_ref" (fp64 scalar tensor),
+// "proj_refit_checks" (int64 scalar tensor)}. from_dict accepts "step" as a tensor or a number; `who` names the caller.
 c10::impl::GenericDict slot_state_to_dict(const SlotState& st);
 SlotState slot_state_from_dict(const c10::impl::GenericDict& d, const std::string& who);
 
@@ -128,9 +152,9 @@ class OptimizerCore {
   // places state in that order, and resume needs the same order every run). Without a state_dir
   // slots are allocated at their first gradient.
   void allocate_all();
-  // After allocate_all() with resume: step counts from the state directory, and the dense
-  // parameters' weights from their masters. Projected slots cannot resume (their projectors are not
-  // in the directory): an error.
+  // After allocate_all() with resume: step counts from the state directory, the dense parameters'
+  // weights from their masters, and the projected parameters' weights, projectors and refit state
+  // from the directory's projector file of the committed step (optim_core_persist.cpp).
   void resume();
   int64_t slots_on_disk() const;
   bool on_disk(int64_t slot) const;  // the slot's state lives in files (disk tier)

@@ -11,6 +11,14 @@
 // S = (P^T X^T)(dY Q) = A B -- computed without ever forming the m x n gradient.
 // (For torch.nn.Linear, weight [out, in], G = dY^T X: pass (dY, X) as (X, dY).)
 //
+// Whitening (optional): a projector may carry `whiten`, the d x d upper-triangular factor T = L^-T of
+// its Gram matrix P^T P = L L^T (computed by whiten_() from the current values). A whitened projector
+// stands for U = P T, whose columns are orthonormal (U^T U = I): every operation below then works
+// with U instead of P (T is applied to the d x d / d x k results; the ELL kernels stay sparse), so
+// P P^T G Q Q^T is a true projection (e <= 1), carry_state is the identity for an unchanged pair and
+// the size of an update P u Q^T equals the size of u. T is a function of the values: call whiten_()
+// again after changing them (fit() and refit() do).
+//
 // Every operation takes fp32 or bf16 inputs, accumulates in fp32, works on CPU and CUDA tensors
 // (CUDA on the current PyTorch stream), and checks its inputs with named error messages.
 #pragma once
@@ -30,19 +38,29 @@ enum class ProjectorInit { kGaussian, kRademacher };
 struct SparseProjector {
   torch::Tensor indices;  // int32 [n, r]
   torch::Tensor values;   // float32 [n, r]
+  torch::Tensor whiten;   // float32 [d, d] upper triangular T (U = P T), or undefined (U = P)
 
   int64_t n() const { return indices.size(0); }
   int64_t r() const { return indices.size(1); }
   int64_t d = 0;
 
-  // Random positions (no duplicates in a row) from `seed`; values N(0, 1/sqrt(r)) or +-1/sqrt(r).
+  // Random positions (no duplicates in a row) from `seed`, every column used at least once (row t's
+  // first position walks a random permutation of [0, d)); values N(0, s^2) or +-s with the
+  // scale-correct s = sqrt(d / (n r)), so that E[P^T P] = I. whitened: also computes `whiten`.
   static SparseProjector random(int64_t n, int64_t d, int64_t r, uint64_t seed,
                                 torch::Device device = torch::kCPU,
-                                ProjectorInit init = ProjectorInit::kGaussian);
+                                ProjectorInit init = ProjectorInit::kGaussian, bool whitened = false);
+  // New random values (same positions, same init law) from `seed`; keeps whitening on if it was on.
+  void reinit_values_(uint64_t seed, ProjectorInit init = ProjectorInit::kGaussian);
+  // (Re)computes `whiten` from the current values (fp64 Cholesky of P^T P + 1e-10 tr/d I).
+  void whiten_();
+  bool whitened() const { return whiten.defined(); }
+  // A deep copy (values and whiten cloned; indices shared: they never change).
+  SparseProjector clone() const;
   // Wraps existing tensors after validating them.
   static SparseProjector from_tensors(torch::Tensor indices, torch::Tensor values, int64_t d);
   SparseProjector to(torch::Device device) const;
-  torch::Tensor dense(torch::ScalarType dtype = torch::kFloat32) const;  // [n, d]
+  torch::Tensor dense(torch::ScalarType dtype = torch::kFloat32) const;  // [n, d]: P, or U = P T if whitened
   void validate() const;
 };
 
@@ -87,10 +105,13 @@ double relative_error(const SparseProjector& P, const SparseProjector& Q,
                       const std::vector<GradSample>& samples);
 
 struct FitOptions {
-  double lr = 0.05;            // Adam on the projector values
+  double lr = 0.05;            // Adam on the projector values, relative to their RMS at the start
   int64_t max_iters = 100;
   double target_error = 0.0;   // stop once e <= target
-  double l2 = 0.0;             // beta * (||P||_F + ||Q||_F)
+  double l2 = 0.0;             // unwhitened: beta * (||P||_F + ||Q||_F) (the paper's term);
+                               // whitened (scale-free objective): l2 * mean((w - w0)^2) over both
+                               // projectors, w = values / RMS(start values): a proximal term that keeps
+                               // a fit near its start (a warm start near the previous projectors)
 };
 struct FitResult {
   double error_before = 0, error_after = 0;  // mean e over the samples (error_after: the values kept)
@@ -98,9 +119,12 @@ struct FitResult {
 };
 // Learns P's and Q's values (positions fixed) to minimise the mean e over the samples with Adam
 // (LibTorch autograd). Writes the best values seen into P.values / Q.values in place, so
-// error_after <= error_before. e is evaluated in closed form,
-//   e^2 = 1 + (<P^T P S, S Q^T Q> - 2 ||S||^2) / ||G||^2,  S = P^T G Q,
-// so that one iteration costs O(r * size(G) + d^3), never an m x n reconstruction.
+// error_after <= error_before (and recomputes `whiten` of a whitened projector). e is evaluated in
+// closed form, S = P^T G Q:
+//   unwhitened  e^2 = 1 + (<P^T P S, S Q^T Q> - 2 ||S||^2) / ||G||^2,
+//   whitened    e^2 = 1 - ||L_P^-1 S L_Q^-T||^2 / ||G||^2   (L: Cholesky factors of the Gram matrices),
+// so that one iteration costs O(r * size(G) + d^3), never an m x n reconstruction. Both projectors
+// must be whitened or both not. Works on CPU and CUDA tensors (the projectors' device).
 FitResult fit(SparseProjector& P, SparseProjector& Q, const std::vector<torch::Tensor>& grads,
               const FitOptions& opt = {});
 FitResult fit(SparseProjector& P, SparseProjector& Q, const std::vector<GradSample>& samples,
@@ -117,7 +141,10 @@ bool should_refit(const SparseProjector& P, const SparseProjector& Q,
 void carry_state(const SparseProjector& P_old, const SparseProjector& Q_old,
                  const SparseProjector& P_new, const SparseProjector& Q_new,
                  torch::Tensor& M, torch::Tensor& V);
-// The maps of carry_state: P_new^T P_old  [dP_new, dP_old] fp32 (O(n r^2), sparse).
+// The maps of carry_state: P_new^T P_old  [dP_new, dP_old] fp32 (O(n r^2), sparse); with whitening
+// U_new^T U_old = T_new^T P_new^T P_old T_old.
 torch::Tensor cross_gram(const SparseProjector& P_new, const SparseProjector& P_old);
+// The whitening factor T = L^-T (P^T P = L L^T) of P's current values  [d, d] fp32, upper triangular.
+torch::Tensor whitening_factor(const SparseProjector& P);
 
 }  // namespace lspo

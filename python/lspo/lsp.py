@@ -13,13 +13,29 @@ Every projected weight ``W [m, n]`` (gradient ``G``) owns a pair of
    uploads ``u`` and applies, on W's device and in W's dtype: ``W *= 1 - lr * weight_decay`` (if any),
    then ``W += P u Q^T`` (no dense fp32 temporary).
 
-Projector learning: steps ``t = 1, 1 + refit_every, ...`` are refit steps. On a refit step the
-projected layers keep their dense gradient through all the step's micro-batches; ``step()`` measures
-``e = ||P P^T G Q Q^T - G|| / ||G||`` on that whole accumulated gradient and, when it exceeds
-``refit_threshold``, refits the projectors' values on it (``refit_iters`` Adam iterations, positions
-fixed), carries the Adam moments into the new subspace (``M <- P'^T P M Q^T Q'``, V with squared
-maps) and then compresses. So gradient accumulation gives the same result as one big batch, refits
-included, and a skipped step never refits. ``refits`` records every check.
+Projectors: whitened (``whiten=True``, the default): each stands for an orthonormal basis ``U = P T``
+(``T`` the ``d x d`` triangular factor of ``P^T P``, see ``lspo.projector``), so ``P P^T G Q Q^T`` is a
+true projection (error <= 1), the state carry is exact and the size of an update ``P u Q^T`` is the
+size of ``u``. Values start scale-correct (``E[P^T P] = I``).
+
+Projector learning (C++ ``lspo::refit``, include/lspo/refit.h): steps ``t = 1, 1 + refit_every, ...``
+are refit checks. On a check step a projected layer's micro-batch gradients are summed densely in two
+halves (even micro-batches: the fit sum; odd ones: the held-out sum; with one micro-batch the check
+is in-sample) and ``step()`` runs one check per layer: the held-out error
+``e = ||U U^T G V V^T - G|| / ||G||`` of the current projectors; a fit (warm start, ``refit_iters``
+Adam iterations at ``refit_lr`` relative to the values' size, proximal ``refit_l2``, held-out early
+stopping; also from fresh values when the warm start does not help, ``refit_reinit``) when ``e``
+exceeds ``refit_threshold`` and has drifted above ``(1 + refit_drift)`` times what the last check
+left; the fit is kept only when it lowers the held-out error, and then the Adam moments are carried
+into the new subspace. Then the step's whole gradient (both sums) is compressed with the projectors
+the check left, so gradient accumulation gives the same result as one big batch (up to fp32
+summation order), and a skipped step never refits. Extra memory on check steps only: two fp32
+copies of each projected weight's gradient. ``refits`` records every check.
+
+Update size (``scale``): ``W += scale * P u Q^T``; with orthonormal bases ``|P u Q^T| = |u|``, so
+``scale=1.0`` (default) runs at the lr a user gives AdamW (benchmarks/convergence.py ``--finetune``
+picks the same best lr for both, docs/convergence.md). ``scale="auto"`` uses ``sqrt(m n / (dP dQ))``
+per layer (a full AdamW step's Frobenius norm at the same lr); it measured worse at AdamW's best lr.
 
 Which parameters are projected: given a module, the weights of ``nn.Linear`` (and transformers'
 GPT-2 ``Conv1D``) layers whose both dimensions are ``>= min_dim`` (default: ``subspace``), except a
@@ -47,6 +63,7 @@ Semantics to know:
 from __future__ import annotations
 
 import gc
+import math
 import warnings
 from typing import Any, Optional
 
@@ -86,6 +103,13 @@ def _owning_module(params: list) -> Optional[torch.nn.Module]:
     return best
 
 
+def _projectors(core, slot: int) -> tuple:
+    """``(P, Q)`` of a core slot (sharing the core's tensors)."""
+    pi, pv, pd, pw, qi, qv, qd, qw = core.projectors(slot)
+    return (lp.SparseProjector(pi, pv, pd, validate=False, whiten=pw),
+            lp.SparseProjector(qi, qv, qd, validate=False, whiten=qw))
+
+
 class _LayerHandle:
     """What a wrapped layer (``lspo.wrap``) talks to: ``P``, ``Q``, ``dense_this_step()``, ``accept(S)``.
     Refreshed by the optimizer after each step, so a forward costs no call into the core."""
@@ -98,9 +122,7 @@ class _LayerHandle:
         self.refresh()
 
     def refresh(self) -> None:
-        pi, pv, pd, qi, qv, qd = self._core.projectors(self.slot)
-        self.P = lp.SparseProjector(pi, pv, pd, validate=False)
-        self.Q = lp.SparseProjector(qi, qv, qd, validate=False)
+        self.P, self.Q = _projectors(self._core, self.slot)
 
     def dense_this_step(self) -> bool:
         return self._dense
@@ -113,9 +135,12 @@ class LSPAdamW(OffloadAdamW):
     """AdamW in learned sparse subspaces (LSP-Offload) for the big matrices, full-offload AdamW for
     the rest; a drop-in ``torch.optim.Optimizer``. See the module documentation for the semantics.
 
-    ``subspace`` (d) and ``nnz`` (r) set the projectors; ``refit_every`` / ``refit_threshold`` /
-    ``refit_iters`` / ``refit_lr`` their learning (per group too); ``seed`` their random positions and
-    initial values (projected parameter k uses ``seed + 2 k`` and ``seed + 2 k + 1``).
+    ``subspace`` (d) and ``nnz`` (r) set the projectors, ``whiten`` their orthonormalisation, ``scale``
+    the update size; ``refit_every`` / ``refit_threshold`` / ``refit_drift`` / ``refit_iters`` /
+    ``refit_lr`` / ``refit_l2`` / ``refit_reinit`` their learning (per group too); ``seed`` their
+    random positions and initial values (projected parameter k uses ``seed + 2 k`` and
+    ``seed + 2 k + 1``). ``refit_diagnostics``: every check also records the held-out error of fresh
+    whitened random projectors of the same d, r (``refits[k]["random_heldout"]``).
     ``max_grad_norm``, ``overlap``, ``record_timeline`` and ``pinned_limit_bytes`` are as for
     :class:`~lspo.OffloadAdamW`.
     """
@@ -124,22 +149,29 @@ class LSPAdamW(OffloadAdamW):
 
     def __init__(self, params_or_module: Any, lr: float = 1e-4, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, subspace: int = 512, nnz: int = 8, refit_every: int = 100,
-                 refit_threshold: float = 0.3, refit_iters: int = 50, refit_lr: float = 0.05,
+                 refit_threshold: float = 0.0, refit_iters: int = 40, refit_lr: float = 0.1,
+                 refit_l2: float = 0.01, refit_drift: float = 0.1, refit_reinit: str = "on_failure",
+                 whiten: bool = True, scale: Any = 1.0, refit_diagnostics: bool = False,
                  min_dim: Optional[int] = None, seed: int = 0, max_grad_norm: Optional[float] = None,
                  overlap: bool = True, record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30,
-                 state_dir: Optional[str] = None, host_memory_limit: Optional[int] = None):
+                 state_dir: Optional[str] = None, host_memory_limit: Optional[int] = None, resume: bool = False):
         if not (isinstance(subspace, int) and subspace >= 1):
             raise ValueError(f"LSPAdamW: subspace must be an int >= 1, got {subspace!r}")
         if not (isinstance(nnz, int) and 1 <= nnz <= subspace):
             raise ValueError(f"LSPAdamW: nnz must be an int in [1, subspace={subspace}], got {nnz!r}")
-        self._check_refit(dict(refit_every=refit_every, refit_threshold=refit_threshold, refit_iters=refit_iters,
-                               refit_lr=refit_lr))
+        refit = dict(refit_every=refit_every, refit_threshold=float(refit_threshold), refit_iters=refit_iters,
+                     refit_lr=float(refit_lr), refit_l2=float(refit_l2), refit_drift=float(refit_drift),
+                     refit_reinit=refit_reinit)
+        self._check_refit(refit)
+        if not (scale == "auto" or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                    and math.isfinite(scale) and scale > 0)):
+            raise ValueError(f"LSPAdamW: scale must be 'auto' or a finite number > 0, got {scale!r}")
+        self.whiten, self.scale, self.refit_diagnostics = bool(whiten), scale, bool(refit_diagnostics)
         self.subspace, self.nnz = subspace, nnz
         self.min_dim = subspace if min_dim is None else int(min_dim)
         if self.min_dim < nnz:
             raise ValueError(f"LSPAdamW: min_dim ({self.min_dim}) must be >= nnz ({nnz})")
-        self.refit_every, self.refit_threshold = refit_every, float(refit_threshold)
-        self.refit_iters, self.refit_lr = refit_iters, float(refit_lr)
+        self._refit_defaults = refit
         self.seed = int(seed)
         self._handles: dict = {}
         self._refits: list = []
@@ -154,9 +186,8 @@ class LSPAdamW(OffloadAdamW):
         self._eligible = _eligible_weights(mod) if mod is not None else None
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                          overlap=overlap, record_timeline=record_timeline, pinned_limit_bytes=pinned_limit_bytes,
-                         seed=seed, state_dir=state_dir, host_memory_limit=host_memory_limit)
-        self.defaults.update(refit_every=refit_every, refit_threshold=float(refit_threshold), refit_iters=refit_iters,
-                             refit_lr=float(refit_lr))
+                         seed=seed, state_dir=state_dir, host_memory_limit=host_memory_limit, resume=resume)
+        self.defaults.update(refit)
 
     @staticmethod
     def _check_refit(g: dict) -> None:
@@ -170,6 +201,17 @@ class LSPAdamW(OffloadAdamW):
             raise ValueError(f"LSPAdamW: refit_iters must be an int >= 1, got {it!r}")
         if not g.get("refit_lr", 1.0) > 0.0:
             raise ValueError(f"LSPAdamW: refit_lr must be > 0, got {g['refit_lr']}")
+        for k in ("refit_l2", "refit_drift"):
+            if not g.get(k, 0.0) >= 0.0:
+                raise ValueError(f"LSPAdamW: {k} must be >= 0, got {g[k]}")
+        if g.get("refit_reinit", "on_failure") not in ("never", "on_failure", "always"):
+            raise ValueError(f"LSPAdamW: refit_reinit must be 'never', 'on_failure' or 'always', "
+                             f"got {g['refit_reinit']!r}")
+
+    def _core_options(self) -> dict:
+        auto = self.scale == "auto"
+        return dict(whiten=self.whiten, scale=1.0 if auto else float(self.scale), scale_auto=auto,
+                    refit_diagnostics=self.refit_diagnostics)
 
     # ---------------------------------------------------------------- registration
     def _projection(self, p: torch.Tensor, group: dict) -> tuple:
@@ -189,8 +231,10 @@ class LSPAdamW(OffloadAdamW):
     def _group_tuple(self, g: dict) -> tuple:
         self._check_refit(g)
         t = super()._group_tuple(g)
-        return t[:5] + (int(g.get("refit_every", self.refit_every)), float(g.get("refit_threshold", self.refit_threshold)),
-                        int(g.get("refit_iters", self.refit_iters)), float(g.get("refit_lr", self.refit_lr)))
+        d = self._refit_defaults
+        v = {k: g.get(k, d[k]) for k in d}
+        return t[:5] + (int(v["refit_every"]), float(v["refit_threshold"]), int(v["refit_iters"]),
+                        float(v["refit_lr"]), float(v["refit_l2"]), float(v["refit_drift"]), str(v["refit_reinit"]))
 
     @property
     def projected_params(self) -> list:
@@ -202,12 +246,14 @@ class LSPAdamW(OffloadAdamW):
         i = self._index.get(p)
         if i is None or not self._core.is_projected(i):
             raise KeyError("LSPAdamW.projectors: this parameter is not projected")
-        pi, pv, pd, qi, qv, qd = self._core.projectors(i)
-        return lp.SparseProjector(pi, pv, pd, validate=False), lp.SparseProjector(qi, qv, qd, validate=False)
+        return _projectors(self._core, i)
 
     @property
     def refits(self) -> list:
-        """Every refit check: ``{"step", "param", "error_before", "refit", "error_after", "seconds"}``."""
+        """Every refit check: ``{"step", "param", "check", "heldout_before", "heldout_after", "fit_before",
+        "fit_after", "fitted", "kept", "reinit", "iters", "seconds", "reference_error"}`` (lspo/refit.h's
+        RefitResult), plus ``"refit"`` (= kept), ``"error_before"`` / ``"error_after"`` (the held-out
+        errors) and, with ``refit_diagnostics``, ``"random_heldout"``."""
         self._refits.extend(self._core.refits(len(self._refits)))
         return self._refits
 

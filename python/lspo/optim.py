@@ -176,7 +176,7 @@ class OffloadAdamW(torch.optim.Optimizer):
                                       max_grad_norm=float(max_grad_norm or 0.0), seed=int(seed),
                                       state_dir=self._state_dir or "",
                                       host_memory_limit_bytes=-1 if host_memory_limit is None else int(host_memory_limit),
-                                      resume=bool(resume))
+                                      resume=bool(resume), **self._core_options())
         self._index: dict = {}    # parameter -> core slot
         self._hooks: list = []
         self._grads_modified = 0
@@ -187,6 +187,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         if resume:
             with torch.no_grad():
                 self._core.resume()  # step counts and weights from the directory's last committed step
+
+    def _core_options(self) -> dict:
+        """Extra keyword arguments of the core (LSPAdamW: its projector options)."""
+        return {}
 
     # ---------------------------------------------------------------- registration
     def add_param_group(self, param_group: dict) -> None:
@@ -230,7 +234,9 @@ class OffloadAdamW(torch.optim.Optimizer):
     # ---------------------------------------------------------------- step
     def _group_tuple(self, g: dict) -> tuple:
         b1, b2 = g["betas"]
-        return (float(g["lr"]), float(b1), float(b2), float(g["eps"]), float(g["weight_decay"]), 0, 0.3, 1, 0.05)
+        # (refit options: unused by OffloadAdamW, which projects nothing)
+        return (float(g["lr"]), float(b1), float(b2), float(g["eps"]), float(g["weight_decay"]), 0, 0.0, 1, 0.1,
+                0.0, 0.0, "on_failure")
 
     def _sync_groups(self) -> None:
         for g in self.param_groups:

@@ -8,12 +8,16 @@ returns fp32; CPU and CUDA tensors (the projector's device). Errors raise ``lspo
 The tensor operations are PyTorch operators ``torch.ops.lspo.<name>`` (named in the profiler,
 traceable by ``torch.compile``); the functions here call them.
 
+Whitening: a projector may carry ``whiten`` (``T = L^-T`` with ``P^T P = L L^T``, ``[d, d]`` fp32); it
+then stands for ``U = P T`` (orthonormal columns) in every operation, so ``P P^T G Q Q^T`` is a true
+projection (error <= 1). ``SparseProjector.random(..., whitened=True)`` or ``P.whiten_()``.
+
 Serialisation: ``torch.save(P.state_dict(), f)`` and
 ``SparseProjector.from_state_dict(torch.load(f, weights_only=True))``.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Tuple, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -32,6 +36,7 @@ __all__ = [
     "left_project",
     "project_grad_output",
     "project_input",
+    "refit",
     "relative_error",
     "right_project",
     "set_backend",
@@ -42,20 +47,37 @@ __all__ = [
 class SparseProjector:
     """An ``n x d`` ELL matrix with ``r`` nonzeros per row (plain tensors inside)."""
 
-    def __init__(self, indices: torch.Tensor, values: torch.Tensor, d: int, validate: bool = True):
+    def __init__(self, indices: torch.Tensor, values: torch.Tensor, d: int, validate: bool = True,
+                 whiten: Optional[torch.Tensor] = None):
         self.indices = indices
         self.values = values
         self.d = int(d)
+        self.whiten = whiten
         if validate:
-            _C.projector_validate(self.indices, self.values, self.d)
+            _C.projector_validate(*self._t())
 
     @classmethod
     def random(cls, n: int, d: int, r: int, seed: int = 0, device: Union[str, torch.device] = "cpu",
-               init: str = "gaussian") -> "SparseProjector":
-        """Random positions (distinct in a row) from ``seed``; values N(0, 1/sqrt(r)) or +-1/sqrt(r)
-        (``init="rademacher"``)."""
-        idx, val = _C.projector_random(int(n), int(d), int(r), int(seed), str(torch.device(device)), init)
-        return cls(idx, val, d, validate=False)
+               init: str = "gaussian", whitened: bool = False) -> "SparseProjector":
+        """Random positions (distinct in a row, every column used) from ``seed``; values N(0, s^2) or +-s
+        (``init="rademacher"``) with ``s = sqrt(d / (n r))``, so that E[P^T P] = I. ``whitened``: also
+        compute the whitening factor (the projector then stands for an orthonormal basis)."""
+        idx, val, wh = _C.projector_random(int(n), int(d), int(r), int(seed), str(torch.device(device)), init,
+                                           bool(whitened))
+        return cls(idx, val, d, validate=False, whiten=wh)
+
+    @property
+    def whitened(self) -> bool:
+        return self.whiten is not None
+
+    def whiten_(self) -> "SparseProjector":
+        """(Re)compute the whitening factor from the current values (in place when it exists)."""
+        T = _C.projector_whitening_factor(self.indices, self.values, self.d, None)
+        if self.whiten is not None and self.whiten.shape == T.shape:
+            self.whiten.copy_(T)
+        else:
+            self.whiten = T
+        return self
 
     @property
     def n(self) -> int:
@@ -70,29 +92,42 @@ class SparseProjector:
         return self.indices.device
 
     def _t(self):
-        return self.indices, self.values, self.d
+        return self.indices, self.values, self.d, self.whiten
 
     def to(self, device) -> "SparseProjector":
-        return SparseProjector(self.indices.to(device), self.values.to(device), self.d, validate=False)
+        wh = None if self.whiten is None else self.whiten.to(device)
+        return SparseProjector(self.indices.to(device), self.values.to(device), self.d, validate=False, whiten=wh)
+
+    def clone(self) -> "SparseProjector":
+        """A copy with its own values (and whitening factor); the positions are shared."""
+        wh = None if self.whiten is None else self.whiten.clone()
+        return SparseProjector(self.indices, self.values.clone(), self.d, validate=False, whiten=wh)
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The projector as a dense ``[n, d]`` matrix."""
-        out = torch.zeros(self.n, self.d, dtype=dtype, device=self.device)
-        return out.scatter_(1, self.indices.long(), self.values.to(dtype))
+        """The projector as a dense ``[n, d]`` matrix (``P T`` when whitened)."""
+        out = torch.zeros(self.n, self.d, dtype=torch.float32, device=self.device)
+        out.scatter_(1, self.indices.long(), self.values)
+        if self.whiten is not None:
+            out = out @ self.whiten
+        return out.to(dtype)
 
     def state_dict(self) -> dict:
-        return {"indices": self.indices, "values": self.values, "d": self.d}
+        sd = {"indices": self.indices, "values": self.values, "d": self.d}
+        if self.whiten is not None:
+            sd["whiten"] = self.whiten
+        return sd
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "SparseProjector":
         """Rebuilds (and fully validates) a projector saved with :meth:`state_dict`."""
         try:
-            return cls(state["indices"], state["values"], int(state["d"]))
+            return cls(state["indices"], state["values"], int(state["d"]), whiten=state.get("whiten"))
         except KeyError as e:
             raise _C.LspoError(f"SparseProjector.from_state_dict: missing key {e}") from None
 
     def __repr__(self) -> str:
-        return f"SparseProjector(n={self.n}, d={self.d}, r={self.r}, device={self.device})"
+        w = ", whitened" if self.whiten is not None else ""
+        return f"SparseProjector(n={self.n}, d={self.d}, r={self.r}, device={self.device}{w})"
 
 
 # ---------------------------------------------------------------- the dispatcher operators
@@ -107,46 +142,46 @@ def _f32(like: torch.Tensor, *shape) -> torch.Tensor:
 
 
 @torch.library.register_fake("lspo::right_project")
-def _(X, P_indices, P_values, P_d):
+def _(X, P_indices, P_values, P_d, P_whiten):
     torch._check(X.dim() == 2, lambda: "lspo::right_project: X must be 2-D")
     return _f32(X, X.shape[0], P_d)
 
 
 @torch.library.register_fake("lspo::left_project")
-def _(P_indices, P_values, P_d, Y):
+def _(P_indices, P_values, P_d, P_whiten, Y):
     torch._check(Y.dim() == 2, lambda: "lspo::left_project: Y must be 2-D")
     return _f32(Y, P_d, Y.shape[1])
 
 
 @torch.library.register_fake("lspo::compress")
-def _(P_indices, P_values, P_d, Q_indices, Q_values, Q_d, G):
+def _(P_indices, P_values, P_d, P_whiten, Q_indices, Q_values, Q_d, Q_whiten, G):
     return _f32(G, P_d, Q_d)
 
 
 @torch.library.register_fake("lspo::project_input")
-def _(P_indices, P_values, P_d, X):
+def _(P_indices, P_values, P_d, P_whiten, X):
     torch._check(X.dim() == 2, lambda: "lspo::project_input: X must be 2-D")
     return _f32(X, P_d, X.shape[0])
 
 
 @torch.library.register_fake("lspo::project_grad_output")
-def _(Q_indices, Q_values, Q_d, dY):
+def _(Q_indices, Q_values, Q_d, Q_whiten, dY):
     torch._check(dY.dim() == 2, lambda: "lspo::project_grad_output: dY must be 2-D")
     return _f32(dY, dY.shape[0], Q_d)
 
 
 @torch.library.register_fake("lspo::compress_activations")
-def _(P_indices, P_values, P_d, Q_indices, Q_values, Q_d, X, dY):
+def _(P_indices, P_values, P_d, P_whiten, Q_indices, Q_values, Q_d, Q_whiten, X, dY):
     return _f32(X, P_d, Q_d)
 
 
 @torch.library.register_fake("lspo::decompress")
-def _(P_indices, P_values, P_d, Q_indices, Q_values, Q_d, Delta):
+def _(P_indices, P_values, P_d, P_whiten, Q_indices, Q_values, Q_d, Q_whiten, Delta):
     return _f32(Delta, P_indices.shape[0], Q_indices.shape[0])
 
 
 @torch.library.register_fake("lspo::apply_")
-def _(W, P_indices, P_values, P_d, Q_indices, Q_values, Q_d, Delta, alpha):
+def _(W, P_indices, P_values, P_d, P_whiten, Q_indices, Q_values, Q_d, Q_whiten, Delta, alpha):
     return None
 
 
@@ -228,6 +263,26 @@ def fit(P: SparseProjector, Q: SparseProjector, samples: Sequence[Sample], lr: f
     over samples (dense G or (X, dY) pairs). Returns ``{"error_before", "error_after", "iters"}``."""
     return _C.projector_fit(*P._t(), *Q._t(), _samples(samples), float(lr), int(max_iters), float(target_error),
                             float(l2))
+
+
+def refit(P: SparseProjector, Q: SparseProjector, fit_samples: Sequence[Sample], heldout: Sequence[Sample] = (),
+          *, iters: int = 40, lr: float = 0.1, l2: float = 0.01, eval_every: int = 10, patience: int = 2,
+          threshold: float = 0.0,
+          drift: float = 0.1, reference_error: float = float("nan"), min_gain: float = 0.0,
+          reinit: str = "on_failure", seed: int = 0, M: Optional[torch.Tensor] = None,
+          V: Optional[torch.Tensor] = None) -> dict:
+    """One refit check (C++ ``lspo::refit``, include/lspo/refit.h): measures the held-out error of
+    (P, Q); when it exceeds ``threshold`` and has drifted above ``(1 + drift) * reference_error`` (or
+    there is no reference yet), fits warm-started (and, per ``reinit``, from fresh values) on
+    ``fit_samples`` with held-out early stopping (scored every ``eval_every`` iterations, stopped after
+    ``patience`` scorings without a new best), and keeps the fit only when it lowers the held-out
+    error. Kept values (and whitening factors) are written into P, Q in place and the moments M, V
+    (if given) are carried into the new subspace in place. Returns ``{heldout_before, heldout_after,
+    fit_before, fit_after, fitted, kept, reinit, iters, seconds, reference_error}``; pass
+    ``reference_error`` to the next check."""
+    return _C.projector_refit(*P._t(), *Q._t(), _samples(fit_samples), _samples(heldout), int(iters), float(lr),
+                              float(l2), int(eval_every), int(patience), float(threshold), float(drift), float(reference_error),
+                              float(min_gain), str(reinit), int(seed), M, V)
 
 
 def carry_state(P_old: SparseProjector, Q_old: SparseProjector, P_new: SparseProjector, Q_new: SparseProjector,

@@ -72,8 +72,8 @@ class _CompressedLinearFn(torch.autograd.Function):
     """y = linear(x); backward: dX, db and S = P^T G Q (handed over), never the dense G."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, P_indices, P_values, Q_indices, Q_values, dP: int, dQ: int, layer,
-                transposed: bool):
+    def forward(ctx, x, weight, bias, P_indices, P_values, P_whiten, Q_indices, Q_values, Q_whiten, dP: int, dQ: int,
+                layer, transposed: bool):
         # transposed: Conv1D (weight [in, out], y = x W + b); else nn.Linear (weight [out, in])
         if transposed:
             x2d = x.reshape(-1, x.shape[-1])
@@ -83,9 +83,9 @@ class _CompressedLinearFn(torch.autograd.Function):
             y = F.linear(x, weight, bias)
         x2 = x.detach().reshape(-1, x.shape[-1])
         # the input side of S: nn.Linear  S = (dY P)^T (X Q);  Conv1D  S = (P^T X^T)(dY Q)
-        xp = (_ops.project_input(P_indices, P_values, dP, x2) if transposed
-              else _ops.right_project(x2, Q_indices, Q_values, dQ))
-        ctx.save_for_backward(weight, xp, P_indices, P_values, Q_indices, Q_values, layer)
+        xp = (_ops.project_input(P_indices, P_values, dP, P_whiten, x2) if transposed
+              else _ops.right_project(x2, Q_indices, Q_values, dQ, Q_whiten))
+        ctx.save_for_backward(weight, xp, P_indices, P_values, P_whiten, Q_indices, Q_values, Q_whiten, layer)
         ctx.dP, ctx.dQ, ctx.transposed = dP, dQ, transposed
         # under autocast y may be bf16 while x and W are fp32: dX is computed in y's dtype, as
         # autocast's own matmul would, then given x's dtype
@@ -94,7 +94,7 @@ class _CompressedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        weight, xp, P_indices, P_values, Q_indices, Q_values, layer = ctx.saved_tensors
+        weight, xp, P_indices, P_values, P_whiten, Q_indices, Q_values, Q_whiten, layer = ctx.saved_tensors
         transposed = ctx.transposed
         dx = db = None
         if ctx.needs_input_grad[0]:
@@ -104,11 +104,11 @@ class _CompressedLinearFn(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(ctx.bias_dtype)
         if transposed:  # xp = P^T X^T  [dP, tokens]
-            S = xp @ _ops.project_grad_output(Q_indices, Q_values, ctx.dQ, dy2)
+            S = xp @ _ops.project_grad_output(Q_indices, Q_values, ctx.dQ, Q_whiten, dy2)
         else:  # xp = X Q  [tokens, dQ];  P^T dY^T = (dY P)^T
-            S = _ops.project_grad_output(P_indices, P_values, ctx.dP, dy2).t() @ xp
+            S = _ops.project_grad_output(P_indices, P_values, ctx.dP, P_whiten, dy2).t() @ xp
         _ops.accept_compressed(S, layer)
-        return dx, None, db, None, None, None, None, None, None, None, None
+        return dx, None, db, None, None, None, None, None, None, None, None, None, None
 
 
 def _compressed_forward(self, x, transposed: bool):
@@ -116,7 +116,8 @@ def _compressed_forward(self, x, transposed: bool):
     if layer.dense_this_step():  # refit step: the plain layer, autograd forms the dense gradient
         return self._lspo_dense_forward(x)
     P, Q = layer.P, layer.Q
-    return _CompressedLinearFn.apply(x, self.weight, self.bias, P.indices, P.values, Q.indices, Q.values, P.d, Q.d,
+    return _CompressedLinearFn.apply(x, self.weight, self.bias, P.indices, P.values, P.whiten, Q.indices, Q.values, Q.whiten,
+                                     P.d, Q.d,
                                      self._lspo_layer_key, transposed)
 
 

@@ -317,4 +317,54 @@ TEST(EngineDiskOptim, OffloadAdamWAndLSPAdamWThroughOptions) {
               optim_run<lspo::LSPAdamW, lspo::LSPAdamWOptions>(td.sub("b")));
 }
 
+// resume = true through the options: 3 steps into a directory, then fresh parameters (other
+// values) and a new optimizer continue 2 steps; bitwise the 5 uninterrupted in-memory steps, the
+// weights included (dense: from the masters; projected: from the projector file).
+template <class Opt, class Options>
+std::vector<torch::Tensor> optim_resume_run(const std::string& dir, int split) {
+  auto make = [](uint64_t seed) {
+    torch::manual_seed(seed);
+    return std::vector<torch::Tensor>{torch::randn({33, 40}).requires_grad_(), torch::randn({7}).requires_grad_()};
+  };
+  auto opts = [&](bool resume) {
+    Options o(1e-2);
+    if constexpr (std::is_same_v<Options, lspo::LSPAdamWOptions>) o.subspace(8).nnz(2).refit_every(2);
+    if (!dir.empty()) o.state_dir(dir).host_memory_limit_bytes(0).resume(resume);
+    return o;
+  };
+  auto train = [](Opt& opt, std::vector<torch::Tensor>& ps, int from, int to) {
+    for (int s = from; s <= to; ++s) {
+      torch::manual_seed(50 + s);
+      for (auto& p : ps) p.mutable_grad() = torch::randn(p.sizes());
+      opt.step();
+    }
+  };
+  auto ps = make(5);
+  std::vector<torch::Tensor> r;
+  {
+    Opt opt(ps, opts(false));
+    train(opt, ps, 1, split);
+    if (dir.empty()) {
+      train(opt, ps, split + 1, 5);
+      for (auto& p : ps) r.insert(r.end(), {p.detach().clone(), opt.exp_avg(p), opt.exp_avg_sq(p)});
+      return r;
+    }
+  }
+  auto qs = make(6);
+  Opt opt(qs, opts(true));
+  train(opt, qs, split + 1, 5);
+  for (auto& p : qs) r.insert(r.end(), {p.detach().clone(), opt.exp_avg(p), opt.exp_avg_sq(p)});
+  return r;
+}
+
+TEST(EngineDiskOptim, ResumeThroughOptionsEqualsUninterrupted) {
+  TempDir td;
+  expect_same(optim_resume_run<lspo::OffloadAdamW, lspo::OffloadAdamWOptions>("", 3),
+              optim_resume_run<lspo::OffloadAdamW, lspo::OffloadAdamWOptions>(td.sub("a"), 3));
+  expect_same(optim_resume_run<lspo::LSPAdamW, lspo::LSPAdamWOptions>("", 3),
+              optim_resume_run<lspo::LSPAdamW, lspo::LSPAdamWOptions>(td.sub("b"), 3));
+  EXPECT_TRUE(exists(td.sub("b") + "/proj.s5.pt"));
+  EXPECT_FALSE(exists(td.sub("b") + "/proj.s3.pt"));
+}
+
 }  // namespace

@@ -79,7 +79,8 @@ TEST(OptimCuda, LSPAdamWOnCudaMatchesCpu) {
     set_grads(c, t);
     oc.step();
   }
-  EXPECT_EQ(oc.refits(), 4);
+  EXPECT_EQ(oc.core().refits().size(), 4u);  // two checks x two projected parameters
+  EXPECT_GE(oc.refits(), 2);
   for (auto& p : c) EXPECT_TRUE(torch::isfinite(p.detach()).all().item<bool>());
 }
 

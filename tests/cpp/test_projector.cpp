@@ -107,10 +107,10 @@ TEST(Projector, RandomIsValidAndDeterministic) {
   EXPECT_NO_THROW(a.validate());
   auto full = SparseProjector::random(30, 6, 6, 1, torch::kCPU, lspo::ProjectorInit::kRademacher);  // r = d
   EXPECT_NO_THROW(full.validate());
-  EXPECT_NEAR(full.values.abs().max().item<double>(), 1 / std::sqrt(6.0), 1e-6);
-  EXPECT_NEAR(full.values.abs().min().item<double>(), 1 / std::sqrt(6.0), 1e-6);
+  EXPECT_NEAR(full.values.abs().max().item<double>(), std::sqrt(6.0 / (30 * 6)), 1e-6);  // sqrt(d / (n r))
+  EXPECT_NEAR(full.values.abs().min().item<double>(), std::sqrt(6.0 / (30 * 6)), 1e-6);
   const Tensor g = SparseProjector::random(4000, 64, 16, 3).values;
-  EXPECT_NEAR(g.std().item<double>(), 0.25, 0.01);  // N(0, 1/sqrt(r)) with r = 16
+  EXPECT_NEAR(g.std().item<double>(), std::sqrt(64.0 / (4000 * 16)), 0.001);  // N(0, d / (n r))
 }
 
 void expect_error(const std::function<void()>& f, const std::string& needle) {

@@ -41,7 +41,8 @@ def test_python_face_equals_cpp_face_bitwise(tmp_path, kind):
         assert torch.equal(p.detach(), q), (p - q).abs().max()
     _same_state(opt.state_dict(), out["checkpoint"])
     if kind == "lsp":
-        assert sum(r["refit"] for r in opt.refits) == 2 * 3  # steps 1, 4, 7 x two projected layers
+        assert len(opt.refits) == 2 * 3  # checks at steps 1, 4, 7 x two projected layers
+        assert sum(r["kept"] for r in opt.refits) >= 2  # at least the first check's fits were kept
 
 
 @pytest.mark.parametrize("kind", ["lsp", "offload"])

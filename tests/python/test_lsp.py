@@ -78,6 +78,8 @@ def test_step_matches_dense_fp64_reference():
     W = torch.nn.Parameter(torch.randn(37, 29))
     o = lspo.LSPAdamW([W], lr=1e-2, weight_decay=0.1, subspace=8, nnz=3, min_dim=8, refit_every=0)
     P, Q = o.projectors(W)
+    assert P.whitened and Q.whitened  # the default: orthonormal bases U = P T
+    sc = 1.0  # scale=1.0, the default (scale="auto" is tested below)
     Pd, Qd = P.dense(torch.float64), Q.dense(torch.float64)
     w = W.detach().double().clone()
     m = torch.zeros(8, 8, dtype=torch.float64)
@@ -91,7 +93,7 @@ def test_step_matches_dense_fp64_reference():
         m = b1 * m + (1 - b1) * S
         v = b2 * v + (1 - b2) * S * S
         u = -lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
-        w = w * (1 - lr * wd) + Pd @ u @ Qd.T
+        w = w * (1 - lr * wd) + sc * (Pd @ u @ Qd.T)
         # fp32 pipeline vs fp64: relative error a few fp32 ulps of the update and of the weights
         torch.testing.assert_close(W.detach().double(), w, rtol=1e-5, atol=1e-6)
     st = o.state[W]
@@ -109,7 +111,8 @@ def test_overlapped_equals_serial_bitwise_with_refits_and_clipping():
     assert _same(_params(m1), _params(m2))
     assert len(o1.refits) == len(o2.refits) == 3 * 2  # steps 1, 4, 7 x two projected layers
     for r in o1.refits:
-        assert r["refit"] and r["error_after"] <= r["error_before"]
+        assert r["heldout_after"] <= r["heldout_before"] <= 1.0 + 1e-5  # whitened: a true projection
+    assert o1.refits[0]["fitted"]
     for p1, p2 in zip(o1.projected_params, o2.projected_params):
         assert torch.equal(o1.projectors(p1)[0].values, o2.projectors(p2)[0].values)
 
@@ -119,7 +122,7 @@ def test_refit_carries_state_by_the_dense_formula():
     W = torch.nn.Parameter(torch.randn(30, 26))
     b1, b2 = 0.9, 0.999
     o = lspo.LSPAdamW([W], lr=1e-2, betas=(b1, b2), subspace=8, nnz=2, min_dim=8, refit_every=2,
-                      refit_threshold=0.0, refit_iters=10)
+                      refit_threshold=0.0, refit_iters=10, refit_drift=0.0)
     # low-rank gradients: learning the values reduces the error
     U, V = torch.randn(30, 3), torch.randn(3, 26)
     W.grad = U @ V  # (assigned, not from backward: step() compresses it)
@@ -128,12 +131,13 @@ def test_refit_carries_state_by_the_dense_formula():
     W.grad = U @ torch.randn(3, 26)
     o.step()  # step 2: no refit (refit steps: 1, 3, ...)
     M0, V0 = o.state[W]["exp_avg"].clone().double(), o.state[W]["exp_avg_sq"].clone().double()
-    P0 = lp.SparseProjector(P.indices, P.values.clone(), P.d)
-    Q0 = lp.SparseProjector(Q.indices, Q.values.clone(), Q.d)
+    P0, Q0 = P.clone(), Q.clone()
     G = U @ torch.randn(3, 26)
     W.grad = G.clone()
-    o.step()  # step 3: refit on G, carry the moments, compress G with the new projectors, Adam
-    assert o.refits[-1]["step"] == 3 and o.refits[-1]["error_after"] < o.refits[-1]["error_before"]
+    o.step()  # step 3: check on G (one micro-batch: in-sample), carry the moments, compress G, Adam
+    rec = o.refits[-1]
+    assert rec["step"] == 3 and rec["check"] == 2 and rec["fitted"] and rec["kept"]
+    assert rec["heldout_after"] < rec["heldout_before"]
     P1, Q1 = o.projectors(W)
     assert not torch.equal(P1.values, P0.values)
     A = P1.dense(torch.float64).T @ P0.dense(torch.float64)
@@ -146,6 +150,30 @@ def test_refit_carries_state_by_the_dense_formula():
                                atol=1e-6 * M_expect.abs().max().item())
     torch.testing.assert_close(o.state[W]["exp_avg_sq"].double(), V_expect, rtol=1e-5,
                                atol=1e-6 * V_expect.abs().max().item())
+
+
+def test_refit_step_compresses_the_whole_accumulated_gradient():
+    # on a check step the committed S is compress(P', Q', sum of the micro-batch gradients) with the
+    # projectors the check left: accumulation stays exact
+    torch.manual_seed(1)
+    W = torch.nn.Parameter(torch.randn(30, 26))
+    lr, eps = 1e-2, 1e-8
+    o = lspo.LSPAdamW([W], lr=lr, subspace=8, nnz=2, min_dim=8, refit_every=1, refit_iters=20, eps=eps,
+                      scale="auto")
+    U = torch.randn(30, 3)
+    grads = [U @ torch.randn(3, 26) + 0.01 * torch.randn(30, 26) for _ in range(4)]
+    w0 = W.detach().double().clone()
+    for g in grads:  # four micro-batches through backward (the hook sends each to a check sum)
+        (W * g).sum().backward()
+        assert W.grad is None
+    o.step()
+    P, Q = o.projectors(W)
+    S = lp.compress(P, Q, sum(grads)).double()
+    u = -lr * S / (S.abs() + eps)  # Adam's first step
+    sc = math.sqrt(30 * 26 / 64)  # scale="auto"
+    ref = w0 + sc * (P.dense(torch.float64) @ u @ Q.dense(torch.float64).T)
+    torch.testing.assert_close(W.detach().double(), ref, rtol=1e-5, atol=1e-5)
+    assert o.refits[0]["kept"] and o.refits[0]["heldout_after"] < o.refits[0]["heldout_before"]
 
 
 def test_gradient_accumulation_equals_big_batch():
@@ -290,9 +318,11 @@ def test_wrapped_layers_never_form_the_dense_gradient():
             t, y = _batch(i)
             _loss(m, t, y).backward()
             if m is m2:
-                # never allocated, except on refit steps (1, 3: the refit learns from the whole dense gradient)
+                # never allocated, except on refit steps (1, 3: the check needs the dense sums; the hook
+                # moves the gradient into them), so .grad is None after backward either way
                 dense = i % 2 == 0
-                assert (m2.a.weight.grad is not None) == dense and (m2.b.weight.grad is not None) == dense
+                assert m2.a.weight.grad is None and m2.b.weight.grad is None
+                assert (o2._core.accumulated(o2._index[m2.a.weight]) is None) == dense
                 assert m2.a.bias.grad is not None
             o.step()
             o.zero_grad()

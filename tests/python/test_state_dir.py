@@ -17,8 +17,9 @@ SCRIPT = r"""
 import sys, torch, lspo
 sys.path.insert(0, {here!r})
 from test_state_dir import make_model, grads_for
+from test_state_dir import make_opt
 model = make_model()
-opt = lspo.OffloadAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, state_dir={d!r}, host_memory_limit=0)
+opt = make_opt({kind!r}, model, state_dir={d!r}, host_memory_limit=0)
 print("ready", flush=True)
 for step in range(1, 100000):
     for p, g in zip(model.parameters(), grads_for(step, model)):
@@ -39,9 +40,16 @@ def grads_for(step, model):
     return [torch.randn(p.shape, generator=g) for p in model.parameters()]
 
 
-def run_ram(steps, **kw):
+def make_opt(kind, model, **kw):
+    if kind == "lsp":  # the 2-D weights projected (refit checks at steps 1, 3, ...), the biases dense
+        return lspo.LSPAdamW(model, lr=1e-2, weight_decay=0.1, subspace=8, nnz=2, min_dim=8, refit_every=2,
+                             refit_iters=4, **kw)
+    return lspo.OffloadAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kw)
+
+
+def run_ram(steps, kind="offload", **kw):
     model = make_model()
-    opt = lspo.OffloadAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, **kw)
+    opt = make_opt(kind, model, **kw)
     snaps = {}
     for step in range(1, steps + 1):
         for p, g in zip(model.parameters(), grads_for(step, model)):
@@ -59,8 +67,10 @@ def state_of(opt):
 def same_state(a, b):
     assert a.keys() == b.keys()
     for i in a:
-        for k in ("exp_avg", "exp_avg_sq", "master_param", "step"):
-            assert torch.equal(a[i][k], b[i][k]), (i, k)
+        assert a[i].keys() == b[i].keys(), i
+        for k in a[i]:
+            same = torch.equal(a[i][k], b[i][k]) or bool(a[i][k].isnan().all() and b[i][k].isnan().all())
+            assert same, (i, k)
 
 
 def test_disk_state_bitwise_equal_and_resume(tmp_path):
@@ -99,20 +109,20 @@ def test_mixed_placement_and_load_state_dict(tmp_path):
     same_state(state_of(opt), state_of(opt_b))
 
 
-def _load_dir(d):
+def _load_dir(d, kind):
     model = make_model()
     try:
-        opt = lspo.OffloadAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, state_dir=d, host_memory_limit=0,
-                                resume=True)
+        opt = make_opt(kind, model, state_dir=d, host_memory_limit=0, resume=True)
     except lspo.LspoError as e:
         assert "holds no MANIFEST" in str(e)
-        return 0, None
+        return 0, None, None
     steps = {int(opt.state[p]["step"].item()) for p in model.parameters()}
     assert len(steps) == 1, f"slots at different steps: {steps}"
-    return steps.pop(), state_of(opt)
+    return steps.pop(), state_of(opt), [p.detach().clone() for p in model.parameters()]
 
 
-def test_kill_9_leaves_a_whole_step(tmp_path):
+@pytest.mark.parametrize("kind", ["offload", "lsp"])
+def test_kill_9_leaves_a_whole_step(tmp_path, kind):
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(lspo.__file__)), here,
@@ -121,7 +131,7 @@ def test_kill_9_leaves_a_whole_step(tmp_path):
     results = []
     for trial in range(4):
         d = str(tmp_path / f"kill{trial}")
-        p = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=here, d=d)], stdout=subprocess.PIPE,
+        p = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=here, d=d, kind=kind)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env, text=True)
         assert p.stdout.readline().strip() == "ready", p.stderr.read()
         seen = 0
@@ -134,16 +144,24 @@ def test_kill_9_leaves_a_whole_step(tmp_path):
         os.kill(p.pid, signal.SIGKILL)
         out = p.communicate()[0].split()
         last_printed = int(out[-1]) if len(out) >= 2 and out[-2] == "step" else seen
-        step, state = _load_dir(d)
+        step, state, weights = _load_dir(d, kind)
         # the directory holds the last persisted step: the last printed one or the one after it
         assert last_printed <= step <= last_printed + 1, (last_printed, step)
-        results.append((step, state))
-    steps = [st for st, _ in results]
+        results.append((step, state, weights))
+    steps = [st for st, _, _ in results]
     assert max(steps) > 0, f"no trial got past its first step: {steps}"
-    _, _, ref = run_ram(max(steps))
-    for step, state in results:
+    _, _, ref = run_ram(max(steps), kind)
+    for step, state, weights in results:
         if step:
             same_state(ref[step], state)
+            # the weights of that step (dense: from the masters; projected: from the projector file)
+            model = make_model()
+            opt = make_opt(kind, model)
+            for s in range(1, step + 1):
+                for p, g in zip(model.parameters(), grads_for(s, model)):
+                    p.grad = g
+                opt.step()
+            assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
 
 
 def test_lsp_adamw_with_state_on_disk(tmp_path):
@@ -168,3 +186,58 @@ def test_lsp_adamw_with_state_on_disk(tmp_path):
     for i in same_lsp[1]:
         for k in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(same_lsp[0][i][k], same_lsp[1][i][k]), (i, k)
+
+
+def _lsp_run(model, opt, steps, start=1):
+    for step in range(start, start + steps):
+        for k in range(2):  # two micro-batches: the refit checks get a fit and a held-out sum
+            g = torch.Generator().manual_seed(100 * step + k)
+            x, w = torch.randn(8, 24, generator=g), torch.randn(8, 16, generator=g)
+            (model(x) * w).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _lsp_model(seed=1):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(24, 20), torch.nn.Linear(20, 16))
+
+
+LSP_KW = dict(lr=1e-2, subspace=8, nnz=2, min_dim=8, refit_every=2, refit_iters=8, refit_drift=0.0)
+
+
+def test_lsp_adamw_resumes_from_the_directory(tmp_path):
+    """Projected weights, projectors and refit state come back from the directory: 2 steps, a new
+    process-like start (fresh model, resume=True), 4 more steps == 6 uninterrupted steps, bitwise."""
+    ref = _lsp_model()
+    ref_opt = lspo.LSPAdamW(ref, **LSP_KW)
+    _lsp_run(ref, ref_opt, 6)
+    d = str(tmp_path / "lsp")
+    m1 = _lsp_model()
+    o1 = lspo.LSPAdamW(m1, state_dir=d, host_memory_limit=0, **LSP_KW)
+    _lsp_run(m1, o1, 2)
+    files = sorted(f for f in os.listdir(d) if f.startswith("proj."))
+    assert files == ["proj.s2.pt"], files  # the committed step's file only
+    del o1
+    m2 = _lsp_model(seed=5)  # different initial weights: resume must restore them
+    o2 = lspo.LSPAdamW(m2, state_dir=d, host_memory_limit=0, resume=True, **LSP_KW)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    _lsp_run(m2, o2, 4, start=3)
+    assert [r["kept"] for r in o2.refits] == [r["kept"] for r in ref_opt.refits[-len(o2.refits):]]
+    assert any(r["kept"] and r["step"] >= 3 for r in o2.refits)  # a refit after the resume
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), m2.parameters()))
+    a, b = o2.state_dict()["state"], ref_opt.state_dict()["state"]
+    for i in b:
+        for k in b[i]:
+            assert torch.equal(a[i][k], b[i][k]) or (k == "proj_refit_ref" and a[i][k].isnan() and b[i][k].isnan()), \
+                (i, k)
+
+
+def test_lsp_adamw_resume_rejects_a_different_configuration(tmp_path):
+    d = str(tmp_path / "lsp")
+    m = _lsp_model()
+    o = lspo.LSPAdamW(m, state_dir=d, host_memory_limit=0, **LSP_KW)
+    _lsp_run(m, o, 1)
+    del o
+    with pytest.raises(lspo.LspoError, match="positions differ"):
+        lspo.LSPAdamW(_lsp_model(), state_dir=d, host_memory_limit=0, resume=True, **{**LSP_KW, "seed": 3})
