@@ -95,7 +95,7 @@ def worker(args) -> dict:
     model = smollm2(0)
     opt = lspo.LSPAdamW(model, lr=1e-4, subspace=256, nnz=8, refit_every=0)
     if use_dist:
-        ld.data_parallel(opt)
+        ld.data_parallel(opt, overlap=not args.no_overlap)
     seqs = [[torch.randint(0, 49152, (2, args.seq), generator=g)] for _ in range(args.steps)]
     per_step = []
     t = []
@@ -132,7 +132,7 @@ def worker(args) -> dict:
             opt = (ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3)
                    if use_dist else torch.optim.AdamW(model.parameters(), lr=1e-3))
         if use_dist and kind != "ddp_zero":
-            ld.data_parallel(opt)
+            ld.data_parallel(opt, overlap=not args.no_overlap)
         net = net if kind == "ddp_zero" else model
         t = []
         for xs in data:
@@ -140,8 +140,8 @@ def worker(args) -> dict:
             for k, x in enumerate(xs):
                 xb = x[rank * 4 // world:(rank + 1) * 4 // world]
                 xb = xb.flip(0) if args.swap else xb
-                if kind == "ddp_zero" and use_dist and k < len(xs) - 1:
-                    with net.no_sync():
+                if use_dist and k < len(xs) - 1:  # accumulation micro-batch: no reduce launched
+                    with net.no_sync() if kind == "ddp_zero" else ld.no_sync(opt):
                         (tiny_loss(net, xb) / len(xs)).backward()
                 else:
                     (tiny_loss(net, xb) / len(xs)).backward()
@@ -200,8 +200,8 @@ def layout_variants() -> dict:
             if not p.requires_grad:
                 continue
             if core.is_projected(i):
-                pd, qd = core.projectors(i)[2], core.projectors(i)[5]
-                sent += pd * qd * 4
+                P, Q = opt.projectors(p)
+                sent += P.d * Q.d * 4
             else:
                 sent += p.numel() * p.element_size()
         out[name] = round(sent / unique_grad_bytes(model), 4)
@@ -224,6 +224,7 @@ def main():
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--worker", default="")
     ap.add_argument("--no-dist", action="store_true")
+    ap.add_argument("--no-overlap", action="store_true", help="reduce only at step() (no launches from hooks)")
     ap.add_argument("--swap", action="store_true", help="reverse the samples of each batch (same math, other rounding)")
     args = ap.parse_args()
     args.steps = args.steps or (3 if args.quick else 6)
@@ -241,6 +242,11 @@ def main():
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                         f"--master_port={port()}", __file__, "--worker", f2, *common], env=env, check=True)
         t_two = time.perf_counter() - t0
+        fn = os.path.join(tmp, "two_no_overlap.pt")
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={port()}", __file__, "--worker", fn, "--no-overlap", *common], env=env,
+                       check=True)
+        no_ov = torch.load(fn, weights_only=False)
         subprocess.run([sys.executable, __file__, "--worker", f1, "--no-dist", *common], env=env, check=True)
         fs = os.path.join(tmp, "swap.pt")
         subprocess.run([sys.executable, __file__, "--worker", fs, "--no-dist", "--swap", *common], env=env, check=True)
@@ -273,7 +279,8 @@ def main():
         state_bytes_one_rank=s1["hosts"][0],
         state_bytes_per_rank_ratio=max(s2["hosts"]) / s1["hosts"][0],
         smollm2_two_vs_one_max_abs_diff=diff("smollm2"),
-        smollm2_step_s=dict(two_ranks=s2["step_s"], one_rank=s1["step_s"]),
+        smollm2_step_s=dict(two_ranks=s2["step_s"], two_ranks_reduce_at_step_only=no_ov["smollm2"]["step_s"],
+                            one_rank=s1["step_s"]),
         tiny_lsp_two_vs_one_max_abs_diff=diff("lsp"),
         tiny_offload_two_vs_one_max_abs_diff=diff("offload"),
         two_vs_one_rank_max_abs_diff=max(diff("smollm2"), diff("lsp"), diff("offload")),
@@ -283,6 +290,10 @@ def main():
         tiny_state_bytes_per_rank_ratio={k: max(two[k]["hosts"]) / one[k]["hosts"][0]
                                          for k in ("lsp", "offload", "ddp_zero")},
         tiny_step_s_two_ranks={k: two[k]["step_s"] for k in ("lsp", "offload", "ddp_zero")},
+        tiny_step_s_two_ranks_reduce_at_step_only={k: no_ov[k]["step_s"] for k in ("lsp", "offload")},
+        no_overlap_vs_overlap_max_abs_diff=max(
+            max((no_ov[k]["params"][n] - two[k]["params"][n]).abs().max().item() for n in two[k]["params"])
+            for k in ("smollm2", "lsp", "offload")),
         peer="torch DistributedDataParallel + ZeroRedundancyOptimizer(AdamW) (all-reduces every gradient: "
              "bytes_vs_ddp 1.0; ZeRO-1 state sharding)",
         physical_limit="a ring all-reduce moves ~2x the payload per rank; reduce + broadcast ~1x each",
