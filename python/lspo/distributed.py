@@ -179,8 +179,10 @@ class TorchCommunicator(_C.Communicator):
             hits.append(h if ok else None)
         launched, self._launched = self._launched, []
         try:
-            if len(tensors):
-                dist.all_reduce(flags, op=dist.ReduceOp.SUM, group=self.group)  # usable on every rank?
+            if len(tensors):  # usable on every rank? (NCCL: through the device)
+                buf = flags.to(self.device)
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+                flags = buf.cpu()
             for _, _, _, work in launched:
                 work.wait()
         except Exception as e:  # noqa: BLE001

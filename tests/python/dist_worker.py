@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--clip", type=float, default=None)
     ap.add_argument("--refit-every", type=int, default=2)
     ap.add_argument("--no-dist", action="store_true")
+    ap.add_argument("--wrap", action="store_true", help="LSPAdamW.wrap(model): layers hand S to the core")
     ap.add_argument("--no-sync", action="store_true", help="accumulation micro-batches inside ld.no_sync(opt)")
     ap.add_argument("--no-overlap", action="store_true", help="reduce only at step() (no launches from hooks)")
     ap.add_argument("--split", type=int, default=200, help="split dense parameters of >= this many elements")
@@ -67,6 +68,8 @@ def main():
         dist.init_process_group("gloo", timeout=timedelta(seconds=60))
         rank, world = dist.get_rank(), dist.get_world_size()
     model, opt = build(args)
+    if args.wrap:
+        assert opt.wrap(model) == 2
     if not args.no_dist:
         ld.data_parallel(opt, split_min_numel=args.split, overlap=not args.no_overlap)
     X, Y = data(args)

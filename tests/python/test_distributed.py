@@ -96,6 +96,16 @@ def test_lsp_two_ranks_match_one_rank(lsp_runs):
     assert two["comm"]["early_bytes"] == two["comm"]["reduce_bytes"]
 
 
+def test_lsp_wrap_path_two_ranks_match_one_rank(tmp_path):
+    # lspo.wrap: the projected layers' backward hands S to the core (no dense gradient, no hook):
+    # their S is reduced at step()
+    two, _ = run(tmp_path, "two", "--opt", "lsp", "--wrap", "--clip", CLIP, "--refit-every", 0)
+    one, _ = run(tmp_path, "one", "--opt", "lsp", "--wrap", "--clip", CLIP, "--refit-every", 0, world=1)
+    assert not two["error"]
+    assert max_diff(two["params"], one["params"]) < ATOL
+    assert state_diff(two["state"], one["state"]) < ATOL
+
+
 def test_lsp_host_state_per_rank_halves(lsp_runs):
     _, _, two, one = lsp_runs
     assert len(two["host"]) == 2 and min(two["host"]) > 0
