@@ -43,7 +43,8 @@ import torch.distributed as dist
 from . import _C
 from ._C import LspoError
 
-__all__ = ["TorchCommunicator", "data_parallel", "no_sync", "save_checkpoint", "load_checkpoint", "is_partial"]
+__all__ = ["TorchCommunicator", "data_parallel", "no_sync", "sync_grad_scaler", "save_checkpoint", "load_checkpoint",
+           "is_partial"]
 
 _BUCKET_BYTES = 25 << 20
 
@@ -275,6 +276,25 @@ def no_sync(opt):
         yield
     finally:
         comm.sync = prev
+
+
+def sync_grad_scaler(scaler, group: Optional[Any] = None) -> None:
+    """Call after ``scaler.update()`` on every rank (fp16 loss scaling with ``torch.amp.GradScaler``).
+    The optimizer skips a step on every rank when any rank's gradient is non-finite, but each rank's
+    scaler saw only its own ``found_inf``: the ranks that saw none did not back off. Every rank takes
+    the smallest scale and growth tracker -- what one process (or DDP, whose gradients are reduced
+    before the scaler looks) would hold."""
+    if not scaler.is_enabled() or getattr(scaler, "_scale", None) is None:
+        return
+    backend = dist.get_backend(group)
+    for t in (scaler._scale, scaler._growth_tracker):
+        buf = t.to(torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu")
+        try:
+            dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=group)
+        except Exception as e:  # noqa: BLE001
+            raise LspoError(f"lspo.distributed: rank {dist.get_rank(group)}: the collective 'grad scaler sync' "
+                            f"failed ({type(e).__name__}: {e})") from e
+        t.copy_(buf)
 
 
 def is_partial(state_dict: dict) -> bool:

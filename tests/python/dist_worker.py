@@ -49,6 +49,8 @@ def main():
     ap.add_argument("--clip", type=float, default=None)
     ap.add_argument("--refit-every", type=int, default=2)
     ap.add_argument("--no-dist", action="store_true")
+    ap.add_argument("--amp", action="store_true", help="torch.amp.GradScaler (CPU) loss scaling")
+    ap.add_argument("--inf-step", type=int, default=-1, help="the last rank's loss is inf at this step (0-based)")
     ap.add_argument("--wrap", action="store_true", help="LSPAdamW.wrap(model): layers hand S to the core")
     ap.add_argument("--no-sync", action="store_true", help="accumulation micro-batches inside ld.no_sync(opt)")
     ap.add_argument("--no-overlap", action="store_true", help="reduce only at step() (no launches from hooks)")
@@ -81,6 +83,7 @@ def main():
         opt.load_state_dict(ck["optimizer"])
         start = ck["step"]
     err = ""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if args.amp else None
     try:
         for t in range(start, args.steps):
             for k in range(args.accum):
@@ -89,10 +92,18 @@ def main():
                 quiet = args.no_sync and k < args.accum - 1  # accumulation micro-batches launch nothing
                 with ld.no_sync(opt) if quiet else contextlib.nullcontext():
                     loss = torch.nn.functional.mse_loss(model(x), y) / args.accum
-                    loss.backward()
+                    if t == args.inf_step and rank == world - 1:
+                        loss = loss * float("inf")  # a non-finite gradient on one rank only
+                    (scaler.scale(loss) if scaler else loss).backward()
             if args.die == "step" and rank == 1 and t == 1:
                 os._exit(3)  # dies mid-step: after backward, before the collectives
-            opt.step()
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+                if not args.no_dist:
+                    ld.sync_grad_scaler(scaler)
+            else:
+                opt.step()
             opt.zero_grad()
             if args.save_at and t + 1 == args.save_at:
                 if args.die == "save" and rank == 1:
@@ -113,7 +124,8 @@ def main():
     if rank == 0:
         out = dict(params={n: p.detach().clone() for n, p in model.named_parameters()}, state=sd, host=hosts,
                    error=err, refits=[(r["step"], r["param"], r["refit"]) for r in getattr(opt, "refits", [])],
-                   norm=opt.last_grad_norm if hasattr(opt, "last_grad_norm") else None)
+                   norm=opt.last_grad_norm if hasattr(opt, "last_grad_norm") else None,
+                   skipped=opt.skipped_steps, scale=scaler.get_scale() if scaler else None)
         if not args.no_dist and not err:
             out["comm"] = dict(opt._dist.stats)
             out["owners"] = [opt._core.owner(i) for i in range(opt._core.num_slots)]

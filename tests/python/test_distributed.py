@@ -106,6 +106,19 @@ def test_lsp_wrap_path_two_ranks_match_one_rank(tmp_path):
     assert state_diff(two["state"], one["state"]) < ATOL
 
 
+def test_amp_inf_on_one_rank_skips_everywhere_and_scalers_agree(tmp_path):
+    # fp16-style loss scaling: rank 1's loss is inf at step 2 -> the step is skipped on both ranks
+    # (global norm), and after sync_grad_scaler both scalers backed off, as one process whose batch
+    # holds the inf does
+    common = ["--opt", "lsp", "--amp", "--inf-step", 2, "--refit-every", 0]
+    two, _ = run(tmp_path, "two", *common)
+    one, _ = run(tmp_path, "one", *common, world=1)
+    assert not two["error"]
+    assert two["skipped"] == one["skipped"] == 1
+    assert two["scale"] == one["scale"] == 2.0 ** 9
+    assert max_diff(two["params"], one["params"]) < ATOL
+
+
 def test_lsp_host_state_per_rank_halves(lsp_runs):
     _, _, two, one = lsp_runs
     assert len(two["host"]) == 2 and min(two["host"]) > 0
