@@ -36,7 +36,13 @@ def _env():
     return env
 
 
+_REFS: dict = {}
+
+
 def run(tmp_path, name, *args, world=2, check=True):
+    key = tuple(map(str, args))
+    if world == 1 and key in _REFS:  # one-process references are deterministic: run each once
+        return _REFS[key], None
     out = str(tmp_path / f"{name}.pt")
     if world == 1:
         cmd = [sys.executable, WORKER, "--no-dist"]
@@ -46,7 +52,10 @@ def run(tmp_path, name, *args, world=2, check=True):
     p = subprocess.run(cmd + ["--out", out, *map(str, args)], env=_env(), capture_output=True, text=True, timeout=120)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return torch.load(out, weights_only=False), p
+    res = torch.load(out, weights_only=False)
+    if world == 1:
+        _REFS[key] = res
+    return res, p
 
 
 def max_diff(a, b):
