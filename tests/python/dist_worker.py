@@ -117,15 +117,24 @@ def main():
     st = opt.engine_stats()
     host = int(st["host_state_bytes"] + st["pinned_bytes"] + st["pageable_bytes"])
     hosts = [host]
+    identical = True
     if not args.no_dist and not err:
         hosts = [None] * world
         dist.all_gather_object(hosts, host)
+        # every rank's weights and projectors (values, whitening), to compare bitwise across ranks
+        mine = [p.detach().reshape(-1) for p in model.parameters()]
+        for p in getattr(opt, "projected_params", []):
+            for P in opt.projectors(p):
+                mine += [P.values.reshape(-1)] + ([P.whiten.reshape(-1)] if P.whiten is not None else [])
+        flat = [None] * world
+        dist.all_gather_object(flat, torch.cat(mine))
+        identical = all(torch.equal(flat[0], f) for f in flat)
     sd = opt.state_dict() if not err else None
     if rank == 0:
         out = dict(params={n: p.detach().clone() for n, p in model.named_parameters()}, state=sd, host=hosts,
                    error=err, refits=[(r["step"], r["param"], r["refit"]) for r in getattr(opt, "refits", [])],
                    norm=opt.last_grad_norm if hasattr(opt, "last_grad_norm") else None,
-                   skipped=opt.skipped_steps, scale=scaler.get_scale() if scaler else None)
+                   skipped=opt.skipped_steps, ranks_identical=identical, scale=scaler.get_scale() if scaler else None)
         if not args.no_dist and not err:
             out["comm"] = dict(opt._dist.stats)
             out["owners"] = [opt._core.owner(i) for i in range(opt._core.num_slots)]

@@ -93,6 +93,7 @@ def test_lsp_two_ranks_match_one_rank(lsp_runs):
     # owners' projector values reached the other rank)
     assert two["refits"] == one["refits"] and len(one["refits"]) == 6 and sum(r[2] for r in one["refits"]) >= 1
     assert two["norm"] == pytest.approx(one["norm"], rel=1e-5) and one["norm"] > CLIP
+    assert two["ranks_identical"]  # weights, projector values and whitening bitwise equal on both ranks
     # bytes reduced: on refit-check steps (1, 3, 5) the projected weights send their two dense sums
     # (fit: micro-batch 0, held-out: micro-batch 1; the owner checks on them), on the others the
     # 12 x 12 S; every other parameter its gradient -- once per step
@@ -143,7 +144,7 @@ def test_offload_two_ranks_match_one_rank(tmp_path, mode):
     two, _ = run(tmp_path, "two", "--opt", "offload", "--clip", CLIP,
                  *(["--no-overlap"] if mode == "no_overlap" else []))
     one, _ = run(tmp_path, "one", "--opt", "offload", "--clip", CLIP, world=1)
-    assert not two["error"]
+    assert not two["error"] and two["ranks_identical"]
     assert max_diff(two["params"], one["params"]) < ATOL
     assert state_diff(two["state"], one["state"]) < ATOL
     assert two["norm"] == pytest.approx(one["norm"], rel=1e-5) and one["norm"] > CLIP
