@@ -381,8 +381,11 @@ StepResult OptimizerCore::step(const StepInputs &in) {
   for (auto &sp : I.slots)
     if (I.has_grad(*sp))
       live.push_back(sp.get());
-  if (live.empty())
+  if (live.empty()) {
+    if (I.comm) // data parallel: a rank without gradients must not leave the others waiting
+      I.dist_check_live(live);
     return res;
+  }
   res.ran = true;
   for (CoreSlot *s : live) {
     I.hyper(*s); // every live slot's group was set

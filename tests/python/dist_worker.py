@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--clip", type=float, default=None)
     ap.add_argument("--refit-every", type=int, default=2)
     ap.add_argument("--no-dist", action="store_true")
+    ap.add_argument("--skip-backward-rank", type=int, default=-1, help="this rank runs no backward at step 1")
     ap.add_argument("--amp", action="store_true", help="torch.amp.GradScaler (CPU) loss scaling")
     ap.add_argument("--inf-step", type=int, default=-1, help="the last rank's loss is inf at this step (0-based)")
     ap.add_argument("--wrap", action="store_true", help="LSPAdamW.wrap(model): layers hand S to the core")
@@ -90,6 +91,8 @@ def main():
                 x = X[t, k, rank * per:(rank + 1) * per]
                 y = Y[t, k, rank * per:(rank + 1) * per]
                 quiet = args.no_sync and k < args.accum - 1  # accumulation micro-batches launch nothing
+                if t == 1 and rank == args.skip_backward_rank:
+                    continue  # a bug in the user's loop: this rank has no gradients at step()
                 with ld.no_sync(opt) if quiet else contextlib.nullcontext():
                     loss = torch.nn.functional.mse_loss(model(x), y) / args.accum
                     if t == args.inf_step and rank == world - 1:

@@ -170,6 +170,13 @@ def test_checkpoint_from_world_two_resumes_in_world_one_and_two(lsp_runs):
     assert max_diff(alone["params"], two["params"]) < ATOL
 
 
+def test_rank_without_gradients_gives_clear_error(tmp_path):
+    # rank 1 skips its backward at step 2: the presence check names the slot (reduces at step() only:
+    # with launches from the hooks, rank 0's launched reduces would meet rank 1's check first)
+    res, _ = run(tmp_path, "nograd", "--opt", "lsp", "--no-overlap", "--skip-backward-rank", 1, check=False)
+    assert "rank 0: 'lsp0:[40, 24]->12x12' has a compressed gradient on 1 of 2 ranks" in res["error"], res["error"]
+
+
 @pytest.mark.parametrize("when", ["step", "save"])
 def test_dead_rank_gives_clear_error_and_no_checkpoint(tmp_path, when):
     ck = tmp_path / "ck.pt"
