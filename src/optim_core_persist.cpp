@@ -17,13 +17,12 @@
 // step, and removes any newer one (a step that never committed).
 #include <dirent.h>
 #include <fcntl.h>
+#include <torch/serialize.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-
-#include <torch/serialize.h>
 
 #include "lspo/state_store.h"
 #include "optim_core_internal.h"
@@ -32,87 +31,75 @@ namespace lspo {
 
 namespace {
 
-constexpr const char *kPrefix = "proj.s";
-constexpr const char *kSuffix = ".pt";
+constexpr const char* kPrefix = "proj.s";
+constexpr const char* kSuffix = ".pt";
 
-std::string proj_path(const std::string &dir, int64_t tag) {
+std::string proj_path(const std::string& dir, int64_t tag) {
   return dir + "/" + kPrefix + std::to_string(tag) + kSuffix;
 }
 
 // The tags of the proj files in `dir` (ignores everything else, temporaries
 // included).
-std::vector<int64_t> proj_tags(const std::string &dir) {
+std::vector<int64_t> proj_tags(const std::string& dir) {
   std::vector<int64_t> tags;
-  DIR *d = ::opendir(dir.c_str());
-  LSPO_CHECK(d != nullptr, "state_dir: cannot list '", dir,
-             "': ", std::strerror(errno));
+  DIR* d = ::opendir(dir.c_str());
+  LSPO_CHECK(d != nullptr, "state_dir: cannot list '", dir, "': ", std::strerror(errno));
   const size_t np = std::strlen(kPrefix), ns = std::strlen(kSuffix);
-  while (dirent *e = ::readdir(d)) {
+  while (dirent* e = ::readdir(d)) {
     const std::string n = e->d_name;
-    if (n.size() <= np + ns || n.compare(0, np, kPrefix) != 0 ||
-        n.compare(n.size() - ns, ns, kSuffix) != 0)
-      continue;
+    if (n.size() <= np + ns || n.compare(0, np, kPrefix) != 0 || n.compare(n.size() - ns, ns, kSuffix) != 0) continue;
     const std::string num = n.substr(np, n.size() - np - ns);
-    if (num.empty() || num.find_first_not_of("0123456789") != std::string::npos)
-      continue;
+    if (num.empty() || num.find_first_not_of("0123456789") != std::string::npos) continue;
     tags.push_back(std::stoll(num));
   }
   ::closedir(d);
   return tags;
 }
 
-void remove_file(const std::string &p) {
-  LSPO_CHECK(::unlink(p.c_str()) == 0 || errno == ENOENT,
-             "state_dir: cannot remove '", p, "': ", std::strerror(errno));
+void remove_file(const std::string& p) {
+  LSPO_CHECK(::unlink(p.c_str()) == 0 || errno == ENOENT, "state_dir: cannot remove '", p, "': ", std::strerror(errno));
 }
 
-void sync_dir(const std::string &dir) {
+void sync_dir(const std::string& dir) {
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-  LSPO_CHECK(fd >= 0, "state_dir: cannot open directory '", dir,
-             "' to sync it: ", std::strerror(errno));
+  LSPO_CHECK(fd >= 0, "state_dir: cannot open directory '", dir, "' to sync it: ", std::strerror(errno));
   const int r = ::fsync(fd);
   ::close(fd);
-  LSPO_CHECK(r == 0, "state_dir: fsync of directory '", dir,
-             "' failed: ", std::strerror(errno));
+  LSPO_CHECK(r == 0, "state_dir: fsync of directory '", dir, "' failed: ", std::strerror(errno));
 }
 
-std::vector<char> read_all(const std::string &path) {
-  FILE *f = std::fopen(path.c_str(), "rb");
-  LSPO_CHECK(f != nullptr, "state_dir: cannot open '", path,
-             "': ", std::strerror(errno));
+std::vector<char> read_all(const std::string& path) {
+  FILE* f = std::fopen(path.c_str(), "rb");
+  LSPO_CHECK(f != nullptr, "state_dir: cannot open '", path, "': ", std::strerror(errno));
   std::vector<char> bytes;
   char buf[1 << 16];
   size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0)
-    bytes.insert(bytes.end(), buf, buf + n);
+  while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) bytes.insert(bytes.end(), buf, buf + n);
   const bool err = std::ferror(f) != 0;
   std::fclose(f);
   LSPO_CHECK(!err, "state_dir: reading '", path, "' failed");
   return bytes;
 }
 
-} // namespace
+}  // namespace
 
 int64_t OptimizerCore::Impl::projected_tag() const {
   int64_t tag = -1;
-  for (const auto &sp : slots)
-    if (sp->projected && sp->eslot >= 0)
-      tag = std::max(tag, sp->step);
+  for (const auto& sp : slots)
+    if (sp->projected && sp->eslot >= 0) tag = std::max(tag, sp->step);
   return tag;
 }
 
 int64_t OptimizerCore::Impl::write_projected() {
   const int64_t tag = projected_tag();
-  if (tag < 0)
-    return -1; // no projected slot holds state
+  if (tag < 0) return -1;  // no projected slot holds state
   c10::impl::GenericDict entries(c10::StringType::get(), c10::AnyType::get());
-  for (const auto &sp : slots) {
-    const CoreSlot &s = *sp;
-    if (!s.projected || s.eslot < 0)
-      continue;
+  for (const auto& sp : slots) {
+    const CoreSlot& s = *sp;
+    if (!s.projected || s.eslot < 0) continue;
     SlotState st;
     st.step = s.step;
-    st.exp_avg = st.exp_avg_sq = torch::empty({0}); // in the engine's files
+    st.exp_avg = st.exp_avg_sq = torch::empty({0});  // in the engine's files
     st.P_indices = s.P.indices;
     st.P_values = s.P.values;
     st.Q_indices = s.Q.indices;
@@ -138,8 +125,7 @@ int64_t OptimizerCore::Impl::write_projected() {
     f.write(bytes.data(), static_cast<int64_t>(bytes.size()), 0);
     f.sync();
   }
-  LSPO_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, "state_dir: renaming '",
-             tmp, "' failed: ", std::strerror(errno),
+  LSPO_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, "state_dir: renaming '", tmp, "' failed: ", std::strerror(errno),
              " (the last committed state is intact)");
   sync_dir(opt.state_dir);
   return tag;
@@ -147,77 +133,56 @@ int64_t OptimizerCore::Impl::write_projected() {
 
 void OptimizerCore::Impl::prune_projected(int64_t keep) {
   for (int64_t t : proj_tags(opt.state_dir))
-    if (t != keep)
-      remove_file(proj_path(opt.state_dir, t));
+    if (t != keep) remove_file(proj_path(opt.state_dir, t));
 }
 
 void OptimizerCore::Impl::resume_projected() {
-  const int64_t committed =
-      projected_tag(); // the slots' steps are the MANIFEST's by now
-  if (committed < 0)
-    return;
-  const std::string &dir = opt.state_dir;
+  const int64_t committed = projected_tag();  // the slots' steps are the MANIFEST's by now
+  if (committed < 0) return;
+  const std::string& dir = opt.state_dir;
   int64_t best = -1;
   for (int64_t t : proj_tags(dir))
-    if (t <= committed)
-      best = std::max(best, t);
-  if (committed == 0 && best < 0)
-    return; // nothing was ever committed for the projected slots
-  LSPO_CHECK(best >= 0, opt.name, ": the state directory '", dir,
-             "' has committed step ", committed,
-             " of its projected parameters but no projector file (", kPrefix,
-             "<step>", kSuffix,
+    if (t <= committed) best = std::max(best, t);
+  if (committed == 0 && best < 0) return;  // nothing was ever committed for the projected slots
+  LSPO_CHECK(best >= 0, opt.name, ": the state directory '", dir, "' has committed step ", committed,
+             " of its projected parameters but no projector file (", kPrefix, "<step>", kSuffix,
              ") of that step; was it written by an lspo older than this one?");
   const std::string path = proj_path(dir, best);
   c10::IValue v;
   try {
     const std::vector<char> bytes = read_all(path);
     v = torch::pickle_load(bytes);
-  } catch (const lspo::Error &) {
+  } catch (const lspo::Error&) {
     throw;
-  } catch (const std::exception &e) {
-    LSPO_CHECK(false, opt.name, ": cannot read '", path,
-               "' (corrupt?): ", e.what());
+  } catch (const std::exception& e) {
+    LSPO_CHECK(false, opt.name, ": cannot read '", path, "' (corrupt?): ", e.what());
   }
-  LSPO_CHECK(v.isGenericDict(), opt.name, ": '", path,
-             "' is not an lspo projector file");
+  LSPO_CHECK(v.isGenericDict(), opt.name, ": '", path, "' is not an lspo projector file");
   const c10::impl::GenericDict d = v.toGenericDict();
-  LSPO_CHECK(d.contains("slots") && d.at("slots").isGenericDict(), opt.name,
-             ": '", path, "' lacks 'slots'");
+  LSPO_CHECK(d.contains("slots") && d.at("slots").isGenericDict(), opt.name, ": '", path, "' lacks 'slots'");
   const c10::impl::GenericDict entries = d.at("slots").toGenericDict();
-  for (auto &sp : slots) {
-    CoreSlot &s = *sp;
-    if (!s.projected || s.eslot < 0)
-      continue;
+  for (auto& sp : slots) {
+    CoreSlot& s = *sp;
+    if (!s.projected || s.eslot < 0) continue;
     const std::string key = std::to_string(s.index);
-    const std::string who =
-        opt.name + ": resume of '" + s.name + "' from '" + path + "'";
-    LSPO_CHECK(
-        entries.contains(key), who,
-        ": the file has no entry for this parameter (different model or ",
-        "options?)");
+    const std::string who = opt.name + ": resume of '" + s.name + "' from '" + path + "'";
+    LSPO_CHECK(entries.contains(key), who, ": the file has no entry for this parameter (different model or ",
+               "options?)");
     const c10::impl::GenericDict e = entries.at(key).toGenericDict();
     const SlotState st = slot_state_from_dict(e, who);
-    LSPO_CHECK(st.step == s.step, who, ": the projectors are of step ", st.step,
-               ", the moments of step ", s.step);
-    LSPO_CHECK(st.P_indices.defined() &&
-                   torch::equal(st.P_indices, s.P.indices.cpu()) &&
-                   st.Q_indices.defined() &&
+    LSPO_CHECK(st.step == s.step, who, ": the projectors are of step ", st.step, ", the moments of step ", s.step);
+    LSPO_CHECK(st.P_indices.defined() && torch::equal(st.P_indices, s.P.indices.cpu()) && st.Q_indices.defined() &&
                    torch::equal(st.Q_indices, s.Q.indices.cpu()),
                who,
                ": the saved projector positions differ from this optimizer's "
                "(different seed, subspace or nnz?)");
-    LSPO_CHECK(st.P_whiten.defined() == s.P.whitened(), who,
-               ": saved projectors are ", st.P_whiten.defined() ? "" : "not ",
-               "whitened, this optimizer's are ", s.P.whitened() ? "" : "not ");
-    LSPO_CHECK(e.contains("weight") && e.at("weight").isTensor(), who,
-               ": the entry lacks 'weight'");
+    LSPO_CHECK(st.P_whiten.defined() == s.P.whitened(), who, ": saved projectors are ",
+               st.P_whiten.defined() ? "" : "not ", "whitened, this optimizer's are ", s.P.whitened() ? "" : "not ");
+    LSPO_CHECK(e.contains("weight") && e.at("weight").isTensor(), who, ": the entry lacks 'weight'");
     const torch::Tensor w = e.at("weight").toTensor();
-    LSPO_CHECK(w.sizes() == s.param.sizes() &&
-                   w.scalar_type() == s.param.scalar_type(),
-               who, ": the saved weight has sizes ", detail::shape_str(w),
-               " and dtype ", w.scalar_type(), ", the parameter ",
-               detail::shape_str(s.param), " and ", s.param.scalar_type());
+    LSPO_CHECK(w.sizes() == s.param.sizes() && w.scalar_type() == s.param.scalar_type(), who,
+               ": the saved weight has sizes ", detail::shape_str(w), " and dtype ", w.scalar_type(),
+               ", the parameter ", detail::shape_str(s.param), " and ", s.param.scalar_type());
     const torch::Device dev = s.param.device();
     s.P.values.copy_(st.P_values.to(dev, torch::kFloat));
     s.Q.values.copy_(st.Q_values.to(dev, torch::kFloat));
@@ -232,8 +197,7 @@ void OptimizerCore::Impl::resume_projected() {
     s.param.copy_(w.to(dev));
   }
   for (int64_t t : proj_tags(dir))
-    if (t > committed)
-      remove_file(proj_path(dir, t)); // written by a step that never committed
+    if (t > committed) remove_file(proj_path(dir, t));  // written by a step that never committed
 }
 
-} // namespace lspo
+}  // namespace lspo

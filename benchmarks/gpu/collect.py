@@ -146,7 +146,7 @@ def bench_row(name, rc, wall, stdout, stderr, limit=None, tags="", skipped=None)
 
 def write(out):
     env, runs, stages = load(out)
-    doc = {"env": env, "stages": stages, "runs": runs}
+    doc = {"env": env, "stages": stages, "runs": runs, "tiers": tier_comparisons(runs)}
     tmp = os.path.join(out, "results.json.tmp")
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
@@ -204,11 +204,65 @@ def table(runs):
     return "\n".join(rows)
 
 
+def tier_comparisons(runs):
+    """One entry per run with the memory tiers (llama_iter.py --plan-device-gb/--plan-host-gb): its time
+    per step against the same model and optimizer without tiers ("native": on the whole card if that
+    ran, else under a cap) and against ZeRO-Offload (opt deepspeed) on the same model and batch, as
+    ratios where both ran (smoke runs: no ratios)."""
+    def find(pred):
+        got = [r for r in runs if r.get("ok") and not r.get("smoke") and isinstance(r.get("iter_s"), (int, float))
+               and not r.get("tiers") and pred(r)]
+        got.sort(key=lambda r: r.get("mem_cap_gb") is not None)  # the whole card first
+        return got[0] if got else None
+
+    out = []
+    for r in runs:
+        if not r.get("tiers"):
+            continue
+        key = (r.get("model"), r.get("batch"))
+        nat = find(lambda q: (q.get("model"), q.get("batch")) == key and q.get("opt") == r.get("opt"))
+        zo = find(lambda q: (q.get("model"), q.get("batch")) == key and q.get("opt") == "deepspeed")
+        it = r.get("iter_s") if r.get("ok") and not r.get("smoke") else None
+        plan = r.get("tier_plan") or {}
+        out.append({"bench": r.get("bench"), "model": r.get("model"), "opt": r.get("opt"), "ok": bool(r.get("ok")),
+                    "smoke": bool(r.get("smoke")), "iter_s": r.get("iter_s"), "peak_mem_gib": r.get("peak_mem_gib"),
+                    "peak_cpu_rss_gib": r.get("peak_cpu_rss_gib"), "plan": plan,
+                    "native_bench": nat and nat["bench"], "native_iter_s": nat and nat["iter_s"],
+                    "vs_native": it / nat["iter_s"] if it and nat else None,
+                    "zero_offload_bench": zo and zo["bench"], "zero_offload_iter_s": zo and zo["iter_s"],
+                    "vs_zero_offload": it / zo["iter_s"] if it and zo else None, "status": status(r)})
+    return out
+
+
+def tier_table(runs):
+    comps = tier_comparisons(runs)
+    if not comps:
+        return ""
+    f = lambda v, fmt="{:.3f}": fmt.format(v) if isinstance(v, (int, float)) else "-"
+    rows = ["| tiers run | model | weights | activations keep/swap/recompute | state host / disk GiB | iter s | "
+            "vs native (run) | vs ZeRO-Offload (run) | peak GPU GiB | peak host RSS GiB | result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in comps:
+        p = c["plan"]
+        pol = p.get("policies") or {}
+        w = (f"streamed, window {p.get('window')}" if p.get("streamed") else "resident") if p else "-"
+        rows.append(f"| {c['bench']} | {c['model']}{' (smoke)' if c['smoke'] else ''} | {w} | "
+                    f"{pol.get('keep', '-')}/{pol.get('swap', '-')}/{pol.get('recompute', '-')} | "
+                    f"{f(p.get('state_host_gib'), '{:.1f}')} / {f(p.get('state_disk_gib'), '{:.1f}')} | "
+                    f"{f(c['iter_s'])} | {f(c['vs_native'], '{:.2f}')} ({c['native_bench'] or '-'}) | "
+                    f"{f(c['vs_zero_offload'], '{:.2f}')} ({c['zero_offload_bench'] or '-'}) | "
+                    f"{f(c['peak_mem_gib'], '{:.2f}')} | {f(c['peak_cpu_rss_gib'], '{:.1f}')} | {c['status']} |")
+    return "\n".join(rows)
+
+
 def render(env, stages, runs):
     out = [f"device: {env.get('device')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
            f"commit {env.get('commit')}", ""]
     out += [f"- {s['stage']}: rc={s['rc']} ({s['wall_s']} s) {s.get('text', '')}".rstrip() for s in stages]
     out += ["", table(runs), ""]
+    tt = tier_table(runs)
+    if tt:
+        out += [tt, ""]
     out += ["- " + summary_line(r) for r in runs if not r.get("opt") and "/" not in str(r.get("bench", ""))]
     return "\n".join(out)
 
@@ -253,7 +307,7 @@ def main(argv=None):
         append(a.dir, "stages.jsonl", {"stage": a.name, "rc": a.rc, "wall_s": a.wall, "text": a.text})
         return
     env, runs, stages = load(a.dir)  # (read only: OUT may be the device tool's read-only copy)
-    doc, text = {"env": env, "stages": stages, "runs": runs}, render(env, stages, runs)
+    doc, text = {"env": env, "stages": stages, "runs": runs, "tiers": tier_comparisons(runs)}, render(env, stages, runs)
     if a.save:
         os.makedirs(a.save, exist_ok=True)
         dev = re.sub(r"[^A-Za-z0-9]+", "-", doc["env"].get("device") or "cpu").strip("-").lower()

@@ -18,12 +18,27 @@ deepspeed (ZeRO-Offload: ZeRO-2 with the optimizer on the CPU, DeepSpeedCPUAdam)
 Peak memory counts from the end of the model build (optimizer construction and every iteration,
 the first included). --smoke turns any command line into a tiny CPU run of the same options (the
 harness test uses it; it measures nothing).
+
+Memory tiers (LoHan, docs/tiers.md; lsp and offload): --plan-device-gb D --plan-host-gb H [--state-dir DIR]
+asks lspo.planner for the plan of --model (profiled on the meta device: exact weight and activation
+bytes, forward times from an ASSUMED --device-tflops, the host<->device link measured here), prints
+it and applies it: streamed weights (the model is built in host memory, the decoder layers stay
+there, pinned, and TierRunner copies a window of them to the device), per-layer activation policies
+(TierRunner; --ckpt is then not allowed: the plan decides), and the optimizer state's host limit and
+state directory when the state does not fit H. LSPAdamW then runs without wrap() (its gradient hooks
+compress the streamed layers' gradients where the weights live). With --smoke the plan is still that
+of the requested model; the tiny run applies the same kinds of decisions (streamed or not, the
+policies the plan uses, state on disk or not, in the same proportion).
+  python benchmarks/gpu/llama_iter.py --plan --model 30b --opt lsp --subspace 1024 --mem-cap-gb 24 \
+        --plan-device-gb 22 --plan-host-gb 110        (no run: the tier plan only)
 """
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 
@@ -35,6 +50,8 @@ MODELS = {
     "0.5b": (1536, 4096, 16, 12),
     "1.3b": (2048, 5504, 24, 16),
     "6.7b": (4096, 11008, 32, 32),
+    "13b": (5120, 13824, 40, 40),
+    "30b": (6656, 17920, 60, 52),  # LLaMA-1 "33B" shapes: 32.5 B parameters
 }
 VOCAB = 32000
 GIB = 2**30
@@ -112,24 +129,118 @@ def memory_plan(name, d, batch=1, seq=1024, cap_gib=None, context_gib=0.5):
     return out
 
 
-def make_optimizer(args, model):
+def lsp_state(name, d):
+    """LSPAdamW's engine on model `name` at subspace d, for the planner: (state elements, host buffer
+    bytes). The dense parameters (embeddings, norms, lm_head) get full AdamW state and bf16
+    gradient/output buffers; each projected layer dP x dQ fp32 moments and buffers (an estimate: the
+    planner counts 24 B per state element, a projected slot holds 16)."""
+    shapes = projected_shapes(name)
+    proj = sum(min(d, m) * min(d, n) for m, n in shapes)
+    dense = param_count(name) - sum(m * n for m, n in shapes)
+    return dense + proj, 2 * 2 * dense + 2 * 4 * proj
+
+
+def tiered(args):
+    return args.plan_device_gb is not None or args.plan_host_gb is not None
+
+
+def tier_plan(args, name, device):
+    """lspo.planner's TierPlan for model `name`: built on the meta device (exact sizes and saved
+    activation bytes from a meta forward pass of the run's shape), forward times from the ASSUMED
+    --device-tflops, the link measured on `device`; the optimizer's state as lsp_state() (lsp) or
+    every element (offload)."""
+    from lspo import planner, tiers
+    import transformers.masking_utils as mu
+
+    dev_gb = args.plan_device_gb
+    if dev_gb is None:
+        dev_gb = (args.mem_cap_gb - args.cuda_context_gib) if args.mem_cap_gb else (
+            torch.cuda.get_device_properties(0).total_memory / GIB if device == "cuda" else 1e6)
+    host_gb = args.plan_host_gb if args.plan_host_gb is not None else 1e6
+    batch, seq = args.requested_shape
+    meta = build_model(name, seq, "meta")
+    ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
+    kw = {}
+    if args.opt == "lsp":
+        kw["state_elems"], kw["buffer_bytes"] = lsp_state(name, args.requested_subspace)
+    # meta tensors have no values: transformers' packed-sequence probe (an .item()) cannot run (the
+    # batch is one plain sequence per row), as in benchmarks/tiers.py
+    probe = getattr(mu, "find_packed_sequence_indices", None)
+    if probe is not None:
+        mu.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        return planner.plan_tiers(planner.decoder_layers(meta), list(meta.parameters()),
+                                  device_memory=int(dev_gb * GIB), host_memory=int(host_gb * GIB),
+                                  state_dir=args.state_dir, run=lambda: meta(input_ids=ids, use_cache=False).logits,
+                                  bandwidth=tiers.measure_link_bandwidth(device),
+                                  device_flops=args.device_tflops * 1e12, tokens=batch * seq, **kw)
+    finally:
+        if probe is not None:
+            mu.find_packed_sequence_indices = probe
+
+
+def plan_summary(plan):
+    pol = {k: plan.policies.count(k) for k in ("keep", "swap", "recompute")}
+    return {"streamed": not plan.params_on_device, "window": plan.window, "policies": pol,
+            "state_host_gib": plan.state_host_limit / GIB, "state_disk_gib": plan.state_disk_bytes / GIB,
+            "device_gib": plan.device_bytes / GIB, "host_gib": plan.host_bytes / GIB,
+            "device_budget_gib": plan.device_memory / GIB, "host_budget_gib": plan.host_memory / GIB,
+            "link_gb_s": plan.bandwidth / 1e9, "modelled_iter_s": plan.iteration_s, "feasible": plan.feasible,
+            "notes": plan.notes}
+
+
+def apply_plan(plan, n_layers, smoke, state_elems):
+    """(TierRunner kwargs, optimizer kwargs) of the plan for a model of n_layers layers whose engine
+    keeps state for state_elems elements: the plan's own for a real run; with --smoke the same kinds of
+    decisions (streamed or not, the policies the plan uses, the state's host share), scaled."""
+    from lspo import planner
+
+    rk = plan.runner_kwargs()
+    ok = plan.optimizer_kwargs()
+    if not smoke:
+        return rk, ok
+    kinds = [k for k in ("keep", "swap", "recompute") if k in plan.policies]
+    rk = dict(rk, window=min(rk["window"], n_layers), policies=[kinds[i % len(kinds)] for i in range(n_layers)])
+    if ok:
+        share = plan.state_host_limit / plan.state_bytes
+        ok = dict(ok, host_memory_limit=int(planner.STATE_BYTES_PER_ELEM * state_elems * share))
+    return rk, ok
+
+
+def to_device_outside(model, layers, device):
+    """Every buffer, and every parameter outside `layers`, to `device` (the layers' weights stay in
+    host memory for TierRunner to stream)."""
+    inside = {id(p) for m in layers for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in inside:
+            p.data = p.data.to(device)
+    for mod in model.modules():
+        for k, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[k] = b.to(device)
+
+
+def make_optimizer(args, model, extra=None):
     lr = 1e-5
     pinned = int(args.pinned_gb * GIB)
+    extra = extra or {}
     if args.opt == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, fused=args.device == "cuda"), None
     if args.opt == "lsp":
         import lspo
 
+        if args.refit_every is not None:
+            extra = dict(extra, refit_every=args.refit_every)
         opt = lspo.LSPAdamW(model, lr=lr, subspace=args.subspace, nnz=args.nnz, record_timeline=bool(args.trace),
-                            pinned_limit_bytes=pinned)
-        if not args.no_wrap:
+                            pinned_limit_bytes=pinned, **extra)
+        if not args.no_wrap and not tiered(args):
             opt.wrap(model)  # the memory path: no dense weight gradient of a projected layer is ever formed
         return opt, None
     if args.opt == "offload":
         import lspo
 
         return lspo.OffloadAdamW(model.parameters(), lr=lr, record_timeline=bool(args.trace),
-                                 pinned_limit_bytes=pinned), None
+                                 pinned_limit_bytes=pinned, **extra), None
     if args.opt == "torchao":
         try:
             from torchao.optim import CPUOffloadOptimizer
@@ -185,9 +296,25 @@ def parse_args(argv=None):
                                                         "--mem-cap-gb and exit (no run)")
     ap.add_argument("--trace", default=None, help="lsp/offload: write the engine timeline (Chrome trace)")
     ap.add_argument("--no-wrap", action="store_true", help="lsp: compress p.grad in hooks instead of wrapping layers")
+    ap.add_argument("--refit-every", type=int, default=None,
+                    help="lsp: projector refit check interval (default: LSPAdamW's; 0: never; a check step holds "
+                         "an fp32 copy of every projected gradient until step())")
+    ap.add_argument("--plan-device-gb", type=float, default=None,
+                    help="tiers: device budget (GiB) given to lspo.planner (default: --mem-cap-gb minus "
+                         "--cuda-context-gib); the plan is applied (module doc)")
+    ap.add_argument("--plan-host-gb", type=float, default=None, help="tiers: host-memory budget (GiB) for the planner")
+    ap.add_argument("--state-dir", default=None,
+                    help="tiers: where optimizer state beyond the host budget goes (a fresh subfolder per run, "
+                         "removed at the end)")
+    ap.add_argument("--device-tflops", type=float, default=400.0,
+                    help="tiers: ASSUMED device bf16 throughput for the planner's forward-time estimates")
     args = ap.parse_args(argv)
     if not args.plan and args.opt is None:
         ap.error("--opt is required (unless --plan)")
+    if tiered(args) and args.opt not in ("lsp", "offload"):
+        ap.error("--plan-device-gb/--plan-host-gb need --opt lsp or offload (their state can go to host/disk tiers)")
+    if tiered(args) and args.ckpt:
+        ap.error("--ckpt with --plan-device-gb/--plan-host-gb: the tier plan picks each layer's activation policy")
     return args
 
 
@@ -198,8 +325,22 @@ def run(args, res):
         alloc = (args.mem_cap_gb - args.cuda_context_gib) * GIB
         torch.cuda.set_per_process_memory_fraction(alloc / total)
         res["alloc_cap_gib"] = alloc / GIB
+    plan = None
+    if tiered(args):
+        from lspo import planner
+
+        t0 = time.perf_counter()
+        plan = tier_plan(args, args.requested_model, args.device)
+        print(plan.describe(), flush=True)
+        res["tier_plan"] = plan_summary(plan)
+        res["plan_s"] = time.perf_counter() - t0
+        if not plan.feasible:
+            raise ValueError("the tier plan does not fit: " + "; ".join(plan.notes or ["device or host budget"]))
+    streamed = plan is not None and not plan.params_on_device
     t0 = time.perf_counter()
-    model = build_model(args.model, args.seq, args.device)
+    model = build_model(args.model, args.seq, "cpu" if streamed else args.device)
+    if streamed:
+        to_device_outside(model, planner.decoder_layers(model), args.device)
     res["params_b"] = sum(p.numel() for p in model.parameters()) / 1e9
     res["param_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
     if cuda:
@@ -210,7 +351,38 @@ def run(args, res):
     if args.ckpt:  # (transformers 5.24 renamed it; the device image has 5.17)
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.train()
-    opt, engine = make_optimizer(args, model)
+    rk = okw = state_dir = None
+    if plan is not None:
+        layers = planner.decoder_layers(model)
+        state_elems = lsp_state(args.model, args.subspace)[0] if args.opt == "lsp" else param_count(args.model)
+        rk, okw = apply_plan(plan, len(layers), args.smoke, state_elems)
+        if okw:  # a fresh folder per run: a leftover MANIFEST would be an error (and fill the disk)
+            os.makedirs(args.state_dir, exist_ok=True)
+            state_dir = okw["state_dir"] = tempfile.mkdtemp(prefix="llama_iter-", dir=args.state_dir)
+        res["tier_applied"] = {"offload_params": rk["offload_params"], "window": rk["window"],
+                               "policies": rk["policies"] if len(rk["policies"]) <= 8 else
+                               {k: rk["policies"].count(k) for k in ("keep", "swap", "recompute")},
+                               "host_memory_limit_gib": okw["host_memory_limit"] / GIB if okw else None}
+    try:
+        _iterate(args, res, model, plan, rk, okw)
+    finally:
+        if state_dir:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _iterate(args, res, model, plan, rk, opt_kwargs):
+    """The optimizer (with the plan's state tier), the TierRunner (its weight and activation tiers),
+    warmup + timed iterations, the measurements into res."""
+    cuda = args.device == "cuda"
+    opt, engine = make_optimizer(args, model, opt_kwargs)
+    runner = None
+    if plan is not None and plan.needs_runner():
+        from lspo.tiers import TierRunner
+        from lspo import planner
+
+        t0 = time.perf_counter()
+        runner = TierRunner(model, planner.decoder_layers(model), args.device, **rk)
+        res["tier_setup_s"] = time.perf_counter() - t0
     g = torch.Generator(device=args.device).manual_seed(1)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     times, losses = [], []
@@ -244,6 +416,13 @@ def run(args, res):
         st = opt.engine_stats()
         res.update(pinned_gib=st["pinned_bytes"] / GIB, pageable_gib=st["pageable_bytes"] / GIB,
                    pin_fallbacks=st["pin_fallbacks"])
+        if plan is not None:
+            res.update(disk_slots=st["disk_slots"], disk_state_gib=st["disk_state_bytes"] / GIB,
+                       host_state_gib=st["host_state_bytes"] / GIB,
+                       io_gib_per_iter=(st["io_bytes_read"] + st["io_bytes_written"]) / GIB / (args.warmup + args.steps))
+    if runner is not None:
+        res.update(runner_peak_weight_gib=runner.meter.peak_param_bytes / GIB,
+                   swapped_out_gib=runner.meter.swapped_out_bytes / GIB)
     if hasattr(opt, "projected_params"):
         res["projected_layers"] = len(opt.projected_params)
     if args.trace and hasattr(opt, "timeline_json"):
@@ -255,6 +434,15 @@ def run(args, res):
 
 def main(argv=None):
     args = parse_args(argv)
+    # (--smoke shrinks the run below; the tier plan stays that of the requested configuration)
+    args.requested_model, args.requested_shape, args.requested_subspace = args.model, (args.batch, args.seq), \
+        args.subspace
+    if args.plan and tiered(args):  # the tier plan only (meta device; the link measured here)
+        plan = tier_plan(args, args.model, "cuda" if torch.cuda.is_available() else "cpu")
+        print(plan.describe())
+        print(json.dumps(dict(model=args.model, opt=args.opt, params_b=param_count(args.model) / 1e9,
+                              **plan_summary(plan))))
+        return
     if args.plan:
         print(json.dumps(memory_plan(args.model, args.subspace, args.batch, args.seq, args.mem_cap_gb,
                                      args.cuda_context_gib)))
@@ -262,7 +450,9 @@ def main(argv=None):
     res = {"model": args.model, "opt": args.opt, "batch": args.batch, "seq": args.seq, "ckpt": args.ckpt,
            "mem_cap_gb": args.mem_cap_gb}
     if args.opt == "lsp":
-        res.update(subspace=args.subspace, nnz=args.nnz)
+        res.update(subspace=args.subspace, nnz=args.nnz, refit_every=args.refit_every)
+    if tiered(args):
+        res.update(tiers=True, plan_device_gb=args.plan_device_gb, plan_host_gb=args.plan_host_gb)
     if args.smoke:  # keep the requested configuration in the row, run the tiny one
         res["smoke"] = True
         args.model, args.device, args.seq, args.batch, args.steps, args.warmup = "tiny", "cpu", 32, 1, 1, 1

@@ -81,11 +81,11 @@ struct LSPAdamWOptions : public torch::optim::OptimizerCloneableOptions<LSPAdamW
   TORCH_ARG(int64_t, subspace) = 512;        // d: S is [min(d, m), min(d, n)]
   TORCH_ARG(int64_t, nnz) = 8;               // r: nonzeros per projector row
   TORCH_ARG(int64_t, min_dim) = 0;           // both dims >= min_dim to be projected; 0: = subspace
-  TORCH_ARG(int64_t, refit_every) = 100;     // refit check at steps 1, 1 + k, 1 + 2k, ... (0: never)
+  TORCH_ARG(int64_t, refit_every) = 10;      // refit check at steps 1, 1 + k, 1 + 2k, ... (0: never)
   // a check fits when the held-out error exceeds refit_threshold and has drifted above
   // (1 + refit_drift) x what the last check left (lspo/refit.h)
   TORCH_ARG(double, refit_threshold) = 0.0;
-  TORCH_ARG(int64_t, refit_iters) = 40;      // Adam iterations of one fit (>= 1)
+  TORCH_ARG(int64_t, refit_iters) = 10;      // Adam iterations of one fit (>= 1)
   TORCH_ARG(double, refit_lr) = 0.1;         // the fit's Adam lr, relative to the values' RMS
   TORCH_ARG(double, refit_l2) = 0.01;        // proximal term toward the start values
   TORCH_ARG(double, refit_drift) = 0.1;

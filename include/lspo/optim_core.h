@@ -74,7 +74,7 @@ struct GroupHyper {
   int64_t refit_every = 0;         // projected slots: refit check at steps 1, 1 + k, ... (0: never)
   // RefitOptions (lspo/refit.h) of the checks: threshold, iters, lr, l2, drift, reinit
   double refit_threshold = 0.0;
-  int64_t refit_iters = 40;
+  int64_t refit_iters = 10;
   double refit_lr = 0.1;
   double refit_l2 = 0.01;
   double refit_drift = 0.1;

@@ -148,8 +148,8 @@ class LSPAdamW(OffloadAdamW):
     _kind = "LSPAdamW"
 
     def __init__(self, params_or_module: Any, lr: float = 1e-4, betas: tuple = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, subspace: int = 512, nnz: int = 8, refit_every: int = 100,
-                 refit_threshold: float = 0.0, refit_iters: int = 40, refit_lr: float = 0.1,
+                 weight_decay: float = 0.0, *, subspace: int = 512, nnz: int = 8, refit_every: int = 10,
+                 refit_threshold: float = 0.0, refit_iters: int = 10, refit_lr: float = 0.1,
                  refit_l2: float = 0.01, refit_drift: float = 0.1, refit_reinit: str = "on_failure",
                  whiten: bool = True, scale: Any = 1.0, refit_diagnostics: bool = False,
                  min_dim: Optional[int] = None, seed: int = 0, max_grad_norm: Optional[float] = None,

@@ -82,7 +82,9 @@ class TierPlan:
 
     def runner_kwargs(self) -> dict:
         """TierRunner keyword arguments that realise the weight and activation tiers."""
-        return {"offload_params": not self.params_on_device, "window": self.window, "policies": list(self.policies)}
+        # (window 0 means "resident"; TierRunner wants >= 1 even when it streams nothing)
+        return {"offload_params": not self.params_on_device, "window": max(1, self.window),
+                "policies": list(self.policies)}
 
     def needs_runner(self) -> bool:
         return not self.params_on_device or any(p != "keep" for p in self.policies)
@@ -116,11 +118,15 @@ def plan_tiers(layers: Sequence[torch.nn.Module], all_params: Sequence[torch.nn.
                device_memory, host_memory, state_dir: Optional[str] = None,
                profile: Optional[list] = None, run: Optional[Callable[[], object]] = None,
                bandwidth: Optional[float] = None, device="cpu", device_flops: float = 0.0,
-               tokens: int = 0, max_window: int = 4) -> TierPlan:
+               tokens: int = 0, max_window: int = 4, state_elems: Optional[int] = None,
+               buffer_bytes: Optional[int] = None) -> TierPlan:
     """Plans the tiers. `layers`: the repeated blocks in forward order; `all_params`: every parameter
     (the trained ones have requires_grad). Give `profile` (tiers.LayerProfile per layer) or `run`
     (one forward pass on a sample batch, profiled here). On the meta device forward times are 0:
-    they are then estimated as 2 * layer elements * `tokens` / `device_flops`."""
+    they are then estimated as 2 * layer elements * `tokens` / `device_flops`.
+    `state_elems` / `buffer_bytes`: the elements the optimizer keeps engine state for and the bytes of
+    its host gradient/output buffers, when they are not OffloadAdamW's (every trained element; 2 x the
+    trained weight bytes) -- LSPAdamW keeps d x d moments per projected layer."""
     D, H = parse_bytes(device_memory), parse_bytes(host_memory)
     if profile is None:
         if run is None:
@@ -170,14 +176,15 @@ def plan_tiers(layers: Sequence[torch.nn.Module], all_params: Sequence[torch.nn.
                          "activation footprint: the plan does not fit")
         dev_bytes = Wn + Wnt + (window + 1) * Lmax + tiers.activation_memory(acts, ap.policies)
     # host: engine buffers, streamed weights, swapped activations, then the optimizer state
-    fixed = 2 * Wt + (0 if on_device else Wl) + ap.swapped_bytes + SLACK
-    S = STATE_BYTES_PER_ELEM * n_trained
+    fixed = (2 * Wt if buffer_bytes is None else buffer_bytes) + (0 if on_device else Wl) + ap.swapped_bytes + SLACK
+    n_state = n_trained if state_elems is None else state_elems
+    S = STATE_BYTES_PER_ELEM * n_state
     limit = max(0, H - fixed)
     if S <= limit:
         disk, state_limit = 0, S
     else:
         state_limit = limit
-        disk = int(DISK_BYTES_PER_ELEM * n_trained * (1 - limit / S))
+        disk = int(DISK_BYTES_PER_ELEM * n_state * (1 - limit / S))
         if not state_dir:
             notes.append("the optimizer state does not fit the host budget: give a state directory (--state-dir)")
     host_bytes = fixed + min(S, limit)

@@ -21,61 +21,47 @@ namespace {
 using lspo::SparseProjector;
 using torch::Tensor;
 
-SparseProjector proj(const Tensor &indices, const Tensor &values, int64_t d,
-                     const std::optional<Tensor> &whiten) {
+SparseProjector proj(const Tensor& indices, const Tensor& values, int64_t d, const std::optional<Tensor>& whiten) {
   SparseProjector P;
   P.indices = indices;
   P.values = values;
   P.d = d;
-  if (whiten.has_value())
-    P.whiten = *whiten;
+  if (whiten.has_value()) P.whiten = *whiten;
   return P;
 }
 
-Tensor right_project(const Tensor &X, const Tensor &Pi, const Tensor &Pv,
-                     int64_t Pd, const std::optional<Tensor> &Pw) {
+Tensor right_project(const Tensor& X, const Tensor& Pi, const Tensor& Pv, int64_t Pd, const std::optional<Tensor>& Pw) {
   return lspo::right_project(X, proj(Pi, Pv, Pd, Pw));
 }
-Tensor left_project(const Tensor &Pi, const Tensor &Pv, int64_t Pd,
-                    const std::optional<Tensor> &Pw, const Tensor &Y) {
+Tensor left_project(const Tensor& Pi, const Tensor& Pv, int64_t Pd, const std::optional<Tensor>& Pw, const Tensor& Y) {
   return lspo::left_project(proj(Pi, Pv, Pd, Pw), Y);
 }
-Tensor compress(const Tensor &Pi, const Tensor &Pv, int64_t Pd,
-                const std::optional<Tensor> &Pw, const Tensor &Qi,
-                const Tensor &Qv, int64_t Qd, const std::optional<Tensor> &Qw,
-                const Tensor &G) {
+Tensor compress(const Tensor& Pi, const Tensor& Pv, int64_t Pd, const std::optional<Tensor>& Pw, const Tensor& Qi,
+                const Tensor& Qv, int64_t Qd, const std::optional<Tensor>& Qw, const Tensor& G) {
   return lspo::compress(proj(Pi, Pv, Pd, Pw), proj(Qi, Qv, Qd, Qw), G);
 }
-Tensor project_input(const Tensor &Pi, const Tensor &Pv, int64_t Pd,
-                     const std::optional<Tensor> &Pw, const Tensor &X) {
+Tensor project_input(const Tensor& Pi, const Tensor& Pv, int64_t Pd, const std::optional<Tensor>& Pw, const Tensor& X) {
   return lspo::project_input(proj(Pi, Pv, Pd, Pw), X);
 }
-Tensor project_grad_output(const Tensor &Qi, const Tensor &Qv, int64_t Qd,
-                           const std::optional<Tensor> &Qw, const Tensor &dY) {
+Tensor project_grad_output(const Tensor& Qi, const Tensor& Qv, int64_t Qd, const std::optional<Tensor>& Qw,
+                           const Tensor& dY) {
   return lspo::project_grad_output(proj(Qi, Qv, Qd, Qw), dY);
 }
-Tensor compress_activations(const Tensor &Pi, const Tensor &Pv, int64_t Pd,
-                            const std::optional<Tensor> &Pw, const Tensor &Qi,
-                            const Tensor &Qv, int64_t Qd,
-                            const std::optional<Tensor> &Qw, const Tensor &X,
-                            const Tensor &dY) {
-  return lspo::compress_activations(proj(Pi, Pv, Pd, Pw), proj(Qi, Qv, Qd, Qw),
-                                    X, dY);
+Tensor compress_activations(const Tensor& Pi, const Tensor& Pv, int64_t Pd, const std::optional<Tensor>& Pw,
+                            const Tensor& Qi, const Tensor& Qv, int64_t Qd, const std::optional<Tensor>& Qw,
+                            const Tensor& X, const Tensor& dY) {
+  return lspo::compress_activations(proj(Pi, Pv, Pd, Pw), proj(Qi, Qv, Qd, Qw), X, dY);
 }
-Tensor decompress(const Tensor &Pi, const Tensor &Pv, int64_t Pd,
-                  const std::optional<Tensor> &Pw, const Tensor &Qi,
-                  const Tensor &Qv, int64_t Qd, const std::optional<Tensor> &Qw,
-                  const Tensor &Delta) {
+Tensor decompress(const Tensor& Pi, const Tensor& Pv, int64_t Pd, const std::optional<Tensor>& Pw, const Tensor& Qi,
+                  const Tensor& Qv, int64_t Qd, const std::optional<Tensor>& Qw, const Tensor& Delta) {
   return lspo::decompress(proj(Pi, Pv, Pd, Pw), proj(Qi, Qv, Qd, Qw), Delta);
 }
-void apply_(Tensor W, const Tensor &Pi, const Tensor &Pv, int64_t Pd,
-            const std::optional<Tensor> &Pw, const Tensor &Qi, const Tensor &Qv,
-            int64_t Qd, const std::optional<Tensor> &Qw, const Tensor &Delta,
-            double alpha) {
+void apply_(Tensor W, const Tensor& Pi, const Tensor& Pv, int64_t Pd, const std::optional<Tensor>& Pw, const Tensor& Qi,
+            const Tensor& Qv, int64_t Qd, const std::optional<Tensor>& Qw, const Tensor& Delta, double alpha) {
   lspo::apply_(W, proj(Pi, Pv, Pd, Pw), proj(Qi, Qv, Qd, Qw), Delta, alpha);
 }
 
-void impl_all(torch::Library &m) {
+void impl_all(torch::Library& m) {
   m.impl("right_project", &right_project);
   m.impl("left_project", &left_project);
   m.impl("compress", &compress);
@@ -86,11 +72,9 @@ void impl_all(torch::Library &m) {
   m.impl("apply_", &apply_);
 }
 
-} // namespace
+}  // namespace
 
-#define LSPO_P(name)                                                           \
-  "Tensor " #name "_indices, Tensor " #name "_values, int " #name              \
-  "_d, Tensor? " #name "_whiten"
+#define LSPO_P(name) "Tensor " #name "_indices, Tensor " #name "_values, int " #name "_d, Tensor? " #name "_whiten"
 
 TORCH_LIBRARY(lspo, m) {
   m.def("right_project(Tensor X, " LSPO_P(P) ") -> Tensor");
@@ -98,11 +82,9 @@ TORCH_LIBRARY(lspo, m) {
   m.def("compress(" LSPO_P(P) ", " LSPO_P(Q) ", Tensor G) -> Tensor");
   m.def("project_input(" LSPO_P(P) ", Tensor X) -> Tensor");
   m.def("project_grad_output(" LSPO_P(Q) ", Tensor dY) -> Tensor");
-  m.def("compress_activations(" LSPO_P(P) ", " LSPO_P(
-      Q) ", Tensor X, Tensor dY) -> Tensor");
+  m.def("compress_activations(" LSPO_P(P) ", " LSPO_P(Q) ", Tensor X, Tensor dY) -> Tensor");
   m.def("decompress(" LSPO_P(P) ", " LSPO_P(Q) ", Tensor Delta) -> Tensor");
-  m.def("apply_(Tensor(a!) W, " LSPO_P(P) ", " LSPO_P(
-      Q) ", Tensor Delta, float alpha) -> ()");
+  m.def("apply_(Tensor(a!) W, " LSPO_P(P) ", " LSPO_P(Q) ", Tensor Delta, float alpha) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lspo, CPU, m) { impl_all(m); }

@@ -198,6 +198,32 @@ def test_planner_follows_budgets():
     assert not nodir.feasible and any("--state-dir" in n for n in nodir.notes)
 
 
+def test_planner_state_of_another_optimizer_and_runner_kwargs_of_resident_weights():
+    m, prof = _profile()
+    kw = dict(device_memory="1GB", state_dir="/tmp/x", profile=prof, bandwidth=1e9)
+    W = sum(p.numel() * p.element_size() for p in m.parameters())
+    n = sum(p.numel() for p in m.parameters())
+    full = planner.plan_tiers(list(m.blocks), list(m.parameters()), host_memory="1GB", **kw)
+    assert full.state_bytes == planner.STATE_BYTES_PER_ELEM * n
+    # e.g. LSPAdamW: engine state for a tenth of the elements, smaller buffers
+    host = planner.SLACK + 100 + planner.STATE_BYTES_PER_ELEM * (n // 10)
+    own = planner.plan_tiers(list(m.blocks), list(m.parameters()), host_memory=host, state_elems=n // 10,
+                             buffer_bytes=100, **kw)
+    assert own.state_bytes == planner.STATE_BYTES_PER_ELEM * (n // 10)
+    assert own.state_disk_bytes == 0 and own.host_bytes == host and own.feasible
+    # the default accounting (2 x W of buffers, every element's state) needs files on that budget
+    assert planner.plan_tiers(list(m.blocks), list(m.parameters()), host_memory=host, **kw).state_disk_bytes > 0
+    # resident weights with evicted activations: TierRunner gets a valid window
+    D = 2 * W + 2 * max(p.activation_bytes for p in prof) + sum(p.activation_bytes for p in prof) // 2
+    mixed = planner.plan_tiers(list(m.blocks), list(m.parameters()), host_memory="1GB",
+                               **dict(kw, device_memory=D))
+    assert mixed.params_on_device and mixed.needs_runner() and mixed.window == 0
+    rk = mixed.runner_kwargs()
+    assert rk["window"] == 1 and not rk["offload_params"]
+    with tiers.TierRunner(m, list(m.blocks), "cpu", **rk):
+        m(batch(0)).backward()
+
+
 def test_decoder_layers():
     m = Net()
     assert planner.decoder_layers(m) == list(m.blocks)
