@@ -14,6 +14,8 @@ progress bar with loss, tokens/s and memory.
     python examples/finetune_lm.py --method meft --data examples/data/gsm8k     # MEFT sparse adapters
     python examples/finetune_lm.py --optimizer offload --device-memory 4GB --host-memory 8GB --state-dir st/
                                     # LoHan tiers: the planner places state, weights and activations
+    torchrun --nproc_per_node=2 examples/finetune_lm.py --steps 30   # data parallel (docs/distributed.md):
+                                    # each rank its own batches, optimizer state sharded over the ranks
 
 The checkpoint directory written by --save is a Hugging Face model directory
 (``AutoModelForCausalLM.from_pretrained(DIR)``) plus ``trainer_state.pt`` (optimizer state, RNG
@@ -257,6 +259,22 @@ def plan_tiers(args, model):
     return plan, layers
 
 
+def init_distributed(args) -> tuple:
+    """Under torchrun (WORLD_SIZE > 1): the process group (NCCL on CUDA, gloo on CPU); (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if args.method != "optimizer" or args.optimizer not in ("lsp", "offload"):
+        raise ValueError("under torchrun this example trains with --optimizer lsp or offload (lspo.distributed)")
+    if any(getattr(args, k) for k in ("device_memory", "host_memory", "state_dir")):
+        raise ValueError("--device-memory/--host-memory/--state-dir are not supported under torchrun")
+    import torch.distributed as dist
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def clips_itself(opt) -> bool:
     return hasattr(opt, "timeline_json")  # lspo's engine optimizers clip inside step()
 
@@ -277,7 +295,15 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(out: Path, args, model, tok, opt, data, step: int, history: list) -> None:
+def save_checkpoint(out: Path, args, model, tok, opt, data, step: int, history: list, world: int = 1) -> None:
+    optim_state, data_state, data_ranks = opt.state_dict(), data.state_dict(), None  # collectives first
+    if world > 1:
+        import torch.distributed as dist
+        data_ranks = [None] * world
+        dist.all_gather_object(data_ranks, data_state)
+        if dist.get_rank() != 0:  # rank 0 writes; everyone returns once the checkpoint is complete
+            dist.barrier()
+            return
     out.mkdir(parents=True, exist_ok=True)
     if args.optimizer == "lora":
         model.save_pretrained(str(out / "adapter"))
@@ -288,8 +314,10 @@ def save_checkpoint(out: Path, args, model, tok, opt, data, step: int, history: 
         model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     run = {k: getattr(args, k) for k in RUN_FLAGS}
-    state = {"step": step, "optimizer": opt.state_dict(), "rng": rng_state(), "data": data.state_dict(),
+    state = {"step": step, "optimizer": optim_state, "rng": rng_state(), "data": data_state,
              "args": run, "history": history, "format": 1}
+    if data_ranks is not None:
+        state["data_ranks"] = data_ranks  # each rank's batch stream (a resume in the same world continues them)
     if args.method == "meft":  # the adapters beside the (frozen, unchanged) model; no merge
         from lspo import meft
         state["meft_adapters"] = meft.adapter_state_dict(model)
@@ -298,6 +326,9 @@ def save_checkpoint(out: Path, args, model, tok, opt, data, step: int, history: 
     torch.save(state, tmp)
     os.replace(tmp, out / "trainer_state.pt")
     (out / "lspo_run.json").write_text(json.dumps({"step": step, "args": run}, indent=1) + "\n")
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
 
 
 def _merged_copy(peft_model):
@@ -370,6 +401,7 @@ def main(argv=None) -> dict:
     args = resolve(args, saved["args"] if saved else None)
     if args.threads:
         torch.set_num_threads(args.threads)
+    rank, world = init_distributed(args)
     from lspo import lmdata
     from lspo import meft as lspo_meft
 
@@ -378,7 +410,8 @@ def main(argv=None) -> dict:
     model, tok = build_model(args, resume_dir)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    data = lmdata.load_data(Path(args.data), tok, args.seq_len, args.seed)
+    # data parallel: rank r draws its own batches (seed + 1000 r); rank 0's stream is the 1-process one
+    data = lmdata.load_data(Path(args.data), tok, args.seq_len, args.seed + 1000 * rank)
     tiered = any(getattr(args, k) for k in ("device_memory", "host_memory", "state_dir"))
     plan, runner = None, None
     if tiered:
@@ -389,13 +422,21 @@ def main(argv=None) -> dict:
     if plan is not None and plan.needs_runner():
         from lspo.tiers import TierRunner
         runner = TierRunner(model, tier_layers, args.device, **plan.runner_kwargs())
+    if world > 1:
+        import lspo.distributed
+        lspo.distributed.data_parallel(opt)  # parameters broadcast from rank 0; state sharded
     n_proj = len(opt.projected_params) if hasattr(opt, "projected_params") else 0
     step, history = 0, []
     if saved:
         if args.method == "meft":
             lspo_meft.load_adapter_state_dict(model, saved["meft_adapters"])
         opt.load_state_dict(saved["optimizer"])
-        data.load_state_dict(saved["data"])
+        ranks = saved.get("data_ranks")
+        if world > 1 and not (ranks and len(ranks) == world):
+            raise ValueError(f"--resume {resume_dir}: saved by a world of {len(ranks) if ranks else 1}; resuming "
+                             f"in a world of {world} needs the same world size for the data streams (the model "
+                             "and optimizer state load into any world size)")
+        data.load_state_dict(ranks[rank] if world > 1 else saved["data"])
         step, history = int(saved["step"]), list(saved["history"])
     amp = amp_context(args)
     proj = f", {n_proj} matrices projected" if n_proj else ""
@@ -404,24 +445,29 @@ def main(argv=None) -> dict:
         n_train = sum(a.master.numel() for a in ads)
         proj = (f" in {len(ads)} MEFT adapters of {args.meft_neurons} neurons on the host, top {args.meft_topk} "
                 f"per token, {ads[0].experts} experts, probe {args.meft_probe}")
-    print(f"model {args.model if not resume_dir else resume_dir} ({n_params / 1e6:.1f}M params, "
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"model {args.model if not resume_dir else resume_dir} ({n_params / 1e6:.1f}M params, "
           f"{n_train / 1e6:.1f}M trained{proj}), data {args.data} ({data.kind}), "
           f"optimizer {'meft' if args.method == 'meft' else args.optimizer}, "
           f"device {args.device}, amp {'bf16' if amp else 'off'}, loaded in {time.perf_counter() - t_load:.1f}s"
-          + (f", resuming at step {step}" if saved else ""), flush=True)
+          + (f", resuming at step {step}" if saved else "")
+          + (f", data parallel over {world} ranks (global batch {world} x {args.batch_size})" if world > 1 else ""),
+          flush=True)
 
     summary = {"args": {k: getattr(args, k) for k in RUN_FLAGS}, "params": n_params, "trained_params": n_train,
                "projected_matrices": n_proj}
     if plan is not None:
         summary["tier_plan"] = json.loads(plan.to_json())
-    report("before", model, tok, data, args, amp, summary)
+    if rank == 0:
+        report("before", model, tok, data, args, amp, summary)
     if saved:
         set_rng_state(saved["rng"])  # after the report, whose sampling restores RNG anyway
 
     end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     model.train()
     from tqdm import tqdm
-    bar = tqdm(total=args.steps, initial=step, desc="fine-tuning", disable=args.quiet, dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=step, desc="fine-tuning", disable=args.quiet or rank != 0,
+                dynamic_ncols=True)
     t_train, ntok_total, losses = time.perf_counter(), 0, []
     while step < end:
         t0 = time.perf_counter()
@@ -466,24 +512,29 @@ def main(argv=None) -> dict:
                    tokens_per_s=ntok_total / train_s if train_s > 0 else 0.0,
                    peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     if losses:
-        print(f"trained {len(losses)} steps in {train_s:.1f}s ({summary['tokens_per_s']:.0f} tokens/s); "
+        log(f"trained {len(losses)} steps in {train_s:.1f}s ({summary['tokens_per_s']:.0f} tokens/s); "
               f"training loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
-    report("after", model, tok, data, args, amp, summary)
+    if rank == 0:
+        report("after", model, tok, data, args, amp, summary)
     if args.trace:
         Path(args.trace).write_text(opt.timeline_json())
         print(f"engine timeline written to {args.trace} (open in chrome://tracing or Perfetto)")
     if args.save:
-        save_checkpoint(Path(args.save), args, model, tok, opt, data, step, history)
-        print(f"checkpoint (step {step}) saved to {args.save}; load it with "
+        save_checkpoint(Path(args.save), args, model, tok, opt, data, step, history, world)
+        log(f"checkpoint (step {step}) saved to {args.save}; load it with "
               f"AutoModelForCausalLM.from_pretrained({args.save!r}), continue with --resume {args.save}")
     summary["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     summary["wall_seconds"] = time.perf_counter() - t_start
-    print(f"total wall time {summary['wall_seconds']:.0f}s, peak RSS {summary['peak_rss_gb']:.2f} GB")
-    if args.json:
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()  # rank 0's evaluation done
+        dist.destroy_process_group()
+    log(f"total wall time {summary['wall_seconds']:.0f}s, peak RSS {summary['peak_rss_gb']:.2f} GB")
+    if args.json and rank == 0:
         Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
     keys = ("val_loss_before", "val_loss_after", "val_ppl_before", "val_ppl_after", "gsm8k_acc_before",
             "gsm8k_acc_after", "step", "train_seconds", "wall_seconds", "tokens_per_s", "peak_rss_gb")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    log(json.dumps({k: summary[k] for k in keys if k in summary}))
     return summary
 
 

@@ -120,6 +120,7 @@ int64_t OptimizerCore::add_param(const torch::Tensor& p, int64_t group, bool pro
   } else {
     s->name = "param" + std::to_string(idx) + ":" + shape_str(p);
   }
+  if (I.comm) I.assign_owner(*s);
   I.slots.push_back(std::move(s));
   return idx;
 }
@@ -174,12 +175,13 @@ SpecKey OptimizerCore::Impl::key(const CoreSlot& s, int64_t step, double grad_sc
 }
 
 void OptimizerCore::Impl::ensure_allocated(CoreSlot& s) {
-  if (s.eslot >= 0) return;
+  if (s.eslot >= 0 || !owns(s)) return;  // data parallel: host state only for the slots this rank owns
   if (s.projected) {
     s.eslot = engine->add_slot(s.name, torch::Tensor(), s.P.d * s.Q.d, torch::kFloat, torch::kFloat, s.index);
   } else {
     const auto dt = s.param.scalar_type();
-    s.eslot = engine->add_slot(s.name, s.param.detach(), s.param.numel(), dt, dt, s.index);
+    torch::Tensor master = part(s, s.param.detach());  // data parallel: a split slot's range
+    s.eslot = engine->add_slot(s.name, master, master.numel(), dt, dt, s.index);
     s.param_version = s.param._version();
   }
 }
@@ -194,7 +196,7 @@ void OptimizerCore::Impl::sync_master(CoreSlot& s) {
   if (v == s.param_version) return;
   engine->wait(s.eslot);
   torch::Tensor master = engine->load_state(s.eslot, StateKind::kMaster);
-  torch::Tensor w = s.param.detach().reshape(-1).to(torch::kCPU);
+  torch::Tensor w = part(s, s.param.detach()).reshape(-1).to(torch::kCPU);
   const bool same =
       w.scalar_type() == torch::kFloat ? torch::equal(w, master) : torch::equal(w, master.to(w.scalar_type()));
   if (!same) engine->store_state(s.eslot, StateKind::kMaster, w.to(torch::kFloat));
@@ -246,7 +248,7 @@ void OptimizerCore::on_grad(int64_t i) {
     I.accumulate(s, S, /*owned=*/true);
     return;
   }
-  if (!I.opt.overlap) return;  // serial schedule: everything happens in step()
+  if (!I.opt.overlap || I.comm) return;  // serial schedule or data parallel: everything happens in step()
   I.ensure_allocated(s);
   I.sync_master(s);
   I.copy_to_host(s, g);
@@ -279,7 +281,7 @@ void OptimizerCore::Impl::accumulate(CoreSlot& s, const torch::Tensor& S, bool o
     s.acc.add_(S);
   }
   s.acc_count += 1;
-  if (!opt.overlap) return;
+  if (!opt.overlap || comm) return;  // data parallel: Adam must see the reduced S (step())
   copy_to_host(s, s.acc);
   submit(s, key(s, s.step + 1, spec_scale));
 }
@@ -330,7 +332,11 @@ StepResult OptimizerCore::step(const StepInputs& in) {
   std::vector<CoreSlot*> live;
   for (auto& sp : I.slots)
     if (I.has_grad(*sp)) live.push_back(sp.get());
-  if (live.empty()) return res;
+  if (live.empty()) {
+    if (I.comm)  // data parallel: a rank without gradients must not leave the others waiting
+      I.dist_check_live(live);
+    return res;
+  }
   res.ran = true;
   for (CoreSlot* s : live) {
     I.hyper(*s);  // every live slot's group was set
@@ -351,6 +357,10 @@ StepResult OptimizerCore::step(const StepInputs& in) {
                  "max_grad_norm=...");
   }
   const double inv_scale = in.amp_scale ? 1.0 / *in.amp_scale : 1.0;
+  if (I.comm) {  // data parallel: the same live slots everywhere, their gradients summed on the owners
+    I.dist_check_live(live);
+    I.dist_reduce(live);
+  }
 
   // gradients assigned to a projected weight without backward (no hook ran) on
   // a check step join its sums
@@ -365,20 +375,30 @@ StepResult OptimizerCore::step(const StepInputs& in) {
   std::vector<torch::Tensor> nt,
       extra;  // extra: further tensors of a slot, checked for finiteness
   for (CoreSlot* s : live) {
+    if (!I.owns(*s)) {  // data parallel: the owner measures, the sum over ranks below
+      nt.push_back(torch::zeros({}, torch::kFloat));
+      continue;
+    }
     if (s->projected && s->dense_count > 0) {  // a check step's sums (the real norm is S's, after step 2)
       nt.push_back(norm_fp32(s->fit_sum));
       if (s->held_sum.defined()) extra.push_back(norm_fp32(s->held_sum));
       continue;
     }
     const bool acc = s->projected && s->acc_count > 0;
-    nt.push_back(norm_fp32(acc ? s->acc : s->param.grad()));
+    nt.push_back(norm_fp32(acc ? s->acc : I.part(*s, s->param.grad())));
     if (acc && s->param.grad().defined()) extra.push_back(norm_fp32(s->param.grad()));
   }
   std::vector<double> norms = to_host(nt);
   bool finite = !in.found_inf;
-  for (double n : norms) finite = finite && std::isfinite(n);
   if (!extra.empty())
     for (double n : to_host(extra)) finite = finite && std::isfinite(n);
+  if (I.comm) {  // every rank: the same norms and the same skip decision
+    norms.push_back(finite ? 0.0 : 1.0);
+    I.dist_norms(norms, live);
+    finite = norms.back() == 0.0;
+    norms.pop_back();
+  }
+  for (double n : norms) finite = finite && std::isfinite(n);
   if (!finite) {
     eng.wait_all();
     for (CoreSlot* s : live) I.drop(*s);
@@ -396,13 +416,26 @@ StepResult OptimizerCore::step(const StepInputs& in) {
     // (compressed)
     std::vector<torch::Tensor> refit_norms;
     std::vector<size_t> refit_pos;
+    std::vector<CoreSlot*> refitted;  // data parallel: projectors to broadcast from their owners
+    const size_t first_record = I.refits.size();
     for (size_t k = 0; k < live.size(); ++k) {
       CoreSlot& s = *live[k];
       if (!s.projected) continue;
+      if (!I.owns(s)) {  // data parallel: the owner checks, refits and compresses the reduced sums
+        if (s.dense_count == 0 && !s.param.grad().defined()) continue;
+        if (s.dense_count > 0) refitted.push_back(&s);
+        s.param.mutable_grad() = torch::Tensor();
+        s.fit_sum = s.held_sum = torch::Tensor();
+        s.dense_count = 0;
+        refit_norms.push_back(torch::zeros({}, torch::kFloat));
+        refit_pos.push_back(k);
+        continue;
+      }
       if (s.dense_count > 0) {
         LSPO_CHECK(s.acc_count == 0, I.opt.name, ": '", s.name, "' received compressed gradients on a refit step");
         I.ensure_allocated(s);
         I.refit(s);
+        refitted.push_back(&s);
         refit_norms.push_back(norm_fp32(s.acc));
         refit_pos.push_back(k);
         continue;
@@ -423,8 +456,10 @@ StepResult OptimizerCore::step(const StepInputs& in) {
       refit_norms.push_back(norm_fp32(s.acc));
       refit_pos.push_back(k);
     }
+    if (I.comm && !refitted.empty()) I.dist_sync_refits(refitted, first_record);
     if (!refit_pos.empty()) {
       std::vector<double> rn = to_host(refit_norms);
+      if (I.comm) I.dist_sum(rn, "refit norms");
       for (size_t j = 0; j < rn.size(); ++j) norms[refit_pos[j]] = rn[j];
     }
     // 3. global norm (S for projected slots: what Adam consumes), clipping
@@ -445,10 +480,11 @@ StepResult OptimizerCore::step(const StepInputs& in) {
     // others
     for (CoreSlot* sp : live) {
       CoreSlot& s = *sp;
+      if (!I.owns(s)) continue;  // data parallel: the owner's result arrives in dist_gather
       I.ensure_allocated(s);
       if (!s.projected) I.sync_master(s);
       const SpecKey k = I.key(s, s.step + 1, scale);
-      const torch::Tensor src = s.projected ? s.acc : s.param.grad();
+      const torch::Tensor src = s.projected ? s.acc : I.part(s, s.param.grad());
       const bool fresh = s.host_fresh && (s.projected || I.same_grad(s, src));
       if (!s.projected && s.host_fresh && !fresh) I.grads_modified += 1;
       bool ok = fresh && s.has_spec && s.spec == k;
@@ -465,12 +501,15 @@ StepResult OptimizerCore::step(const StepInputs& in) {
     // slots)
     for (CoreSlot* sp : live) {
       CoreSlot& s = *sp;
-      eng.commit(s.eslot);
-      I.finish(s);
+      if (I.owns(s)) {
+        eng.commit(s.eslot);
+        I.finish(s);
+      }
       s.step += 1;
       s.has_spec = false;
       s.host_fresh = false;
     }
+    if (I.comm) I.dist_gather(live);  // data parallel: the owners' results to every other rank
   } catch (...) {
     try {
       eng.wait_all();

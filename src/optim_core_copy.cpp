@@ -128,9 +128,10 @@ void upload(CoreSlot& s, cuda::Stream& h2d, const torch::Tensor& src, const torc
 
 }  // namespace
 
-void OptimizerCore::Impl::finish(CoreSlot& s) {
-  torch::Tensor out = engine->out_buffer(s.eslot);
-  torch::Tensor p = s.param;
+void OptimizerCore::Impl::finish(CoreSlot& s) { apply_result(s, engine->out_buffer(s.eslot)); }
+
+void OptimizerCore::Impl::apply_result(CoreSlot& s, const torch::Tensor& out) {
+  torch::Tensor p = part(s, s.param);  // data parallel: a split slot writes its range
   const double t0 = engine->now_us();
   if (s.projected) {
     torch::Tensor u = out.view({s.P.d, s.Q.d});

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "lspo/dist.h"
 #include "lspo/optim_core.h"
 #ifdef LSPO_WITH_CUDA
 #include "lspo/cuda.h"
@@ -28,6 +29,9 @@ struct CoreSlot {
   int64_t group = 0;
   int64_t index = 0;         // registration (forward) order; the engine queue's priority
   bool projected = false;
+  int64_t owner = 0;         // data parallel: the rank that holds the state and runs Adam (dist.h);
+                             // -1: a split dense slot, every rank owns the range [lo, lo + len) of it
+  int64_t lo = 0, len = -1;  // this rank's range of the flattened parameter (len -1: all of it)
   std::string name;          // one name everywhere: engine slot, timeline, refit records
   int64_t eslot = -1;        // engine slot; -1 until the first gradient (nothing allocated before)
   int64_t step = 0;          // committed steps
@@ -70,6 +74,8 @@ struct OptimizerCore::Impl {
   double last_norm = 0;
   int64_t grads_modified = 0;
   mutable std::mutex mu;     // hooks (autograd threads) vs step() vs introspection
+  std::shared_ptr<Communicator> comm;  // data parallel (dist.h); null: one process
+  std::vector<int64_t> owner_load;     // per rank: state elements of the slots it owns
 #ifdef LSPO_WITH_CUDA
   cuda::Stream d2h, h2d;     // the two copy streams (created on first CUDA use)
   int device = -1;
@@ -99,6 +105,22 @@ struct OptimizerCore::Impl {
   void wait_upload(CoreSlot& s);        // the last H2D from out_buffer finished
   void before_acc_write(CoreSlot& s);   // the compute stream waits for the last D2H of acc
   void finish(CoreSlot& s);             // committed result -> the parameter
+  void apply_result(CoreSlot& s, const torch::Tensor& out);  // out_buffer-shaped host result -> parameter
+  // optim_core_dist.cpp: data parallel (dist.h)
+  bool owns(const CoreSlot& s) const { return !comm || s.owner < 0 || s.owner == comm->rank(); }
+  // this rank's part of a tensor of the parameter's shape (itself, unless the slot is split)
+  static torch::Tensor part(const CoreSlot& s, const torch::Tensor& t) {
+    return s.len < 0 ? t : t.view(-1).narrow(0, s.lo, s.len);
+  }
+  int64_t split_min_numel = 0;  // data parallel: dense slots this big are split over the ranks
+  void assign_owner(CoreSlot& s);
+  void dist_check_live(const std::vector<CoreSlot*>& live);
+  void dist_reduce(const std::vector<CoreSlot*>& live);
+  void reduce_pieces(CoreSlot& s, std::vector<torch::Tensor>& ts, std::vector<int64_t>& owners);
+  void dist_sum(std::vector<double>& v, const char* what);
+  void dist_norms(std::vector<double>& norms, const std::vector<CoreSlot*>& live);  // + trailing entries
+  void dist_sync_refits(const std::vector<CoreSlot*>& refitted, size_t first_record);
+  void dist_gather(const std::vector<CoreSlot*>& live);
 };
 
 }  // namespace lspo

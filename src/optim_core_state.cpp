@@ -76,7 +76,9 @@ std::optional<SlotState> OptimizerCore::state(int64_t i, bool copy) const {
   if (s.eslot < 0) return std::nullopt;  // no gradient yet: no state (as torch's optimizers)
   OffloadEngine& eng = *impl_->engine;
   eng.wait(s.eslot);
-  const std::vector<int64_t> shape = s.projected ? std::vector<int64_t>{s.P.d, s.Q.d} : s.param.sizes().vec();
+  const std::vector<int64_t> shape = s.projected  ? std::vector<int64_t>{s.P.d, s.Q.d}
+                                     : s.len >= 0 ? std::vector<int64_t>{s.len}  // data parallel: a split slot's range
+                                                  : s.param.sizes().vec();
   const bool disk = eng.on_disk(s.eslot);  // no host tensor to alias: a copy read from the files
   auto part = [&](StateKind k) {
     return disk                      ? eng.load_state(s.eslot, k)
@@ -155,7 +157,7 @@ void OptimizerCore::load_state(int64_t i, const SlotState& st, bool dry_run) {
   } else {
     LSPO_CHECK(st.master_param.defined(), who, ": the state lacks 'master_param' (was it saved by an lspo ",
                "offloading optimizer? torch's AdamW state has no master copy)");
-    const int64_t n = s.param.numel();
+    const int64_t n = s.len >= 0 ? s.len : s.param.numel();  // data parallel: a split slot's range
     LSPO_CHECK(st.exp_avg.numel() == n && st.exp_avg_sq.numel() == n && st.master_param.numel() == n, who,
                ": exp_avg / exp_avg_sq / master_param have ", st.exp_avg.numel(), " / ", st.exp_avg_sq.numel(), " / ",
                st.master_param.numel(), " elements, the parameter ", n);
@@ -164,6 +166,17 @@ void OptimizerCore::load_state(int64_t i, const SlotState& st, bool dry_run) {
     if (t->defined())
       LSPO_CHECK(t->is_floating_point(), who, ": state tensors must be floating point, got ", t->scalar_type());
   if (dry_run) return;
+  if (!I.owns(s)) {  // data parallel: the owner holds the moments; every rank the projectors
+    if (s.projected) {
+      s.P = std::move(P);
+      s.Q = std::move(Q);
+      s.refit_ref = st.refit_ref;
+      s.checks = st.refit_checks;
+    }
+    s.step = st.step;
+    I.drop(s);
+    return;
+  }
   I.ensure_allocated(s);
   OffloadEngine& eng = *I.engine;
   eng.wait(s.eslot);

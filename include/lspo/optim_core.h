@@ -43,6 +43,8 @@
 
 namespace lspo {
 
+class Communicator;  // lspo/dist.h
+
 struct CoreOptions {
   std::string name = "OffloadAdamW";             // used in error messages
   bool overlap = true;                           // false: the serial reference schedule
@@ -185,6 +187,19 @@ class OptimizerCore {
 
   OffloadEngine& engine();
   const OffloadEngine& engine() const;
+
+  // Data parallel (lspo/dist.h): set before the first gradient, on every rank, after the same
+  // add_param calls; every slot (and any added later) gets an owner rank. Not with a state_dir.
+  // Dense parameters of >= split_min_numel elements (contiguous; 0: none) are split into one
+  // contiguous range per rank (ZeRO style) instead of having one owner.
+  void set_communicator(std::shared_ptr<Communicator> comm, int64_t split_min_numel = 0);
+  bool distributed() const;
+  int64_t owner(int64_t slot) const;  // 0 without a communicator
+  bool owns(int64_t slot) const;      // true without a communicator
+  std::pair<int64_t, int64_t> shard_range(int64_t slot) const;  // (lo, len) of a split slot; len -1: whole
+  // The tensors (and their destination ranks) the slot would send to step()'s reduce now: a face may
+  // launch that reduce early, from the gradient hook of the last micro-batch (dist.h).
+  std::pair<std::vector<torch::Tensor>, std::vector<int64_t>> reduce_pieces(int64_t slot);
 
  private:
   struct Impl;

@@ -11,7 +11,7 @@ from . import projector
 from .projector import SparseProjector
 from .optim import OffloadAdamW
 from .lsp import LSPAdamW
-from . import diag, meft, tinygpt
+from . import diag, distributed, meft, tinygpt
 
 __version__ = "0.1.0"
 with_cuda = bool(_C.with_cuda)

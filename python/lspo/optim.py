@@ -309,6 +309,9 @@ class OffloadAdamW(torch.optim.Optimizer):
                        for k, v in sd["state"].items() if v}
         sd["lspo_optimizer"] = self._kind  # the C++ face's checkpoints carry the same keys
         sd["lspo_format"] = 2
+        if getattr(self, "_dist", None) is not None:  # data parallel: a collective, the full dict on rank 0
+            from .distributed import _gather_state
+            return _gather_state(self, sd)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -316,6 +319,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         ``save_checkpoint``). The state stays on the host in fp32 (torch's loader would cast it to the
         parameters' device and dtype)."""
         self._core.wait_all()
+        if state_dict.get("lspo_partial"):
+            raise ValueError(f"{self._kind}.load_state_dict: this is a data-parallel state_dict() of a rank other "
+                             "than 0 (no state); load rank 0's (the full checkpoint) on every rank")
         saved = state_dict["state"]
         params = [p for g in self.param_groups for p in g["params"]]
         for i in saved:
@@ -325,6 +331,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         if state_dict.get("lspo_optimizer", self._kind) != self._kind:
             raise ValueError(f"{self._kind}.load_state_dict: the checkpoint holds the state of a "
                              f"{state_dict['lspo_optimizer']}, not of a {self._kind}")
+        if getattr(self, "_dist", None) is not None:  # data parallel: a split parameter keeps its range
+            from .distributed import _local_state
+            saved = _local_state(self, saved, params)
         for i, p in enumerate(params):  # validate every slot first: a bad checkpoint changes nothing
             if i in saved and saved[i]:
                 try:

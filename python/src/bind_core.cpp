@@ -8,11 +8,31 @@
 #include <cmath>
 
 #include "bindings.h"
+#include "lspo/dist.h"
 #include "lspo/optim_core.h"
 
 namespace py = pybind11;
 
 namespace {
+
+// A Communicator implemented in Python (lspo.distributed.Communicator, on torch.distributed).
+class PyCommunicator : public lspo::Communicator {
+ public:
+  using lspo::Communicator::Communicator;
+  int64_t rank() const override { PYBIND11_OVERRIDE_PURE(int64_t, lspo::Communicator, rank, ); }
+  int64_t world_size() const override { PYBIND11_OVERRIDE_PURE(int64_t, lspo::Communicator, world_size, ); }
+  void reduce_sum(const std::vector<torch::Tensor>& tensors, const std::vector<int64_t>& owners,
+                  const std::string& what) override {
+    PYBIND11_OVERRIDE_PURE(void, lspo::Communicator, reduce_sum, tensors, owners, what);
+  }
+  void broadcast(const std::vector<torch::Tensor>& tensors, const std::vector<int64_t>& owners,
+                 const std::string& what) override {
+    PYBIND11_OVERRIDE_PURE(void, lspo::Communicator, broadcast, tensors, owners, what);
+  }
+  void all_reduce_sum(const torch::Tensor& t, const std::string& what) override {
+    PYBIND11_OVERRIDE_PURE(void, lspo::Communicator, all_reduce_sum, t, what);
+  }
+};
 
 py::object state_to_py(const std::optional<lspo::SlotState>& st) {
   if (!st) return py::none();
@@ -34,6 +54,11 @@ lspo::SlotState state_from_py(const py::dict& d) {
 
 LSPO_REGISTER_BINDINGS(core) {
   using lspo::OptimizerCore;
+  py::class_<lspo::Communicator, PyCommunicator, std::shared_ptr<lspo::Communicator>>(
+      m, "Communicator", "The collectives of data parallel (lspo/dist.h); subclassed in lspo.distributed.")
+      .def(py::init<>())
+      .def("rank", &lspo::Communicator::rank)
+      .def("world_size", &lspo::Communicator::world_size);
   py::class_<OptimizerCore, std::shared_ptr<OptimizerCore>>(m, "OptimizerCore")
       .def(
           py::init([](const std::string& name, bool overlap, bool record_timeline, int64_t pinned_limit_bytes,
@@ -66,6 +91,12 @@ LSPO_REGISTER_BINDINGS(core) {
       .def("allocate_all", &OptimizerCore::allocate_all, py::call_guard<py::gil_scoped_release>())
       .def("resume", &OptimizerCore::resume)
       .def("slots_on_disk", &OptimizerCore::slots_on_disk)
+      .def("set_communicator", &OptimizerCore::set_communicator, py::arg("comm"), py::arg("split_min_numel") = 0)
+      .def("shard_range", &OptimizerCore::shard_range)
+      .def("reduce_pieces", &OptimizerCore::reduce_pieces)
+      .def_property_readonly("distributed", &OptimizerCore::distributed)
+      .def("owner", &OptimizerCore::owner)
+      .def("owns", &OptimizerCore::owns)
       .def("add_param", &OptimizerCore::add_param, py::arg("param"), py::arg("group"), py::arg("projected"),
            py::arg("subspace") = 0, py::arg("nnz") = 0)
       .def_property_readonly("num_slots", &OptimizerCore::num_slots)
