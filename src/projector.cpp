@@ -228,11 +228,17 @@ SparseProjector SparseProjector::clone() const {
   return P;
 }
 
-SparseProjector SparseProjector::from_tensors(torch::Tensor indices, torch::Tensor values, int64_t d) {
+SparseProjector SparseProjector::view(torch::Tensor indices, torch::Tensor values, int64_t d, torch::Tensor whiten) {
   SparseProjector P;
   P.indices = std::move(indices);
   P.values = std::move(values);
   P.d = d;
+  P.whiten = std::move(whiten);
+  return P;
+}
+
+SparseProjector SparseProjector::from_tensors(torch::Tensor indices, torch::Tensor values, int64_t d) {
+  SparseProjector P = view(std::move(indices), std::move(values), d);
   P.validate();
   return P;
 }

@@ -22,11 +22,7 @@ struct LeftProjectFn : public torch::autograd::Function<LeftProjectFn> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& val, const torch::Tensor& Y,
                                const torch::Tensor& idx32, const torch::Tensor& idx64, int64_t d) {
     ctx->save_for_backward({val, Y, idx64});
-    SparseProjector P;
-    P.indices = idx32;
-    P.values = val;
-    P.d = d;
-    return left_project(P, Y);
+    return left_project(SparseProjector::view(idx32, val, d), Y);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {

@@ -59,6 +59,10 @@ struct SparseProjector {
   SparseProjector clone() const;
   // Wraps existing tensors after validating them.
   static SparseProjector from_tensors(torch::Tensor indices, torch::Tensor values, int64_t d);
+  // Wraps existing tensors without the full (host-syncing) validation: every operation still checks
+  // shapes, dtypes and devices. `whiten` undefined: not whitened. (The bindings' per-call path.)
+  static SparseProjector view(torch::Tensor indices, torch::Tensor values, int64_t d,
+                              torch::Tensor whiten = torch::Tensor());
   SparseProjector to(torch::Device device) const;
   torch::Tensor dense(torch::ScalarType dtype = torch::kFloat32) const;  // [n, d]: P, or U = P T if whitened
   void validate() const;

@@ -20,12 +20,7 @@ using lspo::SparseProjector;
 
 SparseProjector wrap(const torch::Tensor& indices, const torch::Tensor& values, int64_t d,
                      const std::optional<torch::Tensor>& whiten) {
-  SparseProjector P;
-  P.indices = indices;
-  P.values = values;
-  P.d = d;
-  if (whiten.has_value()) P.whiten = *whiten;
-  return P;
+  return SparseProjector::view(indices, values, d, whiten.value_or(torch::Tensor()));
 }
 std::optional<torch::Tensor> whiten_of(const SparseProjector& P) {
   return P.whitened() ? std::optional<torch::Tensor>(P.whiten) : std::nullopt;

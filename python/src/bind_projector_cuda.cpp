@@ -17,11 +17,7 @@ lspo::ProjectorBackend parse_backend(const std::string& name) {
 }
 
 lspo::SparseProjector wrap(const torch::Tensor& indices, const torch::Tensor& values, int64_t d) {
-  lspo::SparseProjector P;
-  P.indices = indices;
-  P.values = values;
-  P.d = d;
-  return P;
+  return lspo::SparseProjector::view(indices, values, d);
 }
 
 const char* backend_name(lspo::ProjectorBackend b) {

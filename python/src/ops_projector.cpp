@@ -22,12 +22,7 @@ using lspo::SparseProjector;
 using torch::Tensor;
 
 SparseProjector proj(const Tensor& indices, const Tensor& values, int64_t d, const std::optional<Tensor>& whiten) {
-  SparseProjector P;
-  P.indices = indices;
-  P.values = values;
-  P.d = d;
-  if (whiten.has_value()) P.whiten = *whiten;
-  return P;
+  return SparseProjector::view(indices, values, d, whiten.value_or(Tensor()));
 }
 
 Tensor right_project(const Tensor& X, const Tensor& Pi, const Tensor& Pv, int64_t Pd, const std::optional<Tensor>& Pw) {
