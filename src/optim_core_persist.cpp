@@ -6,25 +6,22 @@
 // master on the host: its weight W lives on its device and changes in place,
 // and its projectors change at refit checks. So every step that persists also
 // writes `proj.s<T>.pt` (T: the largest step count of the projected slots), a
-// torch.save-format dict {"format": 1, "step": T, "slots": {"<slot>": entry}},
+// torch.save-format dict (lspo/torch_file.h) {"format": 1, "step": T, "slots": {"<slot>": entry}},
 // where an entry is the slot's checkpoint entry (slot_state_to_dict: step,
 // projectors, whitening, refit reference and check count; the moments are left
 // empty, they are in the engine's files) plus "weight", W in its dtype on the
-// host. The file is written to a temporary name, fsynced and renamed before the
-// engine's MANIFEST is committed; after the commit, older proj files are
+// host. The file is written durably (save_torch_file: a temporary name,
+// fsync, rename, directory fsync) before the engine's MANIFEST is committed; after the commit, older proj files are
 // removed. A crash at any point leaves the proj file of the committed step on
 // disk: resume reads the newest proj file whose T is at most the committed
 // step, and removes any newer one (a step that never committed).
 #include <dirent.h>
-#include <fcntl.h>
-#include <torch/serialize.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
 
-#include "lspo/state_store.h"
+#include "lspo/torch_file.h"
 #include "optim_core_internal.h"
 
 namespace lspo {
@@ -58,27 +55,6 @@ std::vector<int64_t> proj_tags(const std::string& dir) {
 
 void remove_file(const std::string& p) {
   LSPO_CHECK(::unlink(p.c_str()) == 0 || errno == ENOENT, "state_dir: cannot remove '", p, "': ", std::strerror(errno));
-}
-
-void sync_dir(const std::string& dir) {
-  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-  LSPO_CHECK(fd >= 0, "state_dir: cannot open directory '", dir, "' to sync it: ", std::strerror(errno));
-  const int r = ::fsync(fd);
-  ::close(fd);
-  LSPO_CHECK(r == 0, "state_dir: fsync of directory '", dir, "' failed: ", std::strerror(errno));
-}
-
-std::vector<char> read_all(const std::string& path) {
-  FILE* f = std::fopen(path.c_str(), "rb");
-  LSPO_CHECK(f != nullptr, "state_dir: cannot open '", path, "': ", std::strerror(errno));
-  std::vector<char> bytes;
-  char buf[1 << 16];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) bytes.insert(bytes.end(), buf, buf + n);
-  const bool err = std::ferror(f) != 0;
-  std::fclose(f);
-  LSPO_CHECK(!err, "state_dir: reading '", path, "' failed");
-  return bytes;
 }
 
 }  // namespace
@@ -118,16 +94,7 @@ int64_t OptimizerCore::Impl::write_projected() {
   d.insert("format", int64_t(1));
   d.insert("step", tag);
   d.insert("slots", entries);
-  const std::vector<char> bytes = torch::pickle_save(c10::IValue(d));
-  const std::string path = proj_path(opt.state_dir, tag), tmp = path + ".tmp";
-  {
-    StateFile f(tmp, StateFile::kWrite, false);
-    f.write(bytes.data(), static_cast<int64_t>(bytes.size()), 0);
-    f.sync();
-  }
-  LSPO_CHECK(::rename(tmp.c_str(), path.c_str()) == 0, "state_dir: renaming '", tmp, "' failed: ", std::strerror(errno),
-             " (the last committed state is intact)");
-  sync_dir(opt.state_dir);
+  save_torch_file(c10::IValue(d), proj_path(opt.state_dir, tag), /*durable=*/true);
   return tag;
 }
 
@@ -148,15 +115,7 @@ void OptimizerCore::Impl::resume_projected() {
              " of its projected parameters but no projector file (", kPrefix, "<step>", kSuffix,
              ") of that step; was it written by an lspo older than this one?");
   const std::string path = proj_path(dir, best);
-  c10::IValue v;
-  try {
-    const std::vector<char> bytes = read_all(path);
-    v = torch::pickle_load(bytes);
-  } catch (const lspo::Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    LSPO_CHECK(false, opt.name, ": cannot read '", path, "' (corrupt?): ", e.what());
-  }
+  const c10::IValue v = load_torch_file(path, opt.name + ": resume");
   LSPO_CHECK(v.isGenericDict(), opt.name, ": '", path, "' is not an lspo projector file");
   const c10::impl::GenericDict d = v.toGenericDict();
   LSPO_CHECK(d.contains("slots") && d.at("slots").isGenericDict(), opt.name, ": '", path, "' lacks 'slots'");

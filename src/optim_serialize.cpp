@@ -8,16 +8,11 @@
 //    "lspo_optimizer": "OffloadAdamW" | "LSPAdamW", "lspo_format": 2}
 // save_checkpoint / load_checkpoint read and write it as a file; the torch::serialize archive of
 // torch::save(opt, ...) holds the same bytes. Everything that determines later steps is saved.
-#include <caffe2/serialize/inline_container.h>
-#include <torch/csrc/jit/serialization/export.h>
-#include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/serialize.h>
 
 #include "lspo/optim.h"
-#include <cstdio>
+#include "lspo/torch_file.h"
 #include <cstring>
-#include <fstream>
-#include <iterator>
 
 namespace lspo {
 
@@ -176,25 +171,6 @@ void apply_group(torch::optim::OptimizerOptions& options, const c10::impl::Gener
   }
 }
 
-// torch.save's file format for a plain dict/list/tensor value, without the TorchScript type tags
-// torch::pickle_save adds (torch.load(weights_only=True) refuses those).
-std::vector<char> save_plain(const c10::IValue& v) {
-  std::vector<char> pickled;
-  torch::jit::Pickler pickler([&](const char* b, size_t n) { pickled.insert(pickled.end(), b, b + n); }, nullptr,
-                              nullptr, nullptr, nullptr, /*tag_aggregates=*/false);
-  pickler.protocol();
-  pickler.pushIValue(v);
-  pickler.stop();
-  std::vector<char> out;
-  caffe2::serialize::PyTorchStreamWriter writer([&](const void* b, size_t n) {
-    out.insert(out.end(), static_cast<const char*>(b), static_cast<const char*>(b) + n);
-    return n;
-  });
-  torch::jit::writeArchiveAndTensors("data", pickled.data(), pickled.size(), pickler.tensorData(), writer);
-  writer.writeEndOfFile();
-  return out;
-}
-
 }  // namespace
 
 c10::IValue OffloadOptimizerBase::checkpoint() const {
@@ -262,37 +238,14 @@ void OffloadOptimizerBase::load_checkpoint(const c10::IValue& ck) {
   refresh_state();
 }
 
-void save_torch_file(const c10::IValue& value, const std::string& path) {
-  std::vector<char> bytes = save_plain(value);
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary);
-    LSPO_CHECK(f.good(), "save_torch_file: cannot open '", tmp, "' for writing");
-    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    f.flush();
-    LSPO_CHECK(f.good(), "save_torch_file: writing '", tmp, "' failed (disk full?)");
-  }
-  LSPO_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "save_torch_file: renaming '", tmp, "' to '", path,
-             "' failed");  // a crash leaves the old file or the new one, never half of one
-}
-
 void OffloadOptimizerBase::save_checkpoint(const std::string& path) const { save_torch_file(checkpoint(), path); }
 
 void OffloadOptimizerBase::load_checkpoint(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  LSPO_CHECK(f.good(), name_, "::load_checkpoint: cannot open '", path, "'");
-  std::vector<char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  c10::IValue v;
-  try {
-    v = torch::pickle_load(bytes);
-  } catch (const std::exception& e) {
-    LSPO_CHECK(false, name_, "::load_checkpoint: '", path, "' is not a readable checkpoint (", e.what(), ")");
-  }
-  load_checkpoint(v);
+  load_checkpoint(load_torch_file(path, name_ + "::load_checkpoint"));
 }
 
 void OffloadOptimizerBase::save(torch::serialize::OutputArchive& archive) const {
-  std::vector<char> bytes = save_plain(checkpoint());
+  std::vector<char> bytes = torch_file_bytes(checkpoint());
   archive.write("lspo_checkpoint",
                 torch::from_blob(bytes.data(), {static_cast<int64_t>(bytes.size())}, torch::kUInt8).clone());
 }

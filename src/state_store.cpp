@@ -35,6 +35,8 @@ bool parse_gen_name(const std::string& n, int64_t* slot, int64_t* gen) {
   return true;
 }
 
+}  // namespace
+
 void fsync_dir(const std::string& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
   LSPO_CHECK(fd >= 0, "state_dir: cannot open directory '", dir, "' to sync it: ", sys_error());
@@ -44,7 +46,6 @@ void fsync_dir(const std::string& dir) {
   errno = e;
   LSPO_CHECK(r == 0, "state_dir: fsync of directory '", dir, "' failed: ", sys_error());
 }
-}  // namespace
 
 // ---------------------------------------------------------------- AlignedBuffer
 AlignedBuffer::AlignedBuffer(int64_t bytes) : n_(io_round_up(bytes)) {

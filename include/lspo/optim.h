@@ -36,6 +36,7 @@
 #include "lspo/engine.h"
 #include "lspo/optim_core.h"
 #include "lspo/projector.h"
+#include "lspo/torch_file.h"  // save_torch_file: the checkpoints' file format
 
 namespace lspo {
 
@@ -226,10 +227,6 @@ class LSPAdamW : public OffloadOptimizerBase {
  protected:
   Hyper hyper(const torch::optim::OptimizerOptions& options) const override;
 };
-
-// Writes a plain value (dicts, lists, tuples, tensors, numbers, strings) as a torch.save file that
-// torch.load(path, weights_only=True) reads; atomically (a temporary file renamed into place).
-void save_torch_file(const c10::IValue& value, const std::string& path);
 
 // Parameter groups for LSPAdamW from a module, by the Python lspo.LSPAdamW(module) rule: group 0
 // holds the weights of torch::nn::Linear layers that are not tied to (the same tensor as) an

@@ -26,6 +26,9 @@
 namespace lspo {
 
 constexpr int64_t kIoAlign = 4096;
+// fsyncs a directory (a rename or unlink in it becomes durable); lspo::Error naming it otherwise.
+void fsync_dir(const std::string& dir);
+
 inline int64_t io_round_up(int64_t bytes) { return (bytes + kIoAlign - 1) / kIoAlign * kIoAlign; }
 
 // A kIoAlign-aligned heap buffer (RAII).
