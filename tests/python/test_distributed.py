@@ -39,7 +39,7 @@ def _env():
 _REFS: dict = {}
 
 
-def run(tmp_path, name, *args, world=2, check=True):
+def run(tmp_path, name, *args, world=2, check=True, monitor_s=None):
     key = tuple(map(str, args))
     if world == 1 and key in _REFS:  # one-process references are deterministic: run each once
         return _REFS[key], None
@@ -47,8 +47,11 @@ def run(tmp_path, name, *args, world=2, check=True):
     if world == 1:
         cmd = [sys.executable, WORKER, "--no-dist"]
     else:
+        # monitor_s: how often torchrun's agent polls its workers (default 0.1 s); once a worker died
+        # the agent stops the others at its next poll, so a test that waits for a survivor's error
+        # must give it time (on a loaded machine 0.1 s is a race)
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-               f"--master_port={_port()}", WORKER]
+               f"--master_port={_port()}", *([f"--monitor-interval={monitor_s}"] if monitor_s else []), WORKER]
     p = subprocess.run(cmd + ["--out", out, *map(str, args)], env=_env(), capture_output=True, text=True, timeout=120)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -180,7 +183,8 @@ def test_rank_without_gradients_gives_clear_error(tmp_path):
 @pytest.mark.parametrize("when", ["step", "save"])
 def test_dead_rank_gives_clear_error_and_no_checkpoint(tmp_path, when):
     ck = tmp_path / "ck.pt"
-    res, p = run(tmp_path, "die", "--opt", "lsp", "--die", when, "--save-at", 2, "--ckpt", ck, check=False)
+    res, p = run(tmp_path, "die", "--opt", "lsp", "--die", when, "--save-at", 2, "--ckpt", ck, check=False,
+                 monitor_s=5)
     assert p.returncode != 0  # torchrun reports the dead rank
     err = res["error"]
     assert err.startswith("lspo.distributed: rank 0 of 2: the collective"), err
