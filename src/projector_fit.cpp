@@ -104,12 +104,29 @@ Prepared prepare(const GradSample& s) {
   return p;
 }
 
-// Cholesky factor of a Gram matrix (fp64, differentiable) with a tiny relative ridge, so that a
-// column of P that all its values left (gram row of zeros) does not make the factorisation fail.
+// Cholesky factor of a Gram matrix (fp64, differentiable). A square or nearly square projector
+// (d close to n) has a Gram matrix with condition numbers of 1e6 and more, so the Gram matrices are
+// formed in fp64 (gram64); a ridge of 1e-10 x mean(diag) guards a column that all its values left,
+// and when that still fails (an exactly singular Gram), the ridge grows 100x at a time up to 1e-4 x
+// mean(diag) (the basis then drops the near-null directions) before a named error.
 torch::Tensor chol(const torch::Tensor& A) {
   const int64_t d = A.size(0);
-  const double ridge = 1e-10 * std::max(A.diagonal().sum().item<double>() / static_cast<double>(d), 1e-30);
-  return torch::linalg_cholesky(A + ridge * torch::eye(d, A.options()));
+  const double mean_diag = std::max(A.diagonal().sum().item<double>() / static_cast<double>(d), 1e-30);
+  const torch::Tensor I = torch::eye(d, A.options());
+  for (double rel = 1e-10; rel <= 1.01e-4; rel *= 100) {
+    auto [L, info] = torch::linalg_cholesky_ex(A + (rel * mean_diag) * I);
+    if (info.item<int64_t>() == 0) return L;
+  }
+  LSPO_CHECK(false, "projector whitening: the Gram matrix P^T P (", d, " x ", d,
+             ") is singular even with a ridge of 1e-4 x its mean diagonal (the projector's columns are linearly "
+             "dependent: too few nonzeros for d, or values driven to zero)");
+  return {};
+}
+
+// P_a^T P_b in fp64 (see chol).
+torch::Tensor gram64(const torch::Tensor& pos, const torch::Tensor& va, const torch::Tensor& vb, int64_t da,
+                     int64_t db) {
+  return gram(pos, va.to(torch::kFloat64), vb.to(torch::kFloat64), da, db);
 }
 
 // The pieces of the closed-form error that depend only on the projectors: the Gram matrices
@@ -121,8 +138,8 @@ struct Basis {
 Basis basis(const torch::Tensor& posP, const torch::Tensor& pv, int64_t dP, const torch::Tensor& posQ,
             const torch::Tensor& qv, int64_t dQ, bool whitened) {
   Basis b;
-  b.A = gram(posP, pv, pv, dP, dP).to(torch::kFloat64);
-  b.B = gram(posQ, qv, qv, dQ, dQ).to(torch::kFloat64);
+  b.A = gram64(posP, pv, pv, dP, dP);
+  b.B = gram64(posQ, qv, qv, dQ, dQ);
   b.whitened = whitened;
   if (whitened) {
     b.A = chol(b.A);
@@ -346,9 +363,9 @@ torch::Tensor whitening_factor(const SparseProjector& P) {
   LSPO_CHECK(P.values.defined() && P.indices.defined() && P.values.sizes() == P.indices.sizes() && P.d >= 1,
              "whitening_factor: malformed projector");
   torch::NoGradGuard ng;
-  const torch::Tensor A = gram(gram_positions(P.indices, P.indices, P.d), P.values, P.values, P.d, P.d);
+  const torch::Tensor A = gram64(gram_positions(P.indices, P.indices, P.d), P.values, P.values, P.d, P.d);
   LSPO_CHECK(torch::isfinite(A).all().item<bool>(), "whitening_factor: projector values contain NaN or Inf");
-  const torch::Tensor L = chol(A.to(torch::kFloat64));
+  const torch::Tensor L = chol(A);
   const torch::Tensor Linv = torch::linalg_solve_triangular(L, torch::eye(P.d, L.options()), /*upper=*/false);
   return Linv.t().to(torch::kFloat32).contiguous();  // T = L^-T, upper triangular
 }

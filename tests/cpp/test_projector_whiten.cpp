@@ -118,6 +118,46 @@ TEST(ProjectorInit, ScaleCorrectAndEveryColumnUsed) {
   EXPECT_TRUE(torch::allclose(W.whiten, lspo::whitening_factor(W)));
 }
 
+// A square (d = n) or nearly square side: P^T P has condition numbers of 1e6 and more (random 128 x 128
+// projectors with r = 8), so an fp32 Gram matrix lost the basis (U^T U off by up to 4.9, and the fit's
+// Cholesky failed). The Gram matrices are fp64 now, and what is left is the fp32 rounding of the stored
+// T: U^T U - I ~ T^T A dT + dT^T A T with |dT| <= 2^-24 |T| and ||A|| ||T||^2 = cond(P)^2, so the bound
+// is 2^-24 cond(P)^2 (uncorrelated rounding; measured margin >= 2.4x over these seeds, while the fp32
+// Gram matrix exceeds it 10-30x on most of them).
+struct SquareCase {
+  int64_t n, d, r;
+  std::string name() const { return "n" + std::to_string(n) + "_d" + std::to_string(d) + "_r" + std::to_string(r); }
+};
+class SquareProjector : public ::testing::TestWithParam<SquareCase> {};
+
+TEST_P(SquareProjector, WhitensToAnOrthonormalBasisAndFits) {
+  const SquareCase c = GetParam();
+  for (uint64_t seed = 0; seed < 12; ++seed) {
+    const auto P = SparseProjector::random(c.n, c.d, c.r, seed, torch::kCPU, lspo::ProjectorInit::kGaussian, true);
+    const Tensor raw = raw64(P);
+    const Tensor sv = torch::linalg_svdvals(raw);
+    const double cond = (sv.max() / sv.min()).item<double>();
+    const Tensor U = raw.mm(P.whiten.to(torch::kFloat64));
+    const double err = (U.t().mm(U) - torch::eye(c.d, torch::kFloat64)).abs().max().item<double>();
+    EXPECT_LE(err, std::max(1e-6, std::ldexp(1.0, -24) * cond * cond)) << "seed " << seed << " cond " << cond;
+  }
+  // a fit whose P side is square runs (it threw "not positive-definite" before) and does not raise e
+  torch::manual_seed(2);
+  const std::vector<Tensor> grads{torch::randn({c.n, 24}).mm(torch::randn({24, 40}))};
+  auto P = SparseProjector::random(c.n, c.d, c.r, 5, torch::kCPU, lspo::ProjectorInit::kGaussian, true);
+  auto Q = SparseProjector::random(40, 8, 2, 6, torch::kCPU, lspo::ProjectorInit::kGaussian, true);
+  lspo::FitOptions o;
+  o.max_iters = 3;
+  lspo::FitResult res;
+  ASSERT_NO_THROW(res = lspo::fit(P, Q, grads, o));
+  EXPECT_LE(res.error_after, res.error_before + 1e-9);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, SquareProjector,
+                         ::testing::Values(SquareCase{1, 1, 1}, SquareCase{7, 7, 3}, SquareCase{128, 128, 8},
+                                           SquareCase{129, 128, 8}, SquareCase{97, 96, 2}),
+                         [](const ::testing::TestParamInfo<SquareCase>& i) { return i.param.name(); });
+
 TEST(ProjectorWhiten, CarryStateIsExactForAnUnchangedPair) {
   auto P = SparseProjector::random(60, 12, 3, 1, torch::kCPU, lspo::ProjectorInit::kGaussian, true);
   auto Q = SparseProjector::random(45, 9, 2, 2, torch::kCPU, lspo::ProjectorInit::kGaussian, true);
