@@ -81,6 +81,17 @@ CoreSlot& OptimizerCore::Impl::slot(int64_t i, const char* fn) const {
   return *slots[i];
 }
 
+int64_t one_sided_rank(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened) {
+  LSPO_CHECK(m >= 1 && n >= 1 && d >= 1 && r >= 1, "one_sided_rank: sizes must be >= 1");
+  const int64_t big = std::max(m, n), small = std::min(m, n), dP = std::min(d, m), dQ = std::min(d, n);
+  const int64_t w = whitened ? 4 : 0;
+  const int64_t budget = 8 * dP * dQ + 8 * r * (m + n) + w * (dP * dP + dQ * dQ);
+  auto cost = [&](int64_t k) { return 8 * big * k + 8 * big + 8 * r * small + w * k * k; };
+  int64_t k = std::min(r, small);
+  while (k < small && cost(k + 1) <= budget) ++k;
+  return k;
+}
+
 int64_t OptimizerCore::add_param(const torch::Tensor& p, int64_t group, bool projected, int64_t subspace, int64_t nnz) {
   Impl& I = *impl_;
   std::lock_guard<std::mutex> g(I.mu);
@@ -107,10 +118,21 @@ int64_t OptimizerCore::add_param(const torch::Tensor& p, int64_t group, bool pro
                ") must be contiguous (it is updated in place)");
     const int64_t k = I.num_projected++;
     s->number = k;
-    s->P = SparseProjector::random(p.size(0), std::min(subspace, p.size(0)), nnz, I.opt.seed + 2 * k, p.device(),
-                                   ProjectorInit::kGaussian, I.opt.whiten);
-    s->Q = SparseProjector::random(p.size(1), std::min(subspace, p.size(1)), nnz, I.opt.seed + 2 * k + 1, p.device(),
-                                   ProjectorInit::kGaussian, I.opt.whiten);
+    const int64_t m = p.size(0), n = p.size(1);
+    if (!I.opt.one_sided) {
+      s->P = SparseProjector::random(m, std::min(subspace, m), nnz, I.opt.seed + 2 * k, p.device(),
+                                     ProjectorInit::kGaussian, I.opt.whiten);
+      s->Q = SparseProjector::random(n, std::min(subspace, n), nnz, I.opt.seed + 2 * k + 1, p.device(),
+                                     ProjectorInit::kGaussian, I.opt.whiten);
+    } else if (m >= n) {  // rows kept whole, columns projected
+      s->P = SparseProjector::identity(m, p.device());
+      s->Q = SparseProjector::random(n, one_sided_rank(m, n, subspace, nnz, I.opt.whiten), nnz, I.opt.seed + 2 * k + 1,
+                                     p.device(), ProjectorInit::kGaussian, I.opt.whiten);
+    } else {
+      s->P = SparseProjector::random(m, one_sided_rank(m, n, subspace, nnz, I.opt.whiten), nnz, I.opt.seed + 2 * k,
+                                     p.device(), ProjectorInit::kGaussian, I.opt.whiten);
+      s->Q = SparseProjector::identity(n, p.device());
+    }
     s->scale = I.opt.scale_auto ? std::sqrt(static_cast<double>(p.size(0)) * static_cast<double>(p.size(1)) /
                                             static_cast<double>(s->P.d * s->Q.d))
                                 : I.opt.update_scale;
@@ -574,10 +596,13 @@ void OptimizerCore::Impl::refit(CoreSlot& s) {
   s.refit_ref = rec.result.reference_error;
   if (opt.refit_diagnostics) {
     const uint64_t seed = static_cast<uint64_t>(s.checks) * 65537ULL + 2ULL * static_cast<uint64_t>(s.number);
-    SparseProjector Pr =
-        SparseProjector::random(s.P.n(), s.P.d, s.P.r(), seed, s.P.values.device(), ProjectorInit::kGaussian, true);
-    SparseProjector Qr =
-        SparseProjector::random(s.Q.n(), s.Q.d, s.Q.r(), seed + 1, s.Q.values.device(), ProjectorInit::kGaussian, true);
+    // (a side kept whole stays the identity)
+    SparseProjector Pr = s.P.is_identity() ? s.P
+                                           : SparseProjector::random(s.P.n(), s.P.d, s.P.r(), seed, s.P.values.device(),
+                                                                     ProjectorInit::kGaussian, true);
+    SparseProjector Qr = s.Q.is_identity() ? s.Q
+                                           : SparseProjector::random(s.Q.n(), s.Q.d, s.Q.r(), seed + 1,
+                                                                     s.Q.values.device(), ProjectorInit::kGaussian, true);
     rec.random_heldout = relative_error(Pr, Qr, heldout.empty() ? fit_samples : heldout);
   }
   // the step's whole gradient, compressed with the projectors the check left

@@ -80,10 +80,8 @@ int64_t OptimizerCore::Impl::write_projected() {
     st.P_values = s.P.values;
     st.Q_indices = s.Q.indices;
     st.Q_values = s.Q.values;
-    if (s.P.whitened()) {
-      st.P_whiten = s.P.whiten;
-      st.Q_whiten = s.Q.whiten;
-    }
+    if (s.P.whitened()) st.P_whiten = s.P.whiten;
+    if (s.Q.whitened()) st.Q_whiten = s.Q.whiten;
     st.refit_ref = s.refit_ref;
     st.refit_checks = s.checks;
     c10::impl::GenericDict e = slot_state_to_dict(st);
@@ -135,8 +133,9 @@ void OptimizerCore::Impl::resume_projected() {
                who,
                ": the saved projector positions differ from this optimizer's "
                "(different seed, subspace or nnz?)");
-    LSPO_CHECK(st.P_whiten.defined() == s.P.whitened(), who, ": saved projectors are ",
-               st.P_whiten.defined() ? "" : "not ", "whitened, this optimizer's are ", s.P.whitened() ? "" : "not ");
+    LSPO_CHECK(st.P_whiten.defined() == s.P.whitened() && st.Q_whiten.defined() == s.Q.whitened(), who,
+               ": saved projectors are ", st.P_whiten.defined() ? "" : "not ", "whitened (P), ",
+               st.Q_whiten.defined() ? "" : "not ", "whitened (Q); this optimizer's differ");
     LSPO_CHECK(e.contains("weight") && e.at("weight").isTensor(), who, ": the entry lacks 'weight'");
     const torch::Tensor w = e.at("weight").toTensor();
     LSPO_CHECK(w.sizes() == s.param.sizes() && w.scalar_type() == s.param.scalar_type(), who,
@@ -145,10 +144,8 @@ void OptimizerCore::Impl::resume_projected() {
     const torch::Device dev = s.param.device();
     s.P.values.copy_(st.P_values.to(dev, torch::kFloat));
     s.Q.values.copy_(st.Q_values.to(dev, torch::kFloat));
-    if (s.P.whitened()) {
-      s.P.whiten.copy_(st.P_whiten.to(dev, torch::kFloat));
-      s.Q.whiten.copy_(st.Q_whiten.to(dev, torch::kFloat));
-    }
+    if (s.P.whitened()) s.P.whiten.copy_(st.P_whiten.to(dev, torch::kFloat));
+    if (s.Q.whitened()) s.Q.whiten.copy_(st.Q_whiten.to(dev, torch::kFloat));
     s.P.validate();
     s.Q.validate();
     s.refit_ref = st.refit_ref;

@@ -25,10 +25,8 @@ c10::impl::GenericDict slot_state_to_dict(const SlotState& st) {
     d.insert("proj_P_values", st.P_values.cpu());
     d.insert("proj_Q_indices", st.Q_indices.cpu());
     d.insert("proj_Q_values", st.Q_values.cpu());
-    if (st.P_whiten.defined()) {
-      d.insert("proj_P_whiten", st.P_whiten.cpu());
-      d.insert("proj_Q_whiten", st.Q_whiten.cpu());
-    }
+    if (st.P_whiten.defined()) d.insert("proj_P_whiten", st.P_whiten.cpu());  // (a side kept whole has none)
+    if (st.Q_whiten.defined()) d.insert("proj_Q_whiten", st.Q_whiten.cpu());
     d.insert("proj_refit_ref", torch::tensor(st.refit_ref, torch::kDouble));
     d.insert("proj_refit_checks", torch::tensor(st.refit_checks, torch::kLong));
   }
@@ -97,10 +95,8 @@ std::optional<SlotState> OptimizerCore::state(int64_t i, bool copy) const {
     st.P_values = keep(s.P.values);
     st.Q_indices = keep(s.Q.indices);
     st.Q_values = keep(s.Q.values);
-    if (s.P.whitened()) {
-      st.P_whiten = keep(s.P.whiten);
-      st.Q_whiten = keep(s.Q.whiten);
-    }
+    if (s.P.whitened()) st.P_whiten = keep(s.P.whiten);
+    if (s.Q.whitened()) st.Q_whiten = keep(s.Q.whiten);
     st.refit_ref = s.refit_ref;
     st.refit_checks = s.checks;
   } else {
@@ -133,17 +129,15 @@ void OptimizerCore::load_state(int64_t i, const SlotState& st, bool dry_run) {
     LSPO_CHECK(st.exp_avg.numel() == s.P.d * s.Q.d && st.exp_avg_sq.numel() == s.P.d * s.Q.d, who, ": exp_avg has ",
                st.exp_avg.numel(), " elements, this optimizer's subspace is ", s.P.d, " x ", s.Q.d,
                " (different subspace?)");
-    LSPO_CHECK(st.P_whiten.defined() == st.Q_whiten.defined(), who,
-               ": the state has a whitening factor for only one of its "
-               "projectors (proj_P_whiten, proj_Q_whiten)");
-    LSPO_CHECK(st.P_whiten.defined() == s.P.whitened(), who, ": saved projectors are ",
-               st.P_whiten.defined() ? "" : "not ", "whitened, this optimizer's are ", s.P.whitened() ? "" : "not ",
-               "(whiten=...)");
+    LSPO_CHECK(st.P_whiten.defined() == s.P.whitened() && st.Q_whiten.defined() == s.Q.whitened(), who,
+               ": saved projectors are ", st.P_whiten.defined() ? "" : "not ", "whitened (P), ",
+               st.Q_whiten.defined() ? "" : "not ", "whitened (Q); this optimizer's are ", s.P.whitened() ? "" : "not ",
+               "whitened (P), ", s.Q.whitened() ? "" : "not ", "whitened (Q) (whiten=..., one_sided=...)");
     P = SparseProjector::from_tensors(st.P_indices.to(s.param.device()), st.P_values.to(s.param.device()), s.P.d);
     Q = SparseProjector::from_tensors(st.Q_indices.to(s.param.device()), st.Q_values.to(s.param.device()), s.Q.d);
-    if (st.P_whiten.defined()) {
-      P.whiten = st.P_whiten.to(s.param.device(), torch::kFloat);
-      Q.whiten = st.Q_whiten.to(s.param.device(), torch::kFloat);
+    if (st.P_whiten.defined()) P.whiten = st.P_whiten.to(s.param.device(), torch::kFloat);
+    if (st.Q_whiten.defined()) Q.whiten = st.Q_whiten.to(s.param.device(), torch::kFloat);
+    if (st.P_whiten.defined() || st.Q_whiten.defined()) {
       P.validate();
       Q.validate();
     }

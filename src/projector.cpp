@@ -204,6 +204,21 @@ SparseProjector SparseProjector::random(int64_t n, int64_t d, int64_t r, uint64_
   return P;
 }
 
+SparseProjector SparseProjector::identity(int64_t n, torch::Device device) {
+  LSPO_CHECK(n >= 1, "SparseProjector::identity: n < 1 (n = ", n, ")");
+  SparseProjector P;
+  P.indices = torch::arange(n, torch::kInt32).view({n, 1}).to(device);
+  P.values = torch::ones({n, 1}, torch::kFloat32).to(device);
+  P.d = n;
+  return P;
+}
+
+bool SparseProjector::is_identity() const {
+  if (!indices.defined() || !values.defined() || whitened() || indices.dim() != 2 || r() != 1 || d != n()) return false;
+  return torch::equal(indices.to(torch::kCPU).view({-1}).to(torch::kLong), torch::arange(n(), torch::kLong)) &&
+         (values.to(torch::kCPU) == 1).all().item<bool>();
+}
+
 void SparseProjector::reinit_values_(uint64_t seed, ProjectorInit init) {
   check_projector(*this, "SparseProjector::reinit_values_", "self");
   values.copy_(init_values(n(), d, r(), seed, init));

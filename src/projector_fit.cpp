@@ -131,43 +131,49 @@ torch::Tensor gram64(const torch::Tensor& pos, const torch::Tensor& va, const to
 
 // The pieces of the closed-form error that depend only on the projectors: the Gram matrices
 // (unwhitened) or their Cholesky factors (whitened).
+// An identity side (SparseProjector::is_identity) has no Gram matrix or factor (undefined: I).
 struct Basis {
   torch::Tensor A, B;  // fp64 [dP, dP], [dQ, dQ]: P^T P, Q^T Q, or their Cholesky factors L_P, L_Q
   bool whitened = false;
 };
-Basis basis(const torch::Tensor& posP, const torch::Tensor& pv, int64_t dP, const torch::Tensor& posQ,
-            const torch::Tensor& qv, int64_t dQ, bool whitened) {
+Basis basis(const torch::Tensor& posP, const torch::Tensor& pv, int64_t dP, bool idP, const torch::Tensor& posQ,
+            const torch::Tensor& qv, int64_t dQ, bool idQ, bool whitened) {
   Basis b;
-  b.A = gram64(posP, pv, pv, dP, dP);
-  b.B = gram64(posQ, qv, qv, dQ, dQ);
+  if (!idP) b.A = gram64(posP, pv, pv, dP, dP);
+  if (!idQ) b.B = gram64(posQ, qv, qv, dQ, dQ);
   b.whitened = whitened;
   if (whitened) {
-    b.A = chol(b.A);
-    b.B = chol(b.B);
+    if (!idP) b.A = chol(b.A);
+    if (!idQ) b.B = chol(b.B);
   }
   return b;
 }
 
 // e for one sample in closed form (fp64 after the O(r size(G)) projections); differentiable.
+// (An identity side: its product is skipped, its Basis factor is undefined.)
 torch::Tensor sample_error(const Prepared& s, const torch::Tensor& pi32, const torch::Tensor& pi, const torch::Tensor& pv,
-                           int64_t dP, const torch::Tensor& qi32, const torch::Tensor& qi, const torch::Tensor& qv,
-                           int64_t dQ, const Basis& b) {
+                           int64_t dP, bool idP, const torch::Tensor& qi32, const torch::Tensor& qi,
+                           const torch::Tensor& qv, int64_t dQ, bool idQ, const Basis& b) {
   if (s.g2 == 0) return torch::zeros({}, pv.options().dtype(torch::kFloat64));
   torch::Tensor S;
   if (s.Gt.defined()) {
-    torch::Tensor GQ = ad_left(qi32, qi, qv, dQ, s.Gt).t().contiguous();  // (Q^T G^T)^T = G Q  [m, dQ]
-    S = ad_left(pi32, pi, pv, dP, GQ);                                      // [dP, dQ]
+    // (Q^T G^T)^T = G Q  [m, dQ]
+    torch::Tensor GQ = idQ ? s.Gt.t().contiguous() : ad_left(qi32, qi, qv, dQ, s.Gt).t().contiguous();
+    S = idP ? GQ : ad_left(pi32, pi, pv, dP, GQ);  // [dP, dQ]
   } else {
-    S = ad_left(pi32, pi, pv, dP, s.Xt).mm(ad_left(qi32, qi, qv, dQ, s.dYt).t());  // (P^T X^T)(dY Q)
+    const torch::Tensor A = idP ? s.Xt : ad_left(pi32, pi, pv, dP, s.Xt);     // P^T X^T
+    const torch::Tensor B = idQ ? s.dYt : ad_left(qi32, qi, qv, dQ, s.dYt);  // Q^T dY^T
+    S = A.mm(B.t());
   }
   S = S.to(torch::kFloat64);
   torch::Tensor e2;
   if (b.whitened) {  // ||U^T G V||^2 with U = P L_P^-T, V = Q L_Q^-T: ||L_P^-1 S L_Q^-T||^2
-    torch::Tensor Y = torch::linalg_solve_triangular(b.A, S, /*upper=*/false);
-    torch::Tensor Zt = torch::linalg_solve_triangular(b.B, Y.t(), /*upper=*/false);
+    const torch::Tensor Y = b.A.defined() ? torch::linalg_solve_triangular(b.A, S, /*upper=*/false) : S;
+    const torch::Tensor Zt = b.B.defined() ? torch::linalg_solve_triangular(b.B, Y.t(), /*upper=*/false) : Y;
     e2 = 1.0 - Zt.square().sum() / s.g2;
   } else {
-    e2 = 1.0 + ((b.A.mm(S) * S.mm(b.B)).sum() - 2.0 * S.square().sum()) / s.g2;
+    const torch::Tensor AS = b.A.defined() ? b.A.mm(S) : S, SB = b.B.defined() ? S.mm(b.B) : S;
+    e2 = 1.0 + ((AS * SB).sum() - 2.0 * S.square().sum()) / s.g2;
   }
   return torch::sqrt(torch::clamp_min(e2, 0.0) + 1e-30);
 }
@@ -195,15 +201,19 @@ struct FitCtx {
   const SparseProjector& P;
   const SparseProjector& Q;
   torch::Tensor pi, qi, posP, posQ;
+  bool idP, idQ;  // a side kept whole (identity): not learned, no Gram matrix
   bool whitened;
   FitCtx(const SparseProjector& P_, const SparseProjector& Q_)
       : P(P_), Q(Q_), pi(P_.indices.to(torch::kLong)), qi(Q_.indices.to(torch::kLong)),
-        posP(gram_positions(P_.indices, P_.indices, P_.d)), posQ(gram_positions(Q_.indices, Q_.indices, Q_.d)),
-        whitened(P_.whitened()) {}
+        idP(P_.is_identity()), idQ(Q_.is_identity()), whitened(P_.whitened() || Q_.whitened()) {
+    if (!idP) posP = gram_positions(P_.indices, P_.indices, P_.d);
+    if (!idQ) posQ = gram_positions(Q_.indices, Q_.indices, Q_.d);
+  }
   torch::Tensor mean_error(const std::vector<Prepared>& prep, const torch::Tensor& pv, const torch::Tensor& qv) const {
-    const Basis b = basis(posP, pv, P.d, posQ, qv, Q.d, whitened);
+    const Basis b = basis(posP, pv, P.d, idP, posQ, qv, Q.d, idQ, whitened);
     torch::Tensor total = torch::zeros({}, pv.options().dtype(torch::kFloat64));
-    for (const auto& s : prep) total = total + sample_error(s, P.indices, pi, pv, P.d, Q.indices, qi, qv, Q.d, b);
+    for (const auto& s : prep)
+      total = total + sample_error(s, P.indices, pi, pv, P.d, idP, Q.indices, qi, qv, Q.d, idQ, b);
     return total / static_cast<double>(prep.size());
   }
 };
@@ -212,7 +222,9 @@ void check_fit_pair(const SparseProjector& P, const SparseProjector& Q, const ch
   P.validate();
   Q.validate();
   LSPO_CHECK(P.indices.device() == Q.indices.device(), fn, ": P and Q are on different devices");
-  LSPO_CHECK(P.whitened() == Q.whitened(), fn, ": P and Q must both be whitened or both not (P ",
+  const bool idP = P.is_identity(), idQ = Q.is_identity();
+  LSPO_CHECK(!(idP && idQ), fn, ": both projectors are identities (nothing is projected)");
+  LSPO_CHECK(idP || idQ || P.whitened() == Q.whitened(), fn, ": P and Q must both be whitened or both not (P ",
              P.whitened() ? "is" : "is not", ", Q ", Q.whitened() ? "is" : "is not", ")");
 }
 
@@ -244,8 +256,12 @@ HeldoutFit fit_heldout(SparseProjector& P, SparseProjector& Q, const std::vector
   // the learning uses autograd whatever the caller's mode (optimizers call fit under no_grad)
   torch::AutoGradMode grad_on(true);
   const torch::Tensor wp0 = P.values.detach() / sp, wq0 = Q.values.detach() / sq;
-  torch::Tensor wp = wp0.clone().requires_grad_(true), wq = wq0.clone().requires_grad_(true);
-  torch::optim::Adam adam({wp, wq}, torch::optim::AdamOptions(opt.lr));
+  // an identity side (a dimension kept whole) is not learned
+  torch::Tensor wp = wp0.clone().requires_grad_(!ctx.idP), wq = wq0.clone().requires_grad_(!ctx.idQ);
+  std::vector<torch::Tensor> learned;
+  if (!ctx.idP) learned.push_back(wp);
+  if (!ctx.idQ) learned.push_back(wq);
+  torch::optim::Adam adam(learned, torch::optim::AdamOptions(opt.lr));
 
   HeldoutFit out;
   FitResult& res = out.fit;
@@ -372,20 +388,29 @@ torch::Tensor whitening_factor(const SparseProjector& P) {
 
 void carry_state(const SparseProjector& P_old, const SparseProjector& Q_old, const SparseProjector& P_new,
                  const SparseProjector& Q_new, torch::Tensor& M, torch::Tensor& V) {
-  const torch::Tensor CP = cross_gram(P_new, P_old);  // [dPn, dPo]
-  const torch::Tensor CQ = cross_gram(Q_new, Q_old);  // [dQn, dQo]
+  // a side that is the identity before and after maps by I: skipped (no n x n cross Gram)
+  const bool keepP = P_new.is_identity() && P_old.is_identity() && P_new.n() == P_old.n();
+  const bool keepQ = Q_new.is_identity() && Q_old.is_identity() && Q_new.n() == Q_old.n();
+  const torch::Tensor CP = keepP ? torch::Tensor() : cross_gram(P_new, P_old);  // [dPn, dPo]
+  const torch::Tensor CQ = keepQ ? torch::Tensor() : cross_gram(Q_new, Q_old);  // [dQn, dQo]
+  const torch::Device dev = P_new.values.device();
   for (torch::Tensor* T : {&M, &V}) {
     const char* name = T == &M ? "M" : "V";
     LSPO_CHECK(T->defined() && T->dim() == 2 && T->size(0) == P_old.d && T->size(1) == Q_old.d,
                "carry_state: state '", name, "' must have sizes [", P_old.d, ", ", Q_old.d, "], got ",
                T->defined() ? T->sizes() : torch::IntArrayRef{});
     LSPO_CHECK(T->scalar_type() == torch::kFloat32, "carry_state: state '", name, "' must be float32");
-    LSPO_CHECK(T->device() == CP.device(), "carry_state: state '", name, "' is on ", T->device(),
-               " but the projectors are on ", CP.device());
+    LSPO_CHECK(T->device() == dev, "carry_state: state '", name, "' is on ", T->device(),
+               " but the projectors are on ", dev);
   }
   torch::NoGradGuard ng;
-  torch::Tensor Mn = CP.mm(M).mm(CQ.t());
-  torch::Tensor Vn = CP.square().mm(V).mm(CQ.square().t());
+  auto map = [&](const torch::Tensor& X, bool square) {
+    torch::Tensor Y = X;
+    if (!keepP) Y = (square ? CP.square() : CP).mm(Y);
+    if (!keepQ) Y = Y.mm((square ? CQ.square() : CQ).t());
+    return Y;
+  };
+  torch::Tensor Mn = map(M, false), Vn = map(V, true);
   if (Mn.sizes() == M.sizes()) {
     M.copy_(Mn);
     V.copy_(Vn);

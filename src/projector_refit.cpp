@@ -18,9 +18,9 @@ Candidate fit_candidate(const SparseProjector& P, const SparseProjector& Q, bool
                         const std::vector<GradSample>& fit_samples, const std::vector<GradSample>& heldout,
                         const RefitOptions& opt) {
   Candidate c{P.clone(), Q.clone(), {}};
-  if (fresh) {
-    c.P.reinit_values_(opt.seed * 2 + 1, opt.init);
-    c.Q.reinit_values_(opt.seed * 2 + 2, opt.init);
+  if (fresh) {  // (a side kept whole stays the identity)
+    if (!c.P.is_identity()) c.P.reinit_values_(opt.seed * 2 + 1, opt.init);
+    if (!c.Q.is_identity()) c.Q.reinit_values_(opt.seed * 2 + 2, opt.init);
   }
   FitOptions fo;
   fo.lr = opt.lr;

@@ -43,6 +43,13 @@
 
 namespace lspo {
 
+// One-sided layout of a projected [m, n] weight with LSPAdamW's (d, r): the projected side's size k,
+// the largest k in [r, min(m, n)] whose state bytes -- moments 8 max(m, n) k, the identity's ELL
+// 8 max(m, n), the projector's ELL 8 r min(m, n), its whitening factor 4 k^2 (when whitened) -- fit in
+// those of the square layout: 8 dP dQ + 8 r (m + n) + 4 (dP^2 + dQ^2) (whitened), dP = min(d, m),
+// dQ = min(d, n). At least r.
+int64_t one_sided_rank(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened);
+
 class Communicator;  // lspo/dist.h
 
 struct CoreOptions {
@@ -66,6 +73,11 @@ struct CoreOptions {
   // a GPU) and the checks' time is spread over the steps; false (default, measured better in
   // docs/convergence.md): every layer at t = 1, 1 + k, ...
   bool refit_stagger = false;
+  // One-sided layout (issue 12, item 4; measured in docs/convergence.md): the larger dimension of each
+  // projected weight is kept whole (SparseProjector::identity, no whitening factor), the smaller one
+  // is projected to the largest k whose state (moments, projectors, whitening factor) fits in the
+  // bytes of the square min(d, m) x min(d, n) layout (one_sided_rank). S is then m x k (or k x n).
+  bool one_sided = false;
   // The disk tier (engine.h): state that does not fit host_memory_limit_bytes lives in files under
   // state_dir; every step() ends with the engine's atomic persist(); resume continues from it.
   std::string state_dir;

@@ -50,6 +50,12 @@ struct SparseProjector {
   static SparseProjector random(int64_t n, int64_t d, int64_t r, uint64_t seed,
                                 torch::Device device = torch::kCPU,
                                 ProjectorInit init = ProjectorInit::kGaussian, bool whitened = false);
+  // The identity of a dimension kept whole (LSPAdamW's one_sided layout): d = n, r = 1, positions
+  // 0..n-1, values 1, not whitened (it is orthonormal as it is). fit() does not learn it, carry_state
+  // and the closed-form error skip it, so no n x n matrix is ever formed for it.
+  static SparseProjector identity(int64_t n, torch::Device device = torch::kCPU);
+  // Exactly such an identity? (one host check of positions and values; synchronises for CUDA)
+  bool is_identity() const;
   // New random values (same positions, same init law) from `seed`; keeps whitening on if it was on.
   void reinit_values_(uint64_t seed, ProjectorInit init = ProjectorInit::kGaussian);
   // (Re)computes `whiten` from the current values (fp64 Cholesky of P^T P + 1e-10 tr/d I).

@@ -146,6 +146,10 @@ class LSPAdamW(OffloadAdamW):
     ``seed + 2 k + 1``). ``refit_stagger`` (default False): projected parameter k checks at steps
     ``t`` with ``(t - 1 - k % refit_every) % refit_every == 0``, so about ``1/refit_every`` of the layers
     hold their dense check sums at once (False: every layer at ``1, 1 + refit_every, ...``).
+    ``one_sided`` (default False): the larger dimension of each projected weight is kept whole and only
+    the smaller one is projected, to the largest ``k`` whose optimizer state fits in the bytes of the
+    square ``d x d`` layout (``lspo._C.one_sided_rank``); ``S`` is then ``max(m, n) x k``. Measured
+    better per byte than the square layout on the quick fine-tuning protocol (docs/convergence.md).
     ``refit_diagnostics``: every check also records the held-out error of fresh
     whitened random projectors of the same d, r (``refits[k]["random_heldout"]``).
     ``max_grad_norm``, ``overlap``, ``record_timeline`` and ``pinned_limit_bytes`` are as for
@@ -159,7 +163,7 @@ class LSPAdamW(OffloadAdamW):
                  refit_threshold: float = 0.0, refit_iters: int = 10, refit_lr: float = 0.1,
                  refit_l2: float = 0.01, refit_drift: float = 0.1, refit_reinit: str = "on_failure",
                  whiten: bool = True, scale: Any = 1.0, refit_diagnostics: bool = False, refit_stagger: bool = False,
-                 min_dim: Optional[int] = None, seed: int = 0, max_grad_norm: Optional[float] = None,
+                 one_sided: bool = False, min_dim: Optional[int] = None, seed: int = 0, max_grad_norm: Optional[float] = None,
                  overlap: bool = True, record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30,
                  state_dir: Optional[str] = None, host_memory_limit: Optional[int] = None, resume: bool = False):
         if not (isinstance(subspace, int) and subspace >= 1):
@@ -174,7 +178,7 @@ class LSPAdamW(OffloadAdamW):
                                     and math.isfinite(scale) and scale > 0)):
             raise ValueError(f"LSPAdamW: scale must be 'auto' or a finite number > 0, got {scale!r}")
         self.whiten, self.scale, self.refit_diagnostics = bool(whiten), scale, bool(refit_diagnostics)
-        self.refit_stagger = bool(refit_stagger)
+        self.refit_stagger, self.one_sided = bool(refit_stagger), bool(one_sided)
         self.subspace, self.nnz = subspace, nnz
         self.min_dim = subspace if min_dim is None else int(min_dim)
         if self.min_dim < nnz:
@@ -219,7 +223,8 @@ class LSPAdamW(OffloadAdamW):
     def _core_options(self) -> dict:
         auto = self.scale == "auto"
         return dict(whiten=self.whiten, scale=1.0 if auto else float(self.scale), scale_auto=auto,
-                    refit_diagnostics=self.refit_diagnostics, refit_stagger=self.refit_stagger)
+                    refit_diagnostics=self.refit_diagnostics, refit_stagger=self.refit_stagger,
+                    one_sided=self.one_sided)
 
     # ---------------------------------------------------------------- registration
     def _projection(self, p: torch.Tensor, group: dict) -> tuple:

@@ -158,6 +158,44 @@ INSTANTIATE_TEST_SUITE_P(Shapes, SquareProjector,
                                            SquareCase{129, 128, 8}, SquareCase{97, 96, 2}),
                          [](const ::testing::TestParamInfo<SquareCase>& i) { return i.param.name(); });
 
+// A side kept whole (LSPAdamW one_sided): SparseProjector::identity is not learned, and the closed-form
+// error, the fit and carry_state skip it -- against the dense fp64 formulas.
+TEST(ProjectorIdentity, FitAndCarrySkipTheWholeSide) {
+  torch::manual_seed(4);
+  const int64_t m = 45, n = 23;
+  const auto I = SparseProjector::identity(m);
+  EXPECT_TRUE(I.is_identity());
+  EXPECT_FALSE(SparseProjector::random(m, m, 1, 1).is_identity());  // a scaled permutation is not
+  auto Q = SparseProjector::random(n, 6, 2, 9, torch::kCPU, lspo::ProjectorInit::kGaussian, true);
+  const Tensor V = torch::randn({m, 2}, torch::kFloat64), B = torch::randn({2, n}, torch::kFloat64);
+  std::vector<Tensor> grads{(V.mm(B) + 0.05 * torch::randn({m, n}, torch::kFloat64)).to(torch::kFloat32)};
+  auto dense_error = [&](const SparseProjector& Qx) {
+    const Tensor Vq = Qx.dense(torch::kFloat64), G = grads[0].to(torch::kFloat64);
+    return ((G.mm(Vq).mm(Vq.t()) - G).norm() / G.norm()).item<double>();
+  };
+  auto P = I.clone();
+  const double e0 = dense_error(Q);
+  lspo::FitOptions o;
+  o.max_iters = 30;
+  const auto res = lspo::fit(P, Q, grads, o);
+  EXPECT_NEAR(res.error_before, e0, 1e-5);  // closed form with P = I
+  EXPECT_NEAR(res.error_after, dense_error(Q), 1e-5);
+  EXPECT_LT(res.error_after, 0.8 * res.error_before);
+  EXPECT_TRUE(P.is_identity());  // never learned
+  // carry with the rows whole on both sides: M <- M (Q_old^T Q_new), V <- V (Q_old^T Q_new)^2
+  auto Q2 = Q.clone();
+  Q2.reinit_values_(3);
+  Tensor M = torch::randn({m, 6}), Vs = torch::rand({m, 6});
+  const Tensor C = Q.dense(torch::kFloat64).t().mm(Q2.dense(torch::kFloat64));
+  const Tensor Me = M.to(torch::kFloat64).mm(C), Ve = Vs.to(torch::kFloat64).mm(C.square());
+  lspo::carry_state(P, Q, P, Q2, M, Vs);
+  EXPECT_TRUE(torch::allclose(M.to(torch::kFloat64), Me, 1e-4, 1e-5));
+  EXPECT_TRUE(torch::allclose(Vs.to(torch::kFloat64), Ve, 1e-4, 1e-5));
+  // both sides whole: nothing to fit
+  auto J = SparseProjector::identity(n);
+  EXPECT_THROW(lspo::fit(P, J, grads, o), lspo::Error);
+}
+
 TEST(ProjectorWhiten, CarryStateIsExactForAnUnchangedPair) {
   auto P = SparseProjector::random(60, 12, 3, 1, torch::kCPU, lspo::ProjectorInit::kGaussian, true);
   auto Q = SparseProjector::random(45, 9, 2, 2, torch::kCPU, lspo::ProjectorInit::kGaussian, true);
