@@ -270,10 +270,11 @@ def table(recs):
 
 
 # ------------------------------------------------------------------ fine-tuning protocol (--finetune)
-FT_RUNS = ("adamw", "lsp", "lora_r16", "lora_r64", "galore")
+FT_RUNS = ("adamw", "lsp", "lsp_one_sided", "lora_r16", "lora_r64", "galore")
 # 3-point grids (a first quick run with adamw/lsp at 1e-4..1e-3 and galore at 3e-4..3e-3 put every best at
 # the grid's top: benchmarks/results/finetune_quick_grid1.json)
-FT_GRIDS = {"adamw": (1e-3, 3e-3, 1e-2), "lsp": (1e-3, 3e-3, 1e-2), "lora_r16": (3e-3, 1e-2, 3e-2),
+FT_GRIDS = {"adamw": (1e-3, 3e-3, 1e-2), "lsp": (1e-3, 3e-3, 1e-2), "lsp_one_sided": (1e-3, 3e-3, 1e-2),
+            "lora_r16": (3e-3, 1e-2, 3e-2),
             "lora_r64": (3e-3, 1e-2, 3e-2), "galore": (1e-3, 3e-3, 1e-2)}
 
 
@@ -353,6 +354,15 @@ def finetune_main(a):
         "lsp_vs_galore_loss_ratio": ratio("lsp", "galore"),
         "learned_vs_random_heldout_error": lsp.get("learned_vs_random_heldout_error"),
         "refit_time_fraction": lsp.get("refit_time_fraction"),
+        # LSPAdamW(one_sided=True), the same keys against the same peers (None when not run)
+        "one_sided": {"vs_adamw": ratio("lsp_one_sided", "adamw"),
+                      "vs_lora": ratio("lsp_one_sided", lora_peer) if lora_peer else None,
+                      "vs_galore": ratio("lsp_one_sided", "galore"),
+                      "learned_vs_random_heldout_error":
+                          results.get("lsp_one_sided", {}).get("learned_vs_random_heldout_error"),
+                      "refit_time_fraction": results.get("lsp_one_sided", {}).get("refit_time_fraction"),
+                      "state_bytes_vs_lsp": (results["lsp_one_sided"]["state_bytes"] / lsp["state_bytes"]
+                                             if "lsp_one_sided" in results and lsp else None)},
         "elapsed_s": time.perf_counter() - t0, "load_average_start_end": [load0, os.getloadavg()[0]],
         "cpu": lspo.cpu_info() if hasattr(lspo, "cpu_info") else None,
     }
@@ -362,7 +372,7 @@ def finetune_main(a):
     base = results.get("adamw", {}).get("test_loss")
     for k, r in results.items():
         note = ""
-        if k == "lsp":
+        if k.startswith("lsp"):
             note = (f"{r.get('refits_kept')}/{r.get('refit_checks')} checks kept a fit; refit {r.get('refit_s', 0):.1f} s; "
                     f"held-out e learned {r.get('heldout_error_learned_mean') or float('nan'):.3f} vs random "
                     f"{r.get('heldout_error_random_mean') or float('nan'):.3f}")

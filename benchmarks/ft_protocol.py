@@ -13,7 +13,8 @@ accumulation over ``micro`` micro-batches, fixed batch order per seed) and retur
 Optimizer builders (:func:`build_optimizer`): ``adamw`` (torch), ``lsp`` (lspo.LSPAdamW, its
 defaults except ``subspace``), ``lora_r16`` / ``lora_r64`` (peft, all block linears, alpha = 2r,
 the base weights frozen, the rest trains), ``galore`` (galore-torch, rank matched to LSPAdamW's
-optimizer memory). The same model, data and batch order for every optimizer.
+optimizer memory), ``lsp_one_sided`` (LSPAdamW with ``one_sided=True``: the same state bytes in
+the one-sided layout). The same model, data and batch order for every optimizer.
 """
 from __future__ import annotations
 
@@ -210,9 +211,10 @@ def build_optimizer(name: str, model, lr: float, cfg: FtConfig, seed: int):
     kw = dict(lr=lr, weight_decay=cfg.weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), foreach=False, **kw), model, {}
-    if name == "lsp":
+    if name in ("lsp", "lsp_one_sided"):
         d = cfg.lsp_subspace
-        opt = lspo.LSPAdamW(model, subspace=d, min_dim=d, seed=seed, **cfg.lsp_kwargs, **kw)
+        extra = {"one_sided": True} if name == "lsp_one_sided" else {}
+        opt = lspo.LSPAdamW(model, subspace=d, min_dim=d, seed=seed, **{**cfg.lsp_kwargs, **extra}, **kw)
         return opt, model, {}
     if name.startswith("lora_r"):
         from peft import LoraConfig, inject_adapter_in_model
@@ -269,7 +271,7 @@ def finetune(name: str, lr: float, seed: int, spec: TinySpec, cfg: FtConfig, dat
            "test_loss": data.loss(model, "test"), "train_s": train_s, "curve": curve,
            "state_bytes": state_bytes(opt),
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), **extra}
-    if name == "lsp":
+    if name.startswith("lsp"):
         rec.update(lsp_refit_summary(opt, train_s))
     return rec
 

@@ -9,7 +9,9 @@ Every row fine-tunes the same pretrained TinyGPT (2 x 128) on GSM8K bytes with t
   rest (embeddings, norms, head) at ``lr`` -- what a subspace optimizer whose projected update is
   smaller than AdamW's effectively does;
 * ``galore``: galore-torch at LSPAdamW's optimizer memory (the protocol's builder);
-* ``lsp``: lspo.LSPAdamW (the optimizer core: two-sided learned sparse d x d, d = 64, r = 8);
+* ``lsp*``: lspo.LSPAdamW (the optimizer core: learned sparse projectors, d = 64, r = 8): ``_fixed``
+  never refits (whitened random projectors), ``_one_sided`` the one-sided layout, ``_once_itN`` one
+  check at step 1 with N fit iterations, then fixed;
 * ``sub_*``: a plain (unoptimised, torch-only) reference of Adam in a subspace, for the same block
   linears, so that shape and basis can be varied without touching the core:
   ``S = U^T G V`` (a side with no basis: identity), Adam on S, ``W -= lr * scale * U u V^T``; bases
@@ -126,6 +128,12 @@ ROWS = {
     "galore": ("galore", None, {}),
     "lsp": ("lsp", None, {}),
     "lsp_scale0.5": ("lsp", None, {"scale": 0.5}),
+    "lsp_fixed": ("lsp", None, {"refit_every": 0}),
+    "lsp_one_sided": ("lsp", None, {"one_sided": True}),
+    "lsp_one_sided_fixed": ("lsp", None, {"one_sided": True, "refit_every": 0}),
+    "lsp_one_sided_once_it1": ("lsp", None, {"one_sided": True, "refit_every": 10**6, "refit_iters": 1}),
+    "lsp_one_sided_once_it10": ("lsp", None, {"one_sided": True, "refit_every": 10**6, "refit_iters": 10}),
+    "lsp_one_sided_once_it50": ("lsp", None, {"one_sided": True, "refit_every": 10**6, "refit_iters": 50}),
     "sub_rand_64x64": (None, sub(64, 64, "rand", 100, 0.5), {}),
     "sub_svd_64x64": (None, sub(64, 64, "svd", 100, 0.5), {}),
     "sub_hyb16_64x64": (None, sub(64, 64, "hyb16", 100, 0.5), {}),
@@ -138,6 +146,8 @@ ROWS = {
     "sub_rand_keeplarge32": (None, sub("keep_large:32", "keep_large:32", "rand", 100, 1.0), {}),
     "sub_hyb8_keepsmall32": (None, sub("keep_small:32", "keep_small:32", "hyb8", 100, 1.0), {}),
     "sub_hyb8_keeplarge32": (None, sub("keep_large:32", "keep_large:32", "hyb8", 100, 1.0), {}),
+    "sub_hyb8_keeplarge32_gap10": (None, sub("keep_large:32", "keep_large:32", "hyb8", 10, 1.0), {}),
+    "sub_hyb8_keeplarge32_once": (None, sub("keep_large:32", "keep_large:32", "hyb8", 10**9, 1.0), {}),
 }
 
 
