@@ -21,7 +21,6 @@ from test_state_dir import make_opt
 model = make_model()
 opt = make_opt({kind!r}, model, state_dir={d!r}, host_memory_limit=0)
 print("ready", flush=True)
-sys.stdin.readline()  # "go": trains from here
 for step in range(1, 100000):
     for p, g in zip(model.parameters(), grads_for(step, model)):
         p.grad = g
@@ -130,35 +129,25 @@ def test_kill_9_leaves_a_whole_step(tmp_path, kind):
                                          env.get("PYTHONPATH", "")])
     rng = random.Random(7)
     results = []
-    # every trial's process starts at once (importing torch and lspo took most of a trial's time; on
-    # 2 cores four imports side by side take about half as long as one after the other) and waits
-    # after "ready" until its trial sends "go"
-    dirs = [str(tmp_path / f"kill{trial}") for trial in range(4)]
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=here, d=d, kind=kind)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True) for d in dirs]
-    try:
-        for trial, (p, d) in enumerate(zip(procs, dirs)):
-            assert p.stdout.readline().strip() == "ready", p.stderr.read()
-            p.stdin.write("go\n")
-            p.stdin.flush()
-            seen = 0
-            if trial % 2:  # mid-training: after step 2 (however slow the machine), then at a random point
-                while seen < 2:
-                    line = p.stdout.readline().split()
-                    assert line, p.stderr.read()
-                    seen = int(line[1])
-            time.sleep(rng.uniform(0.0, 0.3))
-            os.kill(p.pid, signal.SIGKILL)
-            out = p.communicate()[0].split()
-            last_printed = int(out[-1]) if len(out) >= 2 and out[-2] == "step" else seen
-            step, state, weights = _load_dir(d, kind)
-            # the directory holds the last persisted step: the last printed one or the one after it
-            assert last_printed <= step <= last_printed + 1, (last_printed, step)
-            results.append((step, state, weights))
-    finally:
-        for p in procs:
-            p.kill()
-            p.communicate()
+    for trial in range(4):
+        d = str(tmp_path / f"kill{trial}")
+        p = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=here, d=d, kind=kind)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=env, text=True)
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        seen = 0
+        if trial % 2:  # mid-training: after step 2 (however slow the machine), then at a random point
+            while seen < 2:
+                line = p.stdout.readline().split()
+                assert line, p.stderr.read()
+                seen = int(line[1])
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(p.pid, signal.SIGKILL)
+        out = p.communicate()[0].split()
+        last_printed = int(out[-1]) if len(out) >= 2 and out[-2] == "step" else seen
+        step, state, weights = _load_dir(d, kind)
+        # the directory holds the last persisted step: the last printed one or the one after it
+        assert last_printed <= step <= last_printed + 1, (last_printed, step)
+        results.append((step, state, weights))
     steps = [st for st, _, _ in results]
     assert max(steps) > 0, f"no trial got past its first step: {steps}"
     _, _, ref = run_ram(max(steps), kind)
