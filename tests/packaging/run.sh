@@ -24,6 +24,10 @@ if [ -f "$main_build/CMakeCache.txt" ]; then
   cuda=$(cache LSPO_WITH_CUDA)
   [ -n "$cuda" ] && defines+=(-C "cmake.define.LSPO_WITH_CUDA=$cuda")
 fi
+if [ -n "${CCACHE_DISABLE:-}" ] || [ -z "${CMAKE_CXX_COMPILER_LAUNCHER:-}" ]; then
+  # (to time a fresh machine, point CCACHE_DIR at an empty folder: CCACHE_DISABLE also stops this reuse)
+  echo "packaging: ccache is off (CCACHE_DISABLE set or no compiler launcher): the wheel build compiles lspo again" >&2
+fi
 "$PY" -m pip wheel -q --no-build-isolation --no-deps "$ROOT" -w "$out" -C build-dir="$wheel_build" "${defines[@]}"
 "$PY" -m pip install -q --no-deps --target "$site" "$out"/lspo-*.whl
 cd "$main_build"

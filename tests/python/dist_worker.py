@@ -1,10 +1,15 @@
 """One rank of the data-parallel tests (tests/python/test_distributed.py), launched by torchrun (or
-plainly, with --world 1 --no-dist, for the one-process reference).
+plainly, with --no-dist, for the one-process references).
 
 A small model (two projectable Linear layers, a LayerNorm, biases) trained on fixed random data: the
 global batch of each micro-batch is 2 * b samples; rank r of a world w takes its 2 * b / w of them, so
 every world size sees the same global batch. Rank 0 writes the final weights, the optimizer's
-state_dict and per-rank host-state bytes to --out (torch.save)."""
+state_dict and per-rank host-state bytes to --out (torch.save).
+
+Several cases in one launch (one process group, one interpreter start: torch and lspo import once):
+  dist_worker.py [--no-dist] CASE_ARGS [--then CASE_ARGS ...]
+each case builds its own model, optimizer and data (seeded) and writes its own --out, in order (a later
+case may resume from an earlier one's checkpoint)."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +45,7 @@ def data(args):
     return X, Y
 
 
-def main():
+def parse(argv):
     ap = argparse.ArgumentParser()
     ap.add_argument("--opt", choices=("lsp", "offload"), default="lsp")
     ap.add_argument("--steps", type=int, default=6)
@@ -48,7 +53,6 @@ def main():
     ap.add_argument("--b", type=int, default=4)
     ap.add_argument("--clip", type=float, default=None)
     ap.add_argument("--refit-every", type=int, default=2)
-    ap.add_argument("--no-dist", action="store_true")
     ap.add_argument("--skip-backward-rank", type=int, default=-1, help="this rank runs no backward at step 1")
     ap.add_argument("--amp", action="store_true", help="torch.amp.GradScaler (CPU) loss scaling")
     ap.add_argument("--inf-step", type=int, default=-1, help="the last rank's loss is inf at this step (0-based)")
@@ -61,19 +65,15 @@ def main():
     ap.add_argument("--resume", default="")
     ap.add_argument("--die", choices=("", "step", "save"), default="")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    lspo.set_num_threads(1)
-    if args.no_dist:
-        rank, world = 0, 1
-    else:
-        from datetime import timedelta
-        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-        rank, world = dist.get_rank(), dist.get_world_size()
+    return ap.parse_args(argv)
+
+
+def run_case(args, rank, world):
+    """One case: train, then rank 0 writes --out."""
     model, opt = build(args)
     if args.wrap:
         assert opt.wrap(model) == 2
-    if not args.no_dist:
+    if world > 1:
         ld.data_parallel(opt, split_min_numel=args.split, overlap=not args.no_overlap)
     X, Y = data(args)
     per = 2 * args.b // world
@@ -103,7 +103,7 @@ def main():
             if scaler:
                 scaler.step(opt)
                 scaler.update()
-                if not args.no_dist:
+                if world > 1:
                     ld.sync_grad_scaler(scaler)
             else:
                 opt.step()
@@ -111,7 +111,7 @@ def main():
             if args.save_at and t + 1 == args.save_at:
                 if args.die == "save" and rank == 1:
                     os._exit(3)
-                if args.no_dist:
+                if world == 1:
                     torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=t + 1), args.ckpt)
                 else:
                     ld.save_checkpoint(args.ckpt, optimizer=opt, model=model, step=t + 1)
@@ -121,7 +121,7 @@ def main():
     host = int(st["host_state_bytes"] + st["pinned_bytes"] + st["pageable_bytes"])
     hosts = [host]
     identical = True
-    if not args.no_dist and not err:
+    if world > 1 and not err:
         hosts = [None] * world
         dist.all_gather_object(hosts, host)
         # every rank's weights and projectors (values, whitening), to compare bitwise across ranks
@@ -138,13 +138,37 @@ def main():
                    error=err, refits=[(r["step"], r["param"], r["refit"]) for r in getattr(opt, "refits", [])],
                    norm=opt.last_grad_norm if hasattr(opt, "last_grad_norm") else None,
                    skipped=opt.skipped_steps, ranks_identical=identical, scale=scaler.get_scale() if scaler else None)
-        if not args.no_dist and not err:
+        if world > 1 and not err:
             out["comm"] = dict(opt._dist.stats)
             out["owners"] = [opt._core.owner(i) for i in range(opt._core.num_slots)]
         torch.save(out, args.out)
     if args.die and rank == 0:
         os._exit(0)  # the group is broken: skip the destroy handshake
-    if not args.no_dist:
+
+
+def main():
+    argv = sys.argv[1:]
+    no_dist = "--no-dist" in argv
+    argv = [a for a in argv if a != "--no-dist"]
+    cases, cur = [], []
+    for a in argv + ["--then"]:
+        if a == "--then":
+            cases.append(parse(cur))
+            cur = []
+        else:
+            cur.append(a)
+    assert not any(c.die for c in cases[:-1]), "--die ends the process group: only the last case may use it"
+    torch.set_num_threads(1)
+    lspo.set_num_threads(1)
+    if no_dist:
+        rank, world = 0, 1
+    else:
+        from datetime import timedelta
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+        rank, world = dist.get_rank(), dist.get_world_size()
+    for args in cases:
+        run_case(args, rank, world)
+    if not no_dist:
         dist.destroy_process_group()
 
 

@@ -36,29 +36,44 @@ def _env():
     return env
 
 
-_REFS: dict = {}
-
-
-def run(tmp_path, name, *args, world=2, check=True, monitor_s=None):
-    key = tuple(map(str, args))
-    if world == 1 and key in _REFS:  # one-process references are deterministic: run each once
-        return _REFS[key], None
-    out = str(tmp_path / f"{name}.pt")
-    if world == 1:
-        cmd = [sys.executable, WORKER, "--no-dist"]
-    else:
-        # monitor_s: how often torchrun's agent polls its workers (default 0.1 s); once a worker died
-        # the agent stops the others at its next poll, so a test that waits for a survivor's error
-        # must give it time (on a loaded machine 0.1 s is a race)
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-               f"--master_port={_port()}", *([f"--monitor-interval={monitor_s}"] if monitor_s else []), WORKER]
-    p = subprocess.run(cmd + ["--out", out, *map(str, args)], env=_env(), capture_output=True, text=True, timeout=120)
+def launch(tmp, cases, world=2, check=True):
+    """Runs the cases [(name, args)] in order in one launch (torchrun with `world` ranks, or one plain
+    process for world 1): one interpreter start and one process group for all of them (starting
+    torchrun and importing torch and lspo took most of a case's time). Returns ({name: rank 0's
+    result}, the completed process)."""
+    cmd = [sys.executable, WORKER, "--no-dist"] if world == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
+        f"--master_port={_port()}", WORKER]
+    outs = {name: str(tmp / f"{name}.pt") for name, _ in cases}
+    for i, (name, args) in enumerate(cases):
+        cmd += (["--then"] if i else []) + ["--out", outs[name], *map(str, args)]
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = torch.load(out, weights_only=False)
-    if world == 1:
-        _REFS[key] = res
-    return res, p
+    return {name: torch.load(out, weights_only=False) for name, out in outs.items()}, p
+
+
+def launch_dying(tmp, name, *args):
+    """Both ranks started directly (the env:// variables torchrun would set), so that the survivor's
+    error is read no matter when its peer's death is noticed: under torchrun the agent stops every
+    worker at its first poll after one died, a race with the survivor writing its error. Returns
+    (rank 0's result, [rank 0's, rank 1's exit status])."""
+    out = str(tmp / f"{name}.pt")
+    port = str(_port())
+    procs = []
+    for rank in range(2):
+        env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, WORKER, "--out", out, *map(str, args)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    codes = [p.returncode for p in procs]
+    assert os.path.exists(out), f"rank 0 wrote no result; exit codes {codes}\n" + "\n".join(l[-3000:] for l in logs)
+    return torch.load(out, weights_only=False), codes
 
 
 def max_diff(a, b):
@@ -79,16 +94,33 @@ def state_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def lsp_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lsp")
-    ck = str(tmp / "ck.pt")
-    two, _ = run(tmp, "two", "--opt", "lsp", "--clip", CLIP, "--save-at", 3, "--ckpt", ck, "--no-sync")
-    one, _ = run(tmp, "one", "--opt", "lsp", "--clip", CLIP, world=1)
+def runs(tmp_path_factory):
+    """Every two-rank case but the dying ones in one torchrun launch, every one-process reference in
+    one process: (folder, checkpoint path, {name: two-rank result}, {name: one-process result})."""
+    tmp = tmp_path_factory.mktemp("dist")
+    ck = tmp / "ck.pt"
+    lsp = ["--opt", "lsp", "--clip", CLIP]
+    wrap = ["--opt", "lsp", "--wrap", "--clip", CLIP, "--refit-every", 0]
+    amp = ["--opt", "lsp", "--amp", "--inf-step", 2, "--refit-every", 0]
+    offload = ["--opt", "offload", "--clip", CLIP]
+    two, _ = launch(tmp, [
+        ("lsp", lsp + ["--save-at", 3, "--ckpt", ck, "--no-sync"]),
+        ("wrap", wrap),
+        ("amp", amp),
+        ("offload_stale_launches", offload),
+        ("offload_no_overlap", offload + ["--no-overlap"]),
+        ("resume2", lsp + ["--resume", ck]),  # from the checkpoint "lsp" saved at step 3
+        # last: its steps end in an error on both ranks
+        ("nograd", ["--opt", "lsp", "--no-overlap", "--skip-backward-rank", 1]),
+    ])
+    one, _ = launch(tmp, [("lsp", lsp), ("wrap", wrap), ("amp", amp), ("offload", offload),
+                          ("resume1", lsp + ["--resume", ck])], world=1)
     return tmp, ck, two, one
 
 
-def test_lsp_two_ranks_match_one_rank(lsp_runs):
-    _, _, two, one = lsp_runs
+def test_lsp_two_ranks_match_one_rank(runs):
+    _, _, runs2, runs1 = runs
+    two, one = runs2["lsp"], runs1["lsp"]
     assert not two["error"]
     assert max_diff(two["params"], one["params"]) < ATOL
     assert state_diff(two["state"], one["state"]) < ATOL  # moments and projector values
@@ -109,31 +141,28 @@ def test_lsp_two_ranks_match_one_rank(lsp_runs):
     assert two["comm"]["early_bytes"] == two["comm"]["reduce_bytes"]
 
 
-def test_lsp_wrap_path_two_ranks_match_one_rank(tmp_path):
+def test_lsp_wrap_path_two_ranks_match_one_rank(runs):
     # lspo.wrap: the projected layers' backward hands S to the core (no dense gradient, no hook):
     # their S is reduced at step()
-    two, _ = run(tmp_path, "two", "--opt", "lsp", "--wrap", "--clip", CLIP, "--refit-every", 0)
-    one, _ = run(tmp_path, "one", "--opt", "lsp", "--wrap", "--clip", CLIP, "--refit-every", 0, world=1)
+    two, one = runs[2]["wrap"], runs[3]["wrap"]
     assert not two["error"]
     assert max_diff(two["params"], one["params"]) < ATOL
     assert state_diff(two["state"], one["state"]) < ATOL
 
 
-def test_amp_inf_on_one_rank_skips_everywhere_and_scalers_agree(tmp_path):
+def test_amp_inf_on_one_rank_skips_everywhere_and_scalers_agree(runs):
     # fp16-style loss scaling: rank 1's loss is inf at step 2 -> the step is skipped on both ranks
     # (global norm), and after sync_grad_scaler both scalers backed off, as one process whose batch
     # holds the inf does
-    common = ["--opt", "lsp", "--amp", "--inf-step", 2, "--refit-every", 0]
-    two, _ = run(tmp_path, "two", *common)
-    one, _ = run(tmp_path, "one", *common, world=1)
+    two, one = runs[2]["amp"], runs[3]["amp"]
     assert not two["error"]
     assert two["skipped"] == one["skipped"] == 1
     assert two["scale"] == one["scale"] == 2.0 ** 9
     assert max_diff(two["params"], one["params"]) < ATOL
 
 
-def test_lsp_host_state_per_rank_halves(lsp_runs):
-    _, _, two, one = lsp_runs
+def test_lsp_host_state_per_rank_halves(runs):
+    two, one = runs[2]["lsp"], runs[3]["lsp"]
     assert len(two["host"]) == 2 and min(two["host"]) > 0
     assert max(two["host"]) <= 0.55 * one["host"][0]
     assert sum(two["host"]) == one["host"][0]  # each slot's state (or range of it) lives on exactly one rank
@@ -141,12 +170,10 @@ def test_lsp_host_state_per_rank_halves(lsp_runs):
 
 
 @pytest.mark.parametrize("mode", ["stale_launches", "no_overlap"])
-def test_offload_two_ranks_match_one_rank(tmp_path, mode):
+def test_offload_two_ranks_match_one_rank(runs, mode):
     # stale_launches: accumulation without no_sync(): the first micro-batch's launches are outdated by
     # the second and the step reduces again; no_overlap: every reduce at step()
-    two, _ = run(tmp_path, "two", "--opt", "offload", "--clip", CLIP,
-                 *(["--no-overlap"] if mode == "no_overlap" else []))
-    one, _ = run(tmp_path, "one", "--opt", "offload", "--clip", CLIP, world=1)
+    two, one = runs[2][f"offload_{mode}"], runs[3]["offload"]
     assert not two["error"] and two["ranks_identical"]
     assert max_diff(two["params"], one["params"]) < ATOL
     assert state_diff(two["state"], one["state"]) < ATOL
@@ -160,32 +187,33 @@ def test_offload_two_ranks_match_one_rank(tmp_path, mode):
         assert two["comm"]["reduce_bytes"] == 2 * 6 * dense and two["comm"]["early_bytes"] == 6 * dense
 
 
-def test_checkpoint_from_world_two_resumes_in_world_one_and_two(lsp_runs):
-    tmp, ck, two, _ = lsp_runs
+def test_checkpoint_from_world_two_resumes_in_world_one_and_two(runs):
+    tmp, ck, runs2, runs1 = runs
+    two = runs2["lsp"]
     assert os.path.exists(ck) and not any(f.startswith("ck.pt.tmp") for f in os.listdir(tmp))
     saved = torch.load(ck, weights_only=False)
     assert saved["step"] == 3 and "lspo_partial" not in saved["optimizer"]
     assert len(saved["optimizer"]["state"]) == 8  # every parameter's state, gathered from both ranks
-    again, _ = run(tmp, "resume2", "--opt", "lsp", "--clip", CLIP, "--resume", ck)
+    again = runs2["resume2"]
+    assert not again["error"]
     assert max_diff(again["params"], two["params"]) == 0.0  # same world: bitwise the uninterrupted run
     assert state_diff(again["state"], two["state"]) == 0.0
-    alone, _ = run(tmp, "resume1", "--opt", "lsp", "--clip", CLIP, "--resume", ck, world=1)
+    alone = runs1["resume1"]
     assert max_diff(alone["params"], two["params"]) < ATOL
 
 
-def test_rank_without_gradients_gives_clear_error(tmp_path):
+def test_rank_without_gradients_gives_clear_error(runs):
     # rank 1 skips its backward at step 2: the presence check names the slot (reduces at step() only:
     # with launches from the hooks, rank 0's launched reduces would meet rank 1's check first)
-    res, _ = run(tmp_path, "nograd", "--opt", "lsp", "--no-overlap", "--skip-backward-rank", 1, check=False)
+    res = runs[2]["nograd"]
     assert "rank 0: 'lsp0:[40, 24]->12x12' has a compressed gradient on 1 of 2 ranks" in res["error"], res["error"]
 
 
 @pytest.mark.parametrize("when", ["step", "save"])
 def test_dead_rank_gives_clear_error_and_no_checkpoint(tmp_path, when):
     ck = tmp_path / "ck.pt"
-    res, p = run(tmp_path, "die", "--opt", "lsp", "--die", when, "--save-at", 2, "--ckpt", ck, check=False,
-                 monitor_s=5)
-    assert p.returncode != 0  # torchrun reports the dead rank
+    res, codes = launch_dying(tmp_path, "die", "--opt", "lsp", "--die", when, "--save-at", 2, "--ckpt", ck)
+    assert codes == [0, 3]  # rank 1 died (os._exit(3)); rank 0 caught the error and wrote it
     err = res["error"]
     assert err.startswith("lspo.distributed: rank 0 of 2: the collective"), err
     # the first collective that waits on the dead peer: the reduces launched during backward, or the

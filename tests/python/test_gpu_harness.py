@@ -115,15 +115,15 @@ def test_tiers_benches():
     assert li.param_count("30b") * 2 > 23.5 * 2**30
 
 
-def test_tier_plan_of_the_largest_model():
+def test_tier_plan_of_the_largest_model(capsys):
     """llama_iter --plan with the tier flags: the meta-device plan of 30b under the benches' budgets."""
     pytest.importorskip("transformers")
-    p = subprocess.run([sys.executable, os.path.join(GPU, "llama_iter.py"), "--plan", "--model", "30b", "--opt", "lsp",
-                        "--subspace", "1024", "--nnz", "8", "--mem-cap-gb", "24", "--plan-device-gb", "22",
-                        "--plan-host-gb", "110"], capture_output=True, text=True, env=ENV, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    plan = json.loads(p.stdout.strip().splitlines()[-1])
-    assert "lspo tier plan" in p.stdout
+    # (in this process, as the tests below: a subprocess spent most of its time importing torch and transformers)
+    _load_llama_iter().main(["--plan", "--model", "30b", "--opt", "lsp", "--subspace", "1024", "--nnz", "8",
+                             "--mem-cap-gb", "24", "--plan-device-gb", "22", "--plan-host-gb", "110"])
+    stdout = capsys.readouterr().out
+    plan = json.loads(stdout.strip().splitlines()[-1])
+    assert "lspo tier plan" in stdout
     assert plan["feasible"] and plan["streamed"] and plan["window"] >= 1, plan
     assert plan["device_gib"] <= 22 and plan["host_gib"] <= 110 and plan["state_disk_gib"] == 0
     assert abs(plan["params_b"] - 32.53) < 0.01
@@ -207,11 +207,21 @@ def test_run_all_timeout_skip_and_collect_after_every_bench(tmp_path):
 
 
 # ---------------------------------------------------------------- the real benches, as tiny CPU runs
-def test_run_all_smoke_of_real_benches(tmp_path):
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One run_all.sh of real benches as tiny CPU runs (--smoke): two of calls 1/2 and every tiers bench
+    (one run for both tests below: each run_all.sh start costs a torch import for its env.json).
+    (folder, results.json, {bench: row})."""
     pytest.importorskip("transformers")
-    doc, runs, stdout, wall = _run_all(tmp_path, None, timeout=240, LSPO_GPU_SMOKE="1", LSPO_GPU_DEADLINE="200",
-                                       LSPO_GPU_BENCH="n13_lsp c13_offload_4g")
-    assert list(runs) == ["n13_lsp", "c13_offload_4g"]
+    tmp = tmp_path_factory.mktemp("smoke")
+    doc, runs, _, _ = _run_all(tmp, None, timeout=640, LSPO_GPU_SMOKE="1", LSPO_GPU_DEADLINE="560",
+                               LSPO_GPU_BENCH="n13_lsp c13_offload_4g tiers")
+    assert list(runs) == ["n13_lsp", "c13_offload_4g"] + TIERS  # the selection, in benches.sh's order
+    return tmp, doc, runs
+
+
+def test_run_all_smoke_of_real_benches(smoke, tmp_path):
+    out, doc, runs = smoke
     for name, model, batch in (("n13_lsp", "1.3b", 4), ("c13_offload_4g", "1.3b", 1)):
         r = runs[name]
         assert r["ok"], (name, r.get("error"))
@@ -220,10 +230,10 @@ def test_run_all_smoke_of_real_benches(tmp_path):
     assert runs["c13_offload_4g"]["ckpt"] and runs["c13_offload_4g"]["mem_cap_gb"] == 4
     assert runs["n13_lsp"]["projected_layers"] == 14 and runs["n13_lsp"]["subspace"] == 1280
     assert runs["n13_lsp"]["pin_fallbacks"] == 0
-    table = (tmp_path / "out" / "table.md").read_text()
+    table = (out / "out" / "table.md").read_text()
     assert "| n13_lsp | 1.3b (smoke) | lsp d=1280 r=4 | 4 | no | - |" in table
     # the collector's --save copy for benchmarks/results
-    c = subprocess.run([sys.executable, os.path.join(GPU, "collect.py"), str(tmp_path / "out"), "--save",
+    c = subprocess.run([sys.executable, os.path.join(GPU, "collect.py"), str(out / "out"), "--save",
                         str(tmp_path / "results")], capture_output=True, text=True)
     assert c.returncode == 0, c.stderr
     saved = list((tmp_path / "results").iterdir())
@@ -231,12 +241,9 @@ def test_run_all_smoke_of_real_benches(tmp_path):
     assert [r["bench"] for r in json.load(open(saved[0]))["runs"]] == list(runs)
 
 
-def test_run_all_smoke_of_tiers_benches(tmp_path):
+def test_run_all_smoke_of_tiers_benches(smoke):
     """Every tiers command line as a tiny CPU run (the plan is still the requested model's)."""
-    pytest.importorskip("transformers")
-    doc, runs, stdout, wall = _run_all(tmp_path, None, timeout=400, LSPO_GPU_SMOKE="1", LSPO_GPU_DEADLINE="360",
-                                       LSPO_GPU_BENCH="tiers")
-    assert list(runs) == TIERS
+    out, doc, runs = smoke
     for name in TIERS:
         r = runs[name]
         if r["opt"] == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
@@ -252,7 +259,7 @@ def test_run_all_smoke_of_tiers_benches(tmp_path):
     assert runs["tmax_lsp_tiers_24g"]["model"] == "30b" and runs["t67_lsp_tiers_24g"]["model"] == "6.7b"
     # the plan of the requested configuration (d=1024), not of the tiny run's d
     assert abs(runs["tmax_lsp_tiers_24g"]["tier_plan"]["state_host_gib"] - 19.38) < 0.01
-    table = (tmp_path / "out" / "table.md").read_text()
+    table = (out / "out" / "table.md").read_text()
     assert "| tmax_lsp_tiers_24g | 30b (smoke) | streamed, window " in table
     assert [c["bench"] for c in doc["tiers"]] == ["tmax_lsp_tiers_24g", "t67_lsp_tiers_24g"]
     assert all(c["vs_native"] is None for c in doc["tiers"])  # smoke runs give no ratios

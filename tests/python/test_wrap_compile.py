@@ -159,6 +159,17 @@ def test_compiled_wrap_shows_lspo_ops_in_profiler():
 def test_wrap_inductor_compile_matches_eager():
     """Inductor (C++ code generation) with the lspo operators; one layer, to keep the compile short."""
     torch._dynamo.reset()
+    import torch._inductor.config as inductor_config
+    # Inductor probes the CPU's vector ISAs once per process, each by building a test library and
+    # loading it in a fresh Python process (~2.5 s each: torch's import; 6 probes, 15 of this test's
+    # 20 s here). vec_isa_ok=True takes the base ISAs (AVX2, AVX-512, ...) from /proc/cpuinfo instead
+    # (3 probes left: the bf16 and VNNI extensions): the same kernels when the probes pass; when the
+    # compiler cannot build that ISA the compile fails here instead of falling back to a narrower one.
+    with inductor_config.patch({"cpp.vec_isa_ok": True}):
+        _inductor_matches_eager()
+
+
+def _inductor_matches_eager():
     eager, comp = TwoSame(), TwoSame()
     oe, oc = _InterfaceOpt(eager), _InterfaceOpt(comp)
     wrap_linear(eager, oe)
