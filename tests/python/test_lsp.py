@@ -72,6 +72,13 @@ def test_selection_projects_big_linear_weights_only():
     assert names == {f"blocks.{i}.{k}.weight" for i in range(2) for k in ("qkv", "proj", "fc", "fc_out")}
 
 
+def adam_ref(m, v, S, t, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """One fp64 Adam step on S: the new moments and the update u."""
+    m = b1 * m + (1 - b1) * S
+    v = b2 * v + (1 - b2) * S * S
+    return m, v, -lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+
+
 def test_step_matches_dense_fp64_reference():
     # one layer, two steps, weight decay: W <- W (1 - lr wd) + P u Q^T with u from Adam on S = P^T G Q
     torch.manual_seed(3)
@@ -89,10 +96,7 @@ def test_step_matches_dense_fp64_reference():
         G = torch.randn(37, 29)
         W.grad = G.clone()
         o.step()
-        S = Pd.T @ G.double() @ Qd
-        m = b1 * m + (1 - b1) * S
-        v = b2 * v + (1 - b2) * S * S
-        u = -lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        m, v, u = adam_ref(m, v, Pd.T @ G.double() @ Qd, t, lr, b1, b2, eps)
         w = w * (1 - lr * wd) + sc * (Pd @ u @ Qd.T)
         # fp32 pipeline vs fp64: relative error a few fp32 ulps of the update and of the weights
         torch.testing.assert_close(W.detach().double(), w, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ import torch
 import lspo
 from lspo import _C
 
-from test_lsp import Net, _params, _same, _train
+from test_lsp import Net, _params, _same, _train, adam_ref
 
 
 def _budget_rank(m, n, d, r, whitened=True):
@@ -60,10 +60,7 @@ def test_one_sided_step_matches_dense_fp64_reference(shape):
         G = torch.randn(*shape)
         W.grad = G.clone()
         o.step()
-        S = Pd.T @ G.double() @ Qd
-        m = b1 * m + (1 - b1) * S
-        v = b2 * v + (1 - b2) * S * S
-        u = -lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        m, v, u = adam_ref(m, v, Pd.T @ G.double() @ Qd, t, lr, b1, b2, eps)
         w = w * (1 - lr * wd) + Pd @ u @ Qd.T
         # fp32 pipeline vs fp64: a few fp32 ulps of the update and of the weights (as the square layout)
         torch.testing.assert_close(W.detach().double(), w, rtol=1e-5, atol=1e-6)
