@@ -118,21 +118,16 @@ int64_t OptimizerCore::add_param(const torch::Tensor& p, int64_t group, bool pro
                ") must be contiguous (it is updated in place)");
     const int64_t k = I.num_projected++;
     s->number = k;
+    // square layout: min(d, m) x min(d, n); one-sided: the larger side whole (identity), the other one_sided_rank
     const int64_t m = p.size(0), n = p.size(1);
-    if (!I.opt.one_sided) {
-      s->P = SparseProjector::random(m, std::min(subspace, m), nnz, I.opt.seed + 2 * k, p.device(),
-                                     ProjectorInit::kGaussian, I.opt.whiten);
-      s->Q = SparseProjector::random(n, std::min(subspace, n), nnz, I.opt.seed + 2 * k + 1, p.device(),
-                                     ProjectorInit::kGaussian, I.opt.whiten);
-    } else if (m >= n) {  // rows kept whole, columns projected
-      s->P = SparseProjector::identity(m, p.device());
-      s->Q = SparseProjector::random(n, one_sided_rank(m, n, subspace, nnz, I.opt.whiten), nnz, I.opt.seed + 2 * k + 1,
-                                     p.device(), ProjectorInit::kGaussian, I.opt.whiten);
-    } else {
-      s->P = SparseProjector::random(m, one_sided_rank(m, n, subspace, nnz, I.opt.whiten), nnz, I.opt.seed + 2 * k,
-                                     p.device(), ProjectorInit::kGaussian, I.opt.whiten);
-      s->Q = SparseProjector::identity(n, p.device());
-    }
+    const bool whole_rows = I.opt.one_sided && m >= n, whole_cols = I.opt.one_sided && m < n;
+    const int64_t k1 = I.opt.one_sided ? one_sided_rank(m, n, subspace, nnz, I.opt.whiten) : 0;
+    auto side = [&](int64_t size, int64_t d, bool whole, uint64_t seed) {
+      return whole ? SparseProjector::identity(size, p.device())
+                   : SparseProjector::random(size, d, nnz, seed, p.device(), ProjectorInit::kGaussian, I.opt.whiten);
+    };
+    s->P = side(m, whole_cols ? k1 : std::min(subspace, m), whole_rows, I.opt.seed + 2 * k);
+    s->Q = side(n, whole_rows ? k1 : std::min(subspace, n), whole_cols, I.opt.seed + 2 * k + 1);
     s->scale = I.opt.scale_auto ? std::sqrt(static_cast<double>(p.size(0)) * static_cast<double>(p.size(1)) /
                                             static_cast<double>(s->P.d * s->Q.d))
                                 : I.opt.update_scale;

@@ -123,4 +123,10 @@ struct OptimizerCore::Impl {
   void dist_gather(const std::vector<CoreSlot*>& live);
 };
 
+// The projector part of a projected slot's state (positions, values, whitening factors -- a side kept
+// whole has none --, refit reference and check count) into st; `copy`: clones, else aliases.
+void put_projectors(const CoreSlot& s, SlotState& st, bool copy);
+// A named error (naming `who`) unless st's whitening factors match s's projectors, side by side.
+void check_whitening(const SlotState& st, const CoreSlot& s, const std::string& who);
+
 }  // namespace lspo

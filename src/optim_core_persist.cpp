@@ -76,14 +76,7 @@ int64_t OptimizerCore::Impl::write_projected() {
     SlotState st;
     st.step = s.step;
     st.exp_avg = st.exp_avg_sq = torch::empty({0});  // in the engine's files
-    st.P_indices = s.P.indices;
-    st.P_values = s.P.values;
-    st.Q_indices = s.Q.indices;
-    st.Q_values = s.Q.values;
-    if (s.P.whitened()) st.P_whiten = s.P.whiten;
-    if (s.Q.whitened()) st.Q_whiten = s.Q.whiten;
-    st.refit_ref = s.refit_ref;
-    st.refit_checks = s.checks;
+    put_projectors(s, st, /*copy=*/false);
     c10::impl::GenericDict e = slot_state_to_dict(st);
     e.insert("weight", s.param.detach().to(torch::kCPU).clone());
     entries.insert(std::to_string(s.index), e);
@@ -133,9 +126,7 @@ void OptimizerCore::Impl::resume_projected() {
                who,
                ": the saved projector positions differ from this optimizer's "
                "(different seed, subspace or nnz?)");
-    LSPO_CHECK(st.P_whiten.defined() == s.P.whitened() && st.Q_whiten.defined() == s.Q.whitened(), who,
-               ": saved projectors are ", st.P_whiten.defined() ? "" : "not ", "whitened (P), ",
-               st.Q_whiten.defined() ? "" : "not ", "whitened (Q); this optimizer's differ");
+    check_whitening(st, s, who);
     LSPO_CHECK(e.contains("weight") && e.at("weight").isTensor(), who, ": the entry lacks 'weight'");
     const torch::Tensor w = e.at("weight").toTensor();
     LSPO_CHECK(w.sizes() == s.param.sizes() && w.scalar_type() == s.param.scalar_type(), who,

@@ -68,6 +68,25 @@ SlotState slot_state_from_dict(const c10::impl::GenericDict& d, const std::strin
   return st;
 }
 
+void put_projectors(const CoreSlot& s, SlotState& st, bool copy) {
+  auto keep = [&](const torch::Tensor& t) { return copy ? t.clone() : t; };
+  st.P_indices = keep(s.P.indices);
+  st.P_values = keep(s.P.values);
+  st.Q_indices = keep(s.Q.indices);
+  st.Q_values = keep(s.Q.values);
+  if (s.P.whitened()) st.P_whiten = keep(s.P.whiten);
+  if (s.Q.whitened()) st.Q_whiten = keep(s.Q.whiten);
+  st.refit_ref = s.refit_ref;
+  st.refit_checks = s.checks;
+}
+
+void check_whitening(const SlotState& st, const CoreSlot& s, const std::string& who) {
+  LSPO_CHECK(st.P_whiten.defined() == s.P.whitened() && st.Q_whiten.defined() == s.Q.whitened(), who,
+             ": saved projectors are ", st.P_whiten.defined() ? "" : "not ", "whitened (P), ",
+             st.Q_whiten.defined() ? "" : "not ", "whitened (Q); this optimizer's are ", s.P.whitened() ? "" : "not ",
+             "whitened (P), ", s.Q.whitened() ? "" : "not ", "whitened (Q) (whiten=..., one_sided=...)");
+}
+
 std::optional<SlotState> OptimizerCore::state(int64_t i, bool copy) const {
   std::lock_guard<std::mutex> lk(impl_->mu);
   const CoreSlot& s = impl_->slot(i, "state");
@@ -85,20 +104,12 @@ std::optional<SlotState> OptimizerCore::state(int64_t i, bool copy) const {
                                      : eng.exp_avg_sq(s.eslot);
   };
   auto view = [&](const torch::Tensor& t) { return copy && !disk ? t.view(shape).clone() : t.view(shape); };
-  auto keep = [&](const torch::Tensor& t) { return copy ? t.clone() : t; };
   SlotState st;
   st.step = s.step;
   st.exp_avg = view(part(StateKind::kExpAvg));
   st.exp_avg_sq = view(part(StateKind::kExpAvgSq));
   if (s.projected) {
-    st.P_indices = keep(s.P.indices);
-    st.P_values = keep(s.P.values);
-    st.Q_indices = keep(s.Q.indices);
-    st.Q_values = keep(s.Q.values);
-    if (s.P.whitened()) st.P_whiten = keep(s.P.whiten);
-    if (s.Q.whitened()) st.Q_whiten = keep(s.Q.whiten);
-    st.refit_ref = s.refit_ref;
-    st.refit_checks = s.checks;
+    put_projectors(s, st, copy);
   } else {
     st.master_param = view(part(StateKind::kMaster));
   }
@@ -129,10 +140,7 @@ void OptimizerCore::load_state(int64_t i, const SlotState& st, bool dry_run) {
     LSPO_CHECK(st.exp_avg.numel() == s.P.d * s.Q.d && st.exp_avg_sq.numel() == s.P.d * s.Q.d, who, ": exp_avg has ",
                st.exp_avg.numel(), " elements, this optimizer's subspace is ", s.P.d, " x ", s.Q.d,
                " (different subspace?)");
-    LSPO_CHECK(st.P_whiten.defined() == s.P.whitened() && st.Q_whiten.defined() == s.Q.whitened(), who,
-               ": saved projectors are ", st.P_whiten.defined() ? "" : "not ", "whitened (P), ",
-               st.Q_whiten.defined() ? "" : "not ", "whitened (Q); this optimizer's are ", s.P.whitened() ? "" : "not ",
-               "whitened (P), ", s.Q.whitened() ? "" : "not ", "whitened (Q) (whiten=..., one_sided=...)");
+    check_whitening(st, s, who);
     P = SparseProjector::from_tensors(st.P_indices.to(s.param.device()), st.P_values.to(s.param.device()), s.P.d);
     Q = SparseProjector::from_tensors(st.Q_indices.to(s.param.device()), st.Q_values.to(s.param.device()), s.Q.d);
     if (st.P_whiten.defined()) P.whiten = st.P_whiten.to(s.param.device(), torch::kFloat);
