@@ -20,9 +20,9 @@ size of ``u``. Values start scale-correct (``E[P^T P] = I``).
 
 Projector learning (C++ ``lspo::refit``, include/lspo/refit.h): steps ``t = 1, 1 + refit_every, ...``
 are refit checks (``refit_stagger=True``: projected parameter k checks at ``1 + k % refit_every``, then
-every ``refit_every`` steps, so only about ``1 / refit_every`` of the layers hold check sums at once). On a check step a projected layer's micro-batch gradients are summed densely in two
-halves (even micro-batches: the fit sum; odd ones: the held-out sum; with one micro-batch the check
-is in-sample) and ``step()`` runs one check per layer: the held-out error
+every ``refit_every`` steps, so only about ``1 / refit_every`` of the layers hold check sums at once).
+On a check step a projected layer's micro-batch gradients are summed densely in two halves (even
+micro-batches: the fit sum; odd ones: the held-out sum; with one micro-batch the check is in-sample) and ``step()`` runs one check per layer: the held-out error
 ``e = ||U U^T G V V^T - G|| / ||G||`` of the current projectors; a fit (warm start, ``refit_iters``
 Adam iterations at ``refit_lr`` relative to the values' size, proximal ``refit_l2``, held-out early
 stopping; also from fresh values when the warm start does not help, ``refit_reinit``) when ``e``
@@ -149,7 +149,8 @@ class LSPAdamW(OffloadAdamW):
     ``one_sided`` (default False): the larger dimension of each projected weight is kept whole and only
     the smaller one is projected, to the largest ``k`` whose optimizer state fits in the bytes of the
     square ``d x d`` layout (``lspo._C.one_sided_rank``); ``S`` is then ``max(m, n) x k``. Measured
-    better per byte than the square layout on the quick fine-tuning protocol (docs/convergence.md).
+    better per byte of state than the square layout on the quick fine-tuning protocol, but ``S`` is
+    larger (more host-device traffic on a GPU), so it is opt-in (docs/convergence.md).
     ``refit_diagnostics``: every check also records the held-out error of fresh
     whitened random projectors of the same d, r (``refits[k]["random_heldout"]``).
     ``max_grad_norm``, ``overlap``, ``record_timeline`` and ``pinned_limit_bytes`` are as for
@@ -163,7 +164,8 @@ class LSPAdamW(OffloadAdamW):
                  refit_threshold: float = 0.0, refit_iters: int = 10, refit_lr: float = 0.1,
                  refit_l2: float = 0.01, refit_drift: float = 0.1, refit_reinit: str = "on_failure",
                  whiten: bool = True, scale: Any = 1.0, refit_diagnostics: bool = False, refit_stagger: bool = False,
-                 one_sided: bool = False, min_dim: Optional[int] = None, seed: int = 0, max_grad_norm: Optional[float] = None,
+                 one_sided: bool = False, min_dim: Optional[int] = None, seed: int = 0,
+                 max_grad_norm: Optional[float] = None,
                  overlap: bool = True, record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30,
                  state_dir: Optional[str] = None, host_memory_limit: Optional[int] = None, resume: bool = False):
         if not (isinstance(subspace, int) and subspace >= 1):
