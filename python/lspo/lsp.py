@@ -22,7 +22,8 @@ Projector learning (C++ ``lspo::refit``, include/lspo/refit.h): steps ``t = 1, 1
 are refit checks (``refit_stagger=True``: projected parameter k checks at ``1 + k % refit_every``, then
 every ``refit_every`` steps, so only about ``1 / refit_every`` of the layers hold check sums at once).
 On a check step a projected layer's micro-batch gradients are summed densely in two halves (even
-micro-batches: the fit sum; odd ones: the held-out sum; with one micro-batch the check is in-sample) and ``step()`` runs one check per layer: the held-out error
+micro-batches: the fit sum; odd ones: the held-out sum; with one micro-batch the check is in-sample)
+and ``step()`` runs one check per layer: the held-out error
 ``e = ||U U^T G V V^T - G|| / ||G||`` of the current projectors; a fit (warm start, ``refit_iters``
 Adam iterations at ``refit_lr`` relative to the values' size, proximal ``refit_l2``, held-out early
 stopping; also from fresh values when the warm start does not help, ``refit_reinit``) when ``e``
