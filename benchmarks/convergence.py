@@ -270,10 +270,11 @@ def table(recs):
 
 
 # ------------------------------------------------------------------ fine-tuning protocol (--finetune)
-FT_RUNS = ("adamw", "lsp", "lsp_one_sided", "lora_r16", "lora_r64", "galore")
+FT_RUNS = ("adamw", "lsp", "lsp_one_sided", "lsp_svd", "lora_r16", "lora_r64", "galore")
 # 3-point grids (a first quick run with adamw/lsp at 1e-4..1e-3 and galore at 3e-4..3e-3 put every best at
 # the grid's top: benchmarks/results/finetune_quick_grid1.json)
 FT_GRIDS = {"adamw": (1e-3, 3e-3, 1e-2), "lsp": (1e-3, 3e-3, 1e-2), "lsp_one_sided": (1e-3, 3e-3, 1e-2),
+            "lsp_svd": (1e-3, 3e-3, 1e-2),
             "lora_r16": (3e-3, 1e-2, 3e-2),
             "lora_r64": (3e-3, 1e-2, 3e-2), "galore": (1e-3, 3e-3, 1e-2)}
 

@@ -14,7 +14,8 @@ Optimizer builders (:func:`build_optimizer`): ``adamw`` (torch), ``lsp`` (lspo.L
 defaults except ``subspace``), ``lora_r16`` / ``lora_r64`` (peft, all block linears, alpha = 2r,
 the base weights frozen, the rest trains), ``galore`` (galore-torch, rank matched to LSPAdamW's
 optimizer memory), ``lsp_one_sided`` (LSPAdamW with ``one_sided=True``: the same state bytes in
-the one-sided layout). The same model, data and batch order for every optimizer.
+the one-sided layout), ``lsp_svd`` (``one_sided=True, basis="svd"``: the projected side dense, set to
+the leading singular directions at each kept refit check, within the same state bytes). The same model, data and batch order for every optimizer.
 """
 from __future__ import annotations
 
@@ -211,9 +212,10 @@ def build_optimizer(name: str, model, lr: float, cfg: FtConfig, seed: int):
     kw = dict(lr=lr, weight_decay=cfg.weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), foreach=False, **kw), model, {}
-    if name in ("lsp", "lsp_one_sided"):
+    if name in ("lsp", "lsp_one_sided", "lsp_svd"):
         d = cfg.lsp_subspace
-        extra = {"one_sided": True} if name == "lsp_one_sided" else {}
+        extra = {"lsp": {}, "lsp_one_sided": {"one_sided": True},
+                 "lsp_svd": {"one_sided": True, "basis": "svd"}}[name]
         opt = lspo.LSPAdamW(model, subspace=d, min_dim=d, seed=seed, **{**cfg.lsp_kwargs, **extra}, **kw)
         return opt, model, {}
     if name.startswith("lora_r"):

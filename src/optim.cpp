@@ -91,6 +91,7 @@ OffloadOptimizerBase::OffloadOptimizerBase(const std::vector<torch::optim::Optim
   co.refit_diagnostics = global.refit_diagnostics;
   co.refit_stagger = global.refit_stagger;
   co.one_sided = global.one_sided;
+  co.basis = parse_basis(global.basis, name);
   core_ = std::make_shared<OptimizerCore>(co);
 }
 
@@ -280,7 +281,7 @@ LSPAdamW::LSPAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_g
     : OffloadOptimizerBase(param_groups, std::make_unique<LSPAdamWOptions>(d), "LSPAdamW",
                            Global{d.max_grad_norm(), d.overlap(), d.record_timeline(), d.pinned_limit_bytes(), d.seed(),
                                   d.state_dir(), d.host_memory_limit_bytes(), d.resume(), d.whiten(), d.scale_auto(),
-                                  d.refit_diagnostics(), d.refit_stagger(), d.scale(), d.one_sided()}) {
+                                  d.refit_diagnostics(), d.refit_stagger(), d.scale(), d.one_sided(), d.basis()}) {
   LSPO_CHECK(d.seed() >= 0, "LSPAdamW: seed must be >= 0, got ", d.seed());
   LSPO_CHECK(std::isfinite(d.scale()) && d.scale() > 0, "LSPAdamW: scale must be a finite value > 0, got ", d.scale());
   hyper(defaults());

@@ -81,12 +81,12 @@ CoreSlot& OptimizerCore::Impl::slot(int64_t i, const char* fn) const {
   return *slots[i];
 }
 
-int64_t one_sided_rank(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened) {
+int64_t one_sided_rank(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened, bool dense) {
   LSPO_CHECK(m >= 1 && n >= 1 && d >= 1 && r >= 1, "one_sided_rank: sizes must be >= 1");
   const int64_t big = std::max(m, n), small = std::min(m, n), dP = std::min(d, m), dQ = std::min(d, n);
   const int64_t w = whitened ? 4 : 0;
   const int64_t budget = 8 * dP * dQ + 8 * r * (m + n) + w * (dP * dP + dQ * dQ);
-  auto cost = [&](int64_t k) { return 8 * big * k + 8 * big + 8 * r * small + w * k * k; };
+  auto cost = [&](int64_t k) { return 8 * big * k + 8 * big + 8 * (dense ? k : r) * small + w * k * k; };
   int64_t k = std::min(r, small);
   while (k < small && cost(k + 1) <= budget) ++k;
   return k;
@@ -121,10 +121,12 @@ int64_t OptimizerCore::add_param(const torch::Tensor& p, int64_t group, bool pro
     // square layout: min(d, m) x min(d, n); one-sided: the larger side whole (identity), the other one_sided_rank
     const int64_t m = p.size(0), n = p.size(1);
     const bool whole_rows = I.opt.one_sided && m >= n, whole_cols = I.opt.one_sided && m < n;
-    const int64_t k1 = I.opt.one_sided ? one_sided_rank(m, n, subspace, nnz, I.opt.whiten) : 0;
+    const bool dense = I.opt.basis == ProjectorBasis::kSvd;  // (positions: every column of every row)
+    const int64_t k1 = I.opt.one_sided ? one_sided_rank(m, n, subspace, nnz, I.opt.whiten, dense) : 0;
     auto side = [&](int64_t size, int64_t d, bool whole, uint64_t seed) {
       return whole ? SparseProjector::identity(size, p.device())
-                   : SparseProjector::random(size, d, nnz, seed, p.device(), ProjectorInit::kGaussian, I.opt.whiten);
+                   : SparseProjector::random(size, d, dense ? d : nnz, seed, p.device(), ProjectorInit::kGaussian,
+                                             I.opt.whiten);
     };
     s->P = side(m, whole_cols ? k1 : std::min(subspace, m), whole_rows, I.opt.seed + 2 * k);
     s->Q = side(n, whole_rows ? k1 : std::min(subspace, n), whole_cols, I.opt.seed + 2 * k + 1);
@@ -557,6 +559,7 @@ void OptimizerCore::Impl::refit(CoreSlot& s) {
   o.threshold = h.refit_threshold;
   o.drift = h.refit_drift;
   o.reinit = h.refit_reinit;
+  o.basis = opt.basis;
   o.reference_error = s.refit_ref;
   // a different seed per layer and check for the fresh values of a re-init
   o.seed = (opt.seed * 1000003ULL + static_cast<uint64_t>(s.number) * 7919ULL + static_cast<uint64_t>(s.checks)) &

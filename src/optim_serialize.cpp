@@ -77,6 +77,7 @@ void LSPAdamWOptions::serialize(torch::serialize::OutputArchive& archive) const 
   LSPO_OPT_WRITE(refit_diagnostics);
   LSPO_OPT_WRITE(refit_stagger);
   LSPO_OPT_WRITE(one_sided);
+  LSPO_OPT_WRITE(basis);
   LSPO_OPT_WRITE(max_grad_norm);
   LSPO_OPT_WRITE(overlap);
   LSPO_OPT_WRITE(record_timeline);
@@ -105,6 +106,7 @@ void LSPAdamWOptions::serialize(torch::serialize::InputArchive& archive) {
   LSPO_OPT_READ(refit_diagnostics);
   LSPO_OPT_READ(refit_stagger);
   LSPO_OPT_READ(one_sided);
+  LSPO_OPT_READ(basis);
   LSPO_OPT_READ(max_grad_norm);
   LSPO_OPT_READ(overlap);
   LSPO_OPT_READ(record_timeline);

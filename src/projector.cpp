@@ -88,26 +88,62 @@ DType lspo_dtype(const torch::Tensor& t) {
 }
 torch::TensorOptions f32(const torch::Tensor& like) { return like.options().dtype(torch::kFloat32); }
 
-// ---- the four primitives, dispatched on device (inputs already checked)
+// ---- a dense projector (r = d: every row holds every column, LSPAdamW's basis="svd") goes through
+// ATen's GEMMs (BLAS / cuBLAS) instead of the ELL kernels, which are built for r << d: measured 20-50x
+// faster at r = d = 241..394 on the CPU (docs/benchmarks.md). From d = 16 on; below, the ELL kernels.
+constexpr int64_t kDenseMinD = 16;
+bool dense_layout(const SparseProjector& P) { return P.r() == P.d && P.d >= kDenseMinD; }
+torch::Tensor raw_dense(const SparseProjector& P) {  // P [n, d] fp32, unwhitened
+  return torch::zeros({P.n(), P.d}, P.values.options()).scatter_(1, P.indices.to(torch::kLong), P.values);
+}
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
+
+// ---- the four primitives, dispatched on layout and device (inputs already checked)
 torch::Tensor prim_right(const torch::Tensor& Y, const SparseProjector& P) {  // [k, n] -> [k, d]
+  if (dense_layout(P)) {
+    NoAutocast fp32(c10::autocast_dispatch_keyset);
+    return Y.to(torch::kFloat32).mm(raw_dense(P));
+  }
   if (Y.is_cuda()) return detail::cuda_right_project(Y, P, projector_backend());
   torch::Tensor out = torch::empty({Y.size(0), P.d}, f32(Y));
   detail::cpu_right_project(Y.data_ptr(), lspo_dtype(Y), Y.size(0), view(P), out.data_ptr<float>());
   return out;
 }
 torch::Tensor prim_left(const SparseProjector& P, const torch::Tensor& Y) {  // [n, k] -> [d, k]
+  if (dense_layout(P)) {
+    NoAutocast fp32(c10::autocast_dispatch_keyset);
+    return raw_dense(P).t().mm(Y.to(torch::kFloat32));
+  }
   if (Y.is_cuda()) return detail::cuda_left_project(P, Y, projector_backend());
   torch::Tensor out = torch::empty({P.d, Y.size(1)}, f32(Y));
   detail::cpu_left_project(view(P), Y.data_ptr(), lspo_dtype(Y), Y.size(1), out.data_ptr<float>());
   return out;
 }
 torch::Tensor prim_expand(const SparseProjector& P, const torch::Tensor& D) {  // [d, k] fp32 -> [n, k]
+  if (dense_layout(P)) {
+    NoAutocast fp32(c10::autocast_dispatch_keyset);
+    return raw_dense(P).mm(D);
+  }
   if (D.is_cuda()) return detail::cuda_expand(P, D, projector_backend());
   torch::Tensor out = torch::empty({P.n(), D.size(1)}, f32(D));
   detail::cpu_expand(view(P), D.data_ptr<float>(), D.size(1), out.data_ptr<float>());
   return out;
 }
 void prim_apply_rows(torch::Tensor& W, const SparseProjector& P, const torch::Tensor& T, double alpha) {
+  if (dense_layout(P)) {  // W += alpha P T in blocks of rows: fp32 accumulation, one rounding to W's dtype,
+    NoAutocast fp32(c10::autocast_dispatch_keyset);  // an fp32 temporary of at most 256 rows of W
+    const torch::Tensor B = raw_dense(P);
+    for (int64_t lo = 0; lo < W.size(0); lo += 256) {
+      const int64_t len = std::min<int64_t>(256, W.size(0) - lo);
+      torch::Tensor w = W.narrow(0, lo, len);
+      if (W.scalar_type() == torch::kFloat32) {
+        w.addmm_(B.narrow(0, lo, len), T, 1.0, alpha);
+      } else {
+        w.copy_(torch::addmm(w.to(torch::kFloat32), B.narrow(0, lo, len), T, 1.0, alpha));
+      }
+    }
+    return;
+  }
   if (W.is_cuda()) return detail::cuda_apply_rows_(W, P, T, alpha, projector_backend());
   detail::cpu_apply_rows(W.data_ptr(), lspo_dtype(W), view(P), T.data_ptr<float>(), T.size(1),
                          static_cast<float>(alpha));
@@ -116,7 +152,6 @@ void prim_apply_rows(torch::Tensor& W, const SparseProjector& P, const torch::Te
 // ---- whitening (U = P T): T^T Y for a [d, k] result of P^T, Y T for a [k, d] result of (.) P,
 // and T D T_Q^T for an update D before it is expanded by P and Q.
 // The d x d products stay fp32 under an enclosing autocast region (which would run them in bf16).
-using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 torch::Tensor wl(const SparseProjector& P, torch::Tensor Y) {
   NoAutocast fp32(c10::autocast_dispatch_keyset);
   return P.whitened() ? P.whiten.t().mm(Y) : Y;

@@ -30,6 +30,20 @@ Candidate fit_candidate(const SparseProjector& P, const SparseProjector& Q, bool
   return c;
 }
 
+// The SVD basis (ProjectorBasis::kSvd): each side that is not an identity set from the fit samples'
+// leading singular directions; scored like a fit (errors on the fit and held-out samples).
+Candidate svd_candidate(const SparseProjector& P, const SparseProjector& Q, const std::vector<GradSample>& fit_samples,
+                        const std::vector<GradSample>& heldout, double heldout_before) {
+  Candidate c{P.clone(), Q.clone(), {}};
+  if (!c.P.is_identity()) c.P.assign_dense_(top_singular_basis(fit_samples, true, c.P.d));
+  if (!c.Q.is_identity()) c.Q.assign_dense_(top_singular_basis(fit_samples, false, c.Q.d));
+  c.fit.fit.error_before = detail::closed_form_error(P, Q, fit_samples);
+  c.fit.fit.error_after = detail::closed_form_error(c.P, c.Q, fit_samples);
+  c.fit.heldout_before = heldout_before;
+  c.fit.heldout_after = detail::closed_form_error(c.P, c.Q, heldout);
+  return c;
+}
+
 void copy_into(SparseProjector& dst, const SparseProjector& src) {
   dst.values.copy_(src.values);
   if (src.whitened()) {
@@ -49,6 +63,13 @@ ReinitPolicy parse_reinit(const std::string& name, const std::string& who) {
   if (name == "always") return ReinitPolicy::kAlways;
   LSPO_CHECK(false, who, ": unknown refit reinit policy '", name, "': use never, on_failure or always");
   return ReinitPolicy::kOnFailure;
+}
+
+ProjectorBasis parse_basis(const std::string& name, const std::string& who) {
+  if (name == "sparse") return ProjectorBasis::kSparse;
+  if (name == "svd") return ProjectorBasis::kSvd;
+  LSPO_CHECK(false, who, ": unknown projector basis '", name, "': use sparse or svd");
+  return ProjectorBasis::kSparse;
 }
 
 RefitResult refit(SparseProjector& P, SparseProjector& Q, const std::vector<GradSample>& fit_samples,
@@ -72,10 +93,12 @@ RefitResult refit(SparseProjector& P, SparseProjector& Q, const std::vector<Grad
   res.reference_error = std::isnan(ref) ? res.heldout_before : ref;
   if (res.fitted) {
     const double bar = (1.0 - opt.min_gain) * res.heldout_before;
-    Candidate best = fit_candidate(P, Q, false, fit_samples, held, opt);
+    const bool svd = opt.basis == ProjectorBasis::kSvd;
+    Candidate best = svd ? svd_candidate(P, Q, fit_samples, held, res.heldout_before)
+                         : fit_candidate(P, Q, false, fit_samples, held, opt);
     res.iters = best.fit.fit.iters;
     const bool warm_ok = best.fit.heldout_after < bar;
-    if (opt.reinit == ReinitPolicy::kAlways || (opt.reinit == ReinitPolicy::kOnFailure && !warm_ok)) {
+    if (!svd && (opt.reinit == ReinitPolicy::kAlways || (opt.reinit == ReinitPolicy::kOnFailure && !warm_ok))) {
       Candidate fresh = fit_candidate(P, Q, true, fit_samples, held, opt);
       res.iters += fresh.fit.fit.iters;
       if (fresh.fit.heldout_after < best.fit.heldout_after) {

@@ -68,7 +68,7 @@ struct OffloadAdamWOptions : public torch::optim::OptimizerCloneableOptions<Offl
 // weight_decay, project, subspace, nnz, min_dim (these four are read when a parameter is first
 // registered), refit_every, refit_threshold, refit_iters, refit_lr, refit_l2, refit_drift,
 // refit_reinit. Optimizer-wide (defaults only): whiten, scale, scale_auto, refit_diagnostics, refit_stagger, one_sided,
-// max_grad_norm, overlap, record_timeline, pinned_limit_bytes, seed.
+// basis, max_grad_norm, overlap, record_timeline, pinned_limit_bytes, seed.
 struct LSPAdamWOptions : public torch::optim::OptimizerCloneableOptions<LSPAdamWOptions> {
   LSPAdamWOptions(double lr = 1e-4);  // NOLINT
   TORCH_ARG(double, lr) = 1e-4;
@@ -97,6 +97,7 @@ struct LSPAdamWOptions : public torch::optim::OptimizerCloneableOptions<LSPAdamW
   TORCH_ARG(bool, refit_diagnostics) = false;  // records the held-out error of random projectors too
   TORCH_ARG(bool, refit_stagger) = false;     // layer k checks at 1 + k % refit_every, then every refit_every
   TORCH_ARG(bool, one_sided) = false;         // the larger side whole, the smaller projected (CoreOptions)
+  TORCH_ARG(std::string, basis) = "sparse";   // sparse | svd: learned sparse or dense top singular (CoreOptions)
   TORCH_ARG(double, max_grad_norm) = 0.0;
   TORCH_ARG(bool, overlap) = true;
   TORCH_ARG(bool, record_timeline) = false;
@@ -185,6 +186,7 @@ class OffloadOptimizerBase : public torch::optim::Optimizer {
     bool whiten = true, scale_auto = false, refit_diagnostics = false, refit_stagger = false;
     double scale = 1.0;
     bool one_sided = false;
+    std::string basis = "sparse";
   };
   OffloadOptimizerBase(const std::vector<torch::optim::OptimizerParamGroup>& groups,
                        std::unique_ptr<torch::optim::OptimizerOptions> defaults, const char* name, Global global);

@@ -47,8 +47,8 @@ namespace lspo {
 // the largest k in [r, min(m, n)] whose state bytes -- moments 8 max(m, n) k, the identity's ELL
 // 8 max(m, n), the projector's ELL 8 r min(m, n), its whitening factor 4 k^2 (when whitened) -- fit in
 // those of the square layout: 8 dP dQ + 8 r (m + n) + 4 (dP^2 + dQ^2) (whitened), dP = min(d, m),
-// dQ = min(d, n). At least r.
-int64_t one_sided_rank(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened);
+// dQ = min(d, n). At least r. dense: the projector is dense (basis="svd"), its ELL 8 k min(m, n).
+int64_t one_sided_rank(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened, bool dense = false);
 
 class Communicator;  // lspo/dist.h
 
@@ -78,6 +78,12 @@ struct CoreOptions {
   // is projected to the largest k whose state (moments, projectors, whitening factor) fits in the
   // bytes of the square min(d, m) x min(d, n) layout (one_sided_rank). S is then m x k (or k x n).
   bool one_sided = false;
+  // The basis of the projected sides (lspo/projector.h, lspo/refit.h): kSparse, learned (d, r)-sparse
+  // values; kSvd, dense projectors (r = d) that every kept refit check sets to the leading singular
+  // directions of the check's fit sum (no fit iterations). With one_sided, the dense side's bytes are
+  // in one_sided_rank's budget; two-sided, the dense pair costs 8 (m dP + n dQ) bytes instead of
+  // 8 r (m + n).
+  ProjectorBasis basis = ProjectorBasis::kSparse;
   // The disk tier (engine.h): state that does not fit host_memory_limit_bytes lives in files under
   // state_dir; every step() ends with the engine's atomic persist(); resume continues from it.
   std::string state_dir;

@@ -35,6 +35,13 @@ namespace lspo {
 
 enum class ProjectorInit { kGaussian, kRademacher };
 
+// How a refit check chooses a projected side's basis (RefitOptions::basis, LSPAdamW's `basis`):
+//   kSparse  learned (d, r)-sparse values (lspo::fit, Adam on the closed-form error);
+//   kSvd     the leading singular directions of the check's fit gradients (top_singular_basis),
+//            restricted to the projector's positions: exact for a dense projector (r = d), which is
+//            how LSPAdamW(basis="svd") builds its projected sides. No iterations.
+enum class ProjectorBasis { kSparse, kSvd };
+
 struct SparseProjector {
   torch::Tensor indices;  // int32 [n, r]
   torch::Tensor values;   // float32 [n, r]
@@ -58,6 +65,10 @@ struct SparseProjector {
   bool is_identity() const;
   // New random values (same positions, same init law) from `seed`; keeps whitening on if it was on.
   void reinit_values_(uint64_t seed, ProjectorInit init = ProjectorInit::kGaussian);
+  // values[i, j] = B[i, indices[i, j]] for a dense basis B [n, d] (any float dtype and device): P
+  // becomes B restricted to P's positions (B itself for a dense projector, r = d); recomputes
+  // `whiten` if whitened.
+  void assign_dense_(const torch::Tensor& B);
   // (Re)computes `whiten` from the current values (fp64 Cholesky of P^T P + 1e-10 tr/d I).
   void whiten_();
   bool whitened() const { return whiten.defined(); }
@@ -107,6 +118,13 @@ struct GradSample {
   static GradSample dense(torch::Tensor G) { return {std::move(G), {}, {}}; }
   static GradSample activations(torch::Tensor X, torch::Tensor dY) { return {{}, std::move(X), std::move(dY)}; }
 };
+
+// The k leading singular directions of one side of the samples' gradients, stacked along the other
+// side: the top-k eigenvectors of sum_i G_i G_i^T (left: rows, [m, k]) or sum_i G_i^T G_i (right:
+// columns, [n, k]), computed in fp64 (eigh), returned fp32 on the samples' device, largest first.
+// The orthonormal basis that minimises sum_i ||G_i - B B^T G_i||^2 (left) over k-dimensional bases.
+// A rank below k pads with orthonormal directions of the null space. Needs 1 <= k <= the side's size.
+torch::Tensor top_singular_basis(const std::vector<GradSample>& samples, bool left, int64_t k);
 
 // Relative estimation error e = ||P P^T G Q Q^T - G||_F / ||G||_F (mean over samples).
 double relative_error(const SparseProjector& P, const SparseProjector& Q,

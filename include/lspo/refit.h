@@ -27,6 +27,8 @@ enum class ReinitPolicy {
 
 // "never" | "on_failure" | "always" (lspo::Error naming `who` otherwise).
 ReinitPolicy parse_reinit(const std::string& name, const std::string& who);
+// "sparse" | "svd" (lspo::Error naming `who` otherwise).
+ProjectorBasis parse_basis(const std::string& name, const std::string& who);
 
 struct RefitOptions {
   // the fit (lspo::fit on the fit samples, Adam on values / RMS(values))
@@ -45,6 +47,10 @@ struct RefitOptions {
   ReinitPolicy reinit = ReinitPolicy::kOnFailure;
   uint64_t seed = 0;  // of the fresh values of a re-init (use a different seed per check and layer)
   ProjectorInit init = ProjectorInit::kGaussian;
+  // kSvd: the candidate is not fitted but set from the fit samples' leading singular directions
+  // (top_singular_basis, for every side that is not an identity); iters, lr, l2, eval_every,
+  // patience, reinit and seed are then unused. The rule and the held-out judgement are the same.
+  ProjectorBasis basis = ProjectorBasis::kSparse;
 };
 
 struct RefitResult {
@@ -54,7 +60,7 @@ struct RefitResult {
   bool fitted = false;        // the rule asked for a fit
   bool kept = false;          // P, Q (and M, V) changed
   bool reinit = false;        // the kept fit started from fresh random values
-  int64_t iters = 0;          // Adam iterations run in all (warm + re-init)
+  int64_t iters = 0;          // Adam iterations run in all (warm + re-init; 0 with the SVD basis)
   double seconds = 0;         // wall time of the whole check
   double reference_error = 0; // pass as RefitOptions::reference_error at the next check
 };

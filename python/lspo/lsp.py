@@ -152,6 +152,12 @@ class LSPAdamW(OffloadAdamW):
     square ``d x d`` layout (``lspo._C.one_sided_rank``); ``S`` is then ``max(m, n) x k``. Measured
     better per byte of state than the square layout on the quick fine-tuning protocol, but ``S`` is
     larger (more host-device traffic on a GPU), so it is opt-in (docs/convergence.md).
+    ``basis`` (default ``"sparse"``): ``"sparse"`` learns (d, r)-sparse projector values at each refit
+    check; ``"svd"`` makes the projected sides dense (r = d, a random orthonormal basis until the first
+    check) and sets them at each kept check to the leading singular directions of the check's summed
+    gradient (no fit iterations). With ``one_sided`` its dense side is counted in the state budget
+    (``lspo._C.one_sided_rank(..., dense=True)``); two-sided, dense projectors cost ``8 (m dP + n dQ)``
+    bytes per weight instead of ``8 r (m + n)``.
     ``refit_diagnostics``: every check also records the held-out error of fresh
     whitened random projectors of the same d, r (``refits[k]["random_heldout"]``).
     ``max_grad_norm``, ``overlap``, ``record_timeline`` and ``pinned_limit_bytes`` are as for
@@ -165,7 +171,7 @@ class LSPAdamW(OffloadAdamW):
                  refit_threshold: float = 0.0, refit_iters: int = 10, refit_lr: float = 0.1,
                  refit_l2: float = 0.01, refit_drift: float = 0.1, refit_reinit: str = "on_failure",
                  whiten: bool = True, scale: Any = 1.0, refit_diagnostics: bool = False, refit_stagger: bool = False,
-                 one_sided: bool = False, min_dim: Optional[int] = None, seed: int = 0,
+                 one_sided: bool = False, basis: str = "sparse", min_dim: Optional[int] = None, seed: int = 0,
                  max_grad_norm: Optional[float] = None,
                  overlap: bool = True, record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30,
                  state_dir: Optional[str] = None, host_memory_limit: Optional[int] = None, resume: bool = False):
@@ -182,6 +188,9 @@ class LSPAdamW(OffloadAdamW):
             raise ValueError(f"LSPAdamW: scale must be 'auto' or a finite number > 0, got {scale!r}")
         self.whiten, self.scale, self.refit_diagnostics = bool(whiten), scale, bool(refit_diagnostics)
         self.refit_stagger, self.one_sided = bool(refit_stagger), bool(one_sided)
+        if basis not in ("sparse", "svd"):
+            raise ValueError(f"LSPAdamW: basis must be 'sparse' or 'svd', got {basis!r}")
+        self.basis = basis
         self.subspace, self.nnz = subspace, nnz
         self.min_dim = subspace if min_dim is None else int(min_dim)
         if self.min_dim < nnz:
@@ -227,7 +236,7 @@ class LSPAdamW(OffloadAdamW):
         auto = self.scale == "auto"
         return dict(whiten=self.whiten, scale=1.0 if auto else float(self.scale), scale_auto=auto,
                     refit_diagnostics=self.refit_diagnostics, refit_stagger=self.refit_stagger,
-                    one_sided=self.one_sided)
+                    one_sided=self.one_sided, basis=self.basis)
 
     # ---------------------------------------------------------------- registration
     def _projection(self, p: torch.Tensor, group: dict) -> tuple:

@@ -55,7 +55,8 @@ lspo::SlotState state_from_py(const py::dict& d) {
 LSPO_REGISTER_BINDINGS(core) {
   using lspo::OptimizerCore;
   m.def("one_sided_rank", &lspo::one_sided_rank, py::arg("m"), py::arg("n"), py::arg("d"), py::arg("r"),
-        py::arg("whitened") = true, "LSPAdamW(one_sided=True): the projected side's size k of an [m, n] weight.");
+        py::arg("whitened") = true, py::arg("dense") = false,
+        "LSPAdamW(one_sided=True): the projected side's size k of an [m, n] weight (dense: basis='svd').");
   py::class_<lspo::Communicator, PyCommunicator, std::shared_ptr<lspo::Communicator>>(
       m, "Communicator", "The collectives of data parallel (lspo/dist.h); subclassed in lspo.distributed.")
       .def(py::init<>())
@@ -66,7 +67,7 @@ LSPO_REGISTER_BINDINGS(core) {
           py::init([](const std::string& name, bool overlap, bool record_timeline, int64_t pinned_limit_bytes,
                       double max_grad_norm, int64_t seed, const std::string& state_dir, int64_t host_memory_limit_bytes,
                       bool resume, bool whiten, double scale, bool scale_auto, bool refit_diagnostics,
-                      bool refit_stagger, bool one_sided) {
+                      bool refit_stagger, bool one_sided, const std::string& basis) {
             LSPO_CHECK(seed >= 0, name, ": seed must be >= 0, got ", seed);
             lspo::CoreOptions o;
             o.name = name;
@@ -84,6 +85,7 @@ LSPO_REGISTER_BINDINGS(core) {
             o.refit_diagnostics = refit_diagnostics;
             o.refit_stagger = refit_stagger;
             o.one_sided = one_sided;
+            o.basis = lspo::parse_basis(basis, name);
             return std::make_shared<OptimizerCore>(o);
           }),
           py::arg("name"), py::arg("overlap") = true, py::arg("record_timeline") = false,
@@ -91,7 +93,7 @@ LSPO_REGISTER_BINDINGS(core) {
           py::arg("state_dir") = "", py::arg("host_memory_limit_bytes") = -1, py::arg("resume") = false,
           py::arg("whiten") = true, py::arg("scale") = 1.0, py::arg("scale_auto") = false,
           py::arg("refit_diagnostics") = false, py::arg("refit_stagger") = false,
-          py::arg("one_sided") = false)
+          py::arg("one_sided") = false, py::arg("basis") = "sparse")
       .def("allocate_all", &OptimizerCore::allocate_all, py::call_guard<py::gil_scoped_release>())
       .def("resume", &OptimizerCore::resume)
       .def("slots_on_disk", &OptimizerCore::slots_on_disk)

@@ -98,7 +98,14 @@ INSTANTIATE_TEST_SUITE_P(Shapes, ProjectorOps,
                                            Shape{9, 13, 4, 4, 4, 5},     // r = d
                                            Shape{33, 17, 8, 5, 3, 11},   // odd everything
                                            Shape{4097, 24, 64, 8, 8, 9}, // m = 4097
-                                           Shape{64, 96, 16, 32, 16, 130}));
+                                           Shape{64, 96, 16, 32, 16, 130},  // P dense (r = d = 16): GEMM path
+                                           Shape{4097, 33, 24, 17, 24, 5},   // both dense, m = 4097, odd n
+                                           Shape{300, 257, 16, 16, 16, 1}),  // both dense at the threshold, k = 1
+                         [](const ::testing::TestParamInfo<Shape>& i) {
+                           const Shape& s = i.param;
+                           return "m" + std::to_string(s.m) + "n" + std::to_string(s.n) + "dP" + std::to_string(s.dP) +
+                                  "dQ" + std::to_string(s.dQ) + "r" + std::to_string(s.r) + "k" + std::to_string(s.k);
+                         });
 
 TEST(Projector, RandomIsValidAndDeterministic) {
   auto a = SparseProjector::random(100, 20, 7, 5), b = SparseProjector::random(100, 20, 7, 5);

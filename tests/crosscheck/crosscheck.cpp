@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
     auto o = in.at("options").toGenericDict();
     auto model = std::make_shared<MLP>(w);
     std::unique_ptr<lspo::OffloadOptimizerBase> opt;
-    if (kind == "lsp" || kind == "lsp1") {
+    if (kind == "lsp" || kind == "lsp1" || kind == "lsvd") {
       lspo::LSPAdamWOptions lo(num(o.at("lr")));
       lo.weight_decay(num(o.at("weight_decay")))
           .subspace(o.at("subspace").toInt())
@@ -75,6 +75,7 @@ int main(int argc, char** argv) {
           .overlap(o.at("overlap").toBool())
           .seed(o.at("seed").toInt());
       if (o.contains("one_sided")) lo.one_sided(o.at("one_sided").toBool());
+      if (o.contains("basis")) lo.basis(o.at("basis").toStringRef());
       opt = std::make_unique<lspo::LSPAdamW>(model->parameters(), lo);
     } else {
       lspo::OffloadAdamWOptions oo(num(o.at("lr")));

@@ -32,8 +32,9 @@ class MLP(torch.nn.Module):
         return self.l3(torch.nn.functional.gelu(self.l2(torch.tanh(self.l1(x)))))
 
 
-def _lsp_opts(kind):  # "lsp1": the one-sided layout
-    return dict(LSP_OPTS, one_sided=True) if kind == "lsp1" else LSP_OPTS
+def _lsp_opts(kind):  # "lsp1": the one-sided layout; "lsvd": one-sided with the SVD basis
+    return {"lsp": LSP_OPTS, "lsp1": dict(LSP_OPTS, one_sided=True),
+            "lsvd": dict(LSP_OPTS, one_sided=True, basis="svd")}[kind]
 
 
 def data():
@@ -46,7 +47,7 @@ def data():
 
 
 def optimizer(kind, model):
-    if kind in ("lsp", "lsp1"):
+    if kind in ("lsp", "lsp1", "lsvd"):
         return lspo.LSPAdamW(model, **_lsp_opts(kind))
     return lspo.OffloadAdamW(model.parameters(), **OFF_OPTS)
 
@@ -62,7 +63,7 @@ def train_py(model, opt, xs, ys, start, steps):
 
 def run_cpp(tmp_path: pathlib.Path, kind, weights, xs, ys, start, steps, load=""):
     inp, out = tmp_path / f"in_{kind}_{start}.pt", tmp_path / f"out_{kind}_{start}.pt"
-    opts = _lsp_opts(kind) if kind in ("lsp", "lsp1") else OFF_OPTS
+    opts = _lsp_opts(kind) if kind in ("lsp", "lsp1", "lsvd") else OFF_OPTS
     torch.save({"weights": weights, "xs": xs, "ys": ys, "steps": steps, "accum": ACCUM, "start": start, "kind": kind,
                 "options": opts, "load": str(load), "save_at": -1, "save_path": ""}, inp)
     r = subprocess.run([str(EXE), str(inp), str(out)], capture_output=True, text=True, timeout=300)

@@ -30,7 +30,7 @@ def _same_state(a: dict, b: dict):
             assert torch.equal(sa[k].float() if k == "step" else sa[k], sb[k].float() if k == "step" else sb[k]), (i, k)
 
 
-@pytest.mark.parametrize("kind", ["lsp", "lsp1", "offload"])  # lsp1: one_sided=True
+@pytest.mark.parametrize("kind", ["lsp", "lsp1", "lsvd", "offload"])  # lsp1: one_sided=True; lsvd: + basis="svd"
 def test_python_face_equals_cpp_face_bitwise(tmp_path, kind):
     weights, xs, ys = data()
     model = MLP(weights)
@@ -42,7 +42,9 @@ def test_python_face_equals_cpp_face_bitwise(tmp_path, kind):
     _same_state(opt.state_dict(), out["checkpoint"])
     if kind != "offload":
         assert len(opt.refits) == 2 * 3  # checks at steps 1, 4, 7 x two projected layers
-        assert sum(r["kept"] for r in opt.refits) >= 2  # at least the first check's fits were kept
+        # a kept check is in the compared run (sparse: at least the first check's fits; svd: the odd
+        # micro-batch's held-out sum did not prefer the even one's singular basis on one of the layers)
+        assert sum(r["kept"] for r in opt.refits) >= (1 if kind == "lsvd" else 2)
 
 
 @pytest.mark.parametrize("kind", ["lsp", "offload"])

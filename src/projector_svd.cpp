@@ -1,0 +1,65 @@
+// src/projector_svd.cpp -- the SVD basis of a projected side (ProjectorBasis::kSvd, lspo/projector.h):
+// the leading singular directions of a layer's gradients, and a projector set from a dense basis.
+#include <string>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "lspo/projector.h"
+
+namespace lspo {
+
+torch::Tensor top_singular_basis(const std::vector<GradSample>& samples, bool left, int64_t k) {
+  LSPO_CHECK(!samples.empty(), "top_singular_basis: no samples");
+  torch::NoGradGuard ng;
+  // The samples as [size, other_i] fp64 blocks of A = [G_1 G_2 ...] (left) or [G_1^T G_2^T ...] (right).
+  std::vector<torch::Tensor> blocks;
+  int64_t size = -1, other = 0;
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const GradSample& s = samples[i];
+    torch::Tensor G = s.G.defined() ? s.G : s.X.t().to(torch::kFloat).mm(s.dY.to(torch::kFloat));
+    LSPO_CHECK(G.dim() == 2, "top_singular_basis: sample ", i, " is not a 2-D gradient (sizes ", G.sizes(), ")");
+    G = left ? G.to(torch::kDouble) : G.to(torch::kDouble).t();
+    LSPO_CHECK(size < 0 || G.size(0) == size, "top_singular_basis: sample ", i, " has ", G.size(0), " ",
+               left ? "rows" : "columns", ", sample 0 has ", size);
+    size = G.size(0);
+    other += G.size(1);
+    blocks.push_back(G);
+  }
+  LSPO_CHECK(k >= 1 && k <= size, "top_singular_basis: need 1 <= k <= ", size, " (k = ", k, ")");
+  torch::Tensor B;
+  if (size <= other) {
+    // the side's Gram A A^T = sum_i G_i G_i^T (size x size); eigh: ascending, orthonormal eigenvectors
+    // (a rank below k pads with the null space's)
+    torch::Tensor C;
+    for (const auto& G : blocks) C = C.defined() ? C.addmm_(G, G.t()) : G.mm(G.t());
+    LSPO_CHECK(torch::isfinite(C).all().item<bool>(), "top_singular_basis: the gradients are not finite");
+    B = std::get<1>(torch::linalg_eigh(C)).narrow(1, size - k, k).flip({1});
+  } else {
+    // a side longer than the rest: the thin SVD of A ([size, other], O(size other^2)); past rank
+    // `other`, an orthonormal completion (QR of [U, random])
+    torch::Tensor A = blocks.size() == 1 ? blocks[0] : torch::cat(blocks, 1);
+    LSPO_CHECK(torch::isfinite(A).all().item<bool>(), "top_singular_basis: the gradients are not finite");
+    torch::Tensor U = std::get<0>(torch::linalg_svd(A, false, c10::nullopt));
+    if (k <= other) {
+      B = U.narrow(1, 0, k);
+    } else {
+      auto gen = at::detail::createCPUGenerator(static_cast<uint64_t>(size * 1000003 + k));
+      torch::Tensor R = at::randn({size, k - other}, gen, U.options().device(torch::kCPU)).to(U.device());
+      torch::Tensor Qm = std::get<0>(torch::linalg_qr(torch::cat({U, R}, 1)));
+      B = Qm;
+    }
+  }
+  return B.to(torch::kFloat).contiguous();
+}
+
+void SparseProjector::assign_dense_(const torch::Tensor& B) {
+  LSPO_CHECK(indices.defined() && values.defined(), "SparseProjector::assign_dense_: empty projector");
+  LSPO_CHECK(B.dim() == 2 && B.size(0) == n() && B.size(1) == d, "SparseProjector::assign_dense_: basis must be [n, d] = [",
+             n(), ", ", d, "], got sizes ", B.sizes());
+  LSPO_CHECK(B.is_floating_point(), "SparseProjector::assign_dense_: basis must be floating point, got ", B.scalar_type());
+  torch::NoGradGuard ng;
+  values.copy_(B.to(values.device(), torch::kFloat).gather(1, indices.to(torch::kLong)));
+  if (whitened()) whiten_();
+}
+
+}  // namespace lspo
