@@ -364,6 +364,14 @@ def finetune_main(a):
                       "refit_time_fraction": results.get("lsp_one_sided", {}).get("refit_time_fraction"),
                       "state_bytes_vs_lsp": (results["lsp_one_sided"]["state_bytes"] / lsp["state_bytes"]
                                              if "lsp_one_sided" in results and lsp else None)},
+        # LSPAdamW(one_sided=True, basis="svd"), the same keys (None when not run)
+        "svd": {"vs_adamw": ratio("lsp_svd", "adamw"),
+                "vs_lora": ratio("lsp_svd", lora_peer) if lora_peer else None,
+                "vs_galore": ratio("lsp_svd", "galore"),
+                "learned_vs_random_heldout_error": results.get("lsp_svd", {}).get("learned_vs_random_heldout_error"),
+                "refit_time_fraction": results.get("lsp_svd", {}).get("refit_time_fraction"),
+                "state_bytes_vs_lsp": (results["lsp_svd"]["state_bytes"] / lsp["state_bytes"]
+                                       if "lsp_svd" in results and lsp else None)},
         "elapsed_s": time.perf_counter() - t0, "load_average_start_end": [load0, os.getloadavg()[0]],
         "cpu": lspo.cpu_info() if hasattr(lspo, "cpu_info") else None,
     }

@@ -50,13 +50,14 @@ METHODS = ("optimizer", "meft")
 # Flags that define the training run: a resumed run takes them from the checkpoint.
 RUN_FLAGS = ("model", "data", "optimizer", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "refit_every",
              "refit_iters", "lr", "warmup", "weight_decay", "max_grad_norm", "lora_rank", "seed", "amp", "steps",
-             "method", "meft_neurons", "meft_topk", "meft_experts", "meft_probe", "meft_selection", "meft_budget")
+             "method", "meft_neurons", "meft_topk", "meft_experts", "meft_probe", "meft_selection", "meft_budget",
+             "lsp_basis", "one_sided")
 DEFAULTS = dict(model="smollm2", data=str(DEFAULT_DATA), optimizer="lsp", batch_size=4, seq_len=128,
                 grad_accum=1, subspace=256, nnz=8, refit_every=100, refit_iters=10, lr=1e-4, warmup=5,
                 weight_decay=0.0, max_grad_norm=1.0,
                 lora_rank=16, seed=0, amp="auto", steps=30,
                 method="optimizer", meft_neurons=4096, meft_topk=32, meft_experts=0, meft_probe=4,
-                meft_selection="token", meft_budget=0)
+                meft_selection="token", meft_budget=0, lsp_basis="sparse", one_sided=False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,6 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--nnz", type=int, help="LSP projector non-zeros per row r (lsp only; default 8)")
     a("--refit-every", type=int, help="LSP: refit the projectors every N steps when their error is above "
                                       "threshold, 0 never (lsp only; default 100)")
+    a("--lsp-basis", choices=("sparse", "svd"), help="LSP projector basis: learned sparse (default) or the "
+                                                     "gradient's leading singular directions (lsp only)")
+    a("--one-sided", action="store_const", const=True, help="LSP: keep each weight's larger side whole, project "
+                                                            "the smaller one at equal state (lsp only)")
     a("--refit-iters", type=int, help="LSP: Adam iterations per projector refit (lsp only; default 10: the "
                                       "step-1 refit of SmolLM2's 150 matrices costs ~2 min at 10, ~5 at 50 here)")
     a("--lr", type=float, help="peak learning rate (default 1e-4; linear warmup, cosine decay to 10%%)")
@@ -234,7 +239,7 @@ def build_optimizer(args, model, tier_kwargs: dict | None = None):
         return lspo.LSPAdamW(model, lr=args.lr, weight_decay=args.weight_decay, subspace=args.subspace,
                              nnz=args.nnz, refit_every=args.refit_every,
                              refit_iters=args.refit_iters, max_grad_norm=clip, record_timeline=bool(args.trace),
-                             seed=args.seed, **tk)
+                             seed=args.seed, basis=args.lsp_basis, one_sided=args.one_sided, **tk)
     return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
 
 
