@@ -46,7 +46,7 @@ def test_finetune_protocol_smoke(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     s = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(s["runs"]) == {"adamw", "lsp", "lsp_one_sided", "lora_r16", "lora_r64", "galore"}
+    assert set(s["runs"]) == {"adamw", "lsp", "lsp_one_sided", "lsp_svd", "lora_r16", "lora_r64", "galore"}
     for k in ("lsp_vs_adamw_finetune_loss_ratio", "lsp_vs_lora_loss_ratio", "lsp_vs_galore_loss_ratio",
               "refit_time_fraction"):
         assert s[k] is not None and s[k] > 0, k
@@ -57,6 +57,9 @@ def test_finetune_protocol_smoke(tmp_path):
     one = s["runs"]["lsp_one_sided"]  # the same state budget in the one-sided layout
     assert one["refit_checks"] == 8 and one["state_bytes"] <= lsp["state_bytes"]
     assert s["one_sided"]["vs_adamw"] > 0 and s["one_sided"]["state_bytes_vs_lsp"] <= 1.0
+    svd = s["runs"]["lsp_svd"]  # one-sided with the SVD basis: its dense side inside the same budget
+    assert svd["refit_checks"] == 8 and svd["refits_fitted"] >= 1 and svd["state_bytes"] <= lsp["state_bytes"]
+    assert s["svd"]["vs_galore"] > 0 and s["svd"]["state_bytes_vs_lsp"] <= 1.0
     full = json.loads(out_json.read_text())
     assert set(full["curves"]) == set(s["runs"])
     for p in s["plots"]:
