@@ -89,8 +89,9 @@ DType lspo_dtype(const torch::Tensor& t) {
 torch::TensorOptions f32(const torch::Tensor& like) { return like.options().dtype(torch::kFloat32); }
 
 // ---- a dense projector (r = d: every row holds every column, LSPAdamW's basis="svd") goes through
-// ATen's GEMMs (BLAS / cuBLAS) instead of the ELL kernels, which are built for r << d: measured 20-50x
-// faster at r = d = 241..394 on the CPU (docs/benchmarks.md). From d = 16 on; below, the ELL kernels.
+// ATen's GEMMs (BLAS / cuBLAS) instead of the ELL kernels, which are built for r << d: left_project
+// at 576 x 1536, r = d = 241, 106 ms with the ELL kernel, 10 ms this way (2 CPU threads;
+// benchmarks/projector_dense.py measures it against the bare GEMM). From d = 16 on; below, the ELL kernels.
 constexpr int64_t kDenseMinD = 16;
 bool dense_layout(const SparseProjector& P) { return P.r() == P.d && P.d >= kDenseMinD; }
 torch::Tensor raw_dense(const SparseProjector& P) {  // P [n, d] fp32, unwhitened

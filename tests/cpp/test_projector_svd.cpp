@@ -101,6 +101,12 @@ TEST(TopSingularBasis, RankBelowKPadsOrthonormallyAndBadInputIsNamed) {
       EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
     }
   };
+  // a side longer than the rest with k past the other side's size: thin SVD + orthonormal completion
+  const Tensor T = torch::randn({20, 3});
+  const Tensor C = lspo::top_singular_basis({GradSample::dense(T)}, true, 5);
+  EXPECT_LT((C.to(f64).t().mm(C.to(f64)) - torch::eye(5, f64)).abs().max().item<double>(), 1e-6);
+  const Tensor U3 = std::get<0>(torch::linalg_svd(T.to(f64), false, c10::nullopt));
+  EXPECT_LT(subspace_gap(C.narrow(1, 0, 3), U3), 1e-5);  // the gradient's own directions first
   expect_error([&] { lspo::top_singular_basis({GradSample::dense(G)}, true, 11); }, "1 <= k <= 10");
   expect_error([&] { lspo::top_singular_basis({}, true, 1); }, "no samples");
   Tensor bad = G.clone();
