@@ -31,7 +31,7 @@ def build(args):
     common = dict(lr=1e-2, weight_decay=0.01, max_grad_norm=args.clip)
     if args.opt == "lsp":
         opt = lspo.LSPAdamW(model, subspace=12, nnz=3, min_dim=12, refit_every=args.refit_every, refit_threshold=0.0,
-                            refit_iters=5, seed=7, **common)
+                            refit_iters=5, seed=7, basis=args.basis, one_sided=args.basis == "svd", **common)
     else:
         opt = lspo.OffloadAdamW(model.parameters(), **common)
     return model, opt
@@ -53,6 +53,7 @@ def parse(argv):
     ap.add_argument("--b", type=int, default=4)
     ap.add_argument("--clip", type=float, default=None)
     ap.add_argument("--refit-every", type=int, default=2)
+    ap.add_argument("--basis", choices=("sparse", "svd"), default="sparse", help="svd: one_sided=True, basis='svd'")
     ap.add_argument("--skip-backward-rank", type=int, default=-1, help="this rank runs no backward at step 1")
     ap.add_argument("--amp", action="store_true", help="torch.amp.GradScaler (CPU) loss scaling")
     ap.add_argument("--inf-step", type=int, default=-1, help="the last rank's loss is inf at this step (0-based)")

@@ -110,11 +110,12 @@ def runs(tmp_path_factory):
         ("offload_stale_launches", offload),
         ("offload_no_overlap", offload + ["--no-overlap"]),
         ("resume2", lsp + ["--resume", ck]),  # from the checkpoint "lsp" saved at step 3
+        ("svd", lsp + ["--basis", "svd"]),
         # last: its steps end in an error on both ranks
         ("nograd", ["--opt", "lsp", "--no-overlap", "--skip-backward-rank", 1]),
     ])
     one, _ = launch(tmp, [("lsp", lsp), ("wrap", wrap), ("amp", amp), ("offload", offload),
-                          ("resume1", lsp + ["--resume", ck])], world=1)
+                          ("resume1", lsp + ["--resume", ck]), ("svd", lsp + ["--basis", "svd"])], world=1)
     return tmp, ck, two, one
 
 
@@ -139,6 +140,16 @@ def test_lsp_two_ranks_match_one_rank(runs):
     # with no_sync() on the first micro-batch, every reduce was launched from the hooks during the
     # last backward and used as launched
     assert two["comm"]["early_bytes"] == two["comm"]["reduce_bytes"]
+
+
+def test_svd_basis_two_ranks_match_one_rank(runs):
+    # one_sided + basis="svd": the owner's SVD basis reaches the other rank (dense projector values and
+    # whitening), and the run equals one process's
+    two, one = runs[2]["svd"], runs[3]["svd"]
+    assert not two["error"] and two["ranks_identical"]
+    assert max_diff(two["params"], one["params"]) < ATOL
+    assert state_diff(two["state"], one["state"]) < ATOL
+    assert two["refits"] == one["refits"] and len(one["refits"]) == 6 and sum(r[2] for r in one["refits"]) >= 1
 
 
 def test_lsp_wrap_path_two_ranks_match_one_rank(runs):
