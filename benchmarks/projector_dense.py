@@ -20,9 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 
@@ -30,15 +29,8 @@ import lspo
 from lspo import _C
 from lspo.projector import SparseProjector, apply_, left_project
 
-
-def timed(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from projector import timed  # noqa: E402  (median of reps after a warm-up)
 
 
 def main() -> None:

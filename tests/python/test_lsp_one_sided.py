@@ -11,14 +11,15 @@ from lspo import _C
 from test_lsp import Net, _params, _same, _train, adam_ref
 
 
-def _budget_rank(m, n, d, r, whitened=True):
+def _budget_rank(m, n, d, r, whitened=True, dense=False):
     """Brute force of the rule in include/lspo/optim_core.h: the largest k in [r, min(m, n)] whose
-    one-sided state bytes fit in the square layout's."""
+    one-sided state bytes fit in the square layout's (dense: the projector's ELL holds k entries a row)."""
     w = 4 if whitened else 0
     dP, dQ = min(d, m), min(d, n)
     budget = 8 * dP * dQ + 8 * r * (m + n) + w * (dP * dP + dQ * dQ)
     big, small = max(m, n), min(m, n)
-    ks = [k for k in range(r, small + 1) if 8 * big * k + 8 * big + 8 * r * small + w * k * k <= budget]
+    ks = [k for k in range(r, small + 1)
+          if 8 * big * k + 8 * big + 8 * (k if dense else r) * small + w * k * k <= budget]
     return max(ks) if ks else min(r, small)
 
 
@@ -45,13 +46,17 @@ def test_layout_identity_on_the_larger_side(shape):
     assert ("proj_P_whiten" in sd) == (shape[0] < shape[1]) and ("proj_Q_whiten" in sd) == (shape[0] >= shape[1])
 
 
-@pytest.mark.parametrize("shape", [(37, 29), (29, 37)])
-def test_one_sided_step_matches_dense_fp64_reference(shape):
+# svd: a dense projected side (r = d = 25 >= 16: lspo's GEMM path, src/projector.cpp), no refit
+@pytest.mark.parametrize("shape,basis,d", [((37, 29), "sparse", 8), ((29, 37), "sparse", 8), ((300, 64), "svd", 64)])
+def test_one_sided_step_matches_dense_fp64_reference(shape, basis, d):
     torch.manual_seed(3)
     W = torch.nn.Parameter(torch.randn(*shape))
     lr, wd, b1, b2, eps = 1e-2, 0.1, 0.9, 0.999, 1e-8
-    o = lspo.LSPAdamW([W], lr=lr, weight_decay=wd, subspace=8, nnz=3, min_dim=8, refit_every=0, one_sided=True)
+    o = lspo.LSPAdamW([W], lr=lr, weight_decay=wd, subspace=d, nnz=3, min_dim=d, refit_every=0, one_sided=True,
+                      basis=basis)
     P, Q = o.projectors(W)
+    if basis == "svd":
+        assert Q.r == Q.d >= 16
     Pd, Qd = P.dense(torch.float64), Q.dense(torch.float64)
     w = W.detach().double().clone()
     m = torch.zeros(P.d, Q.d, dtype=torch.float64)
@@ -110,24 +115,29 @@ def _opt(m, **kw):
     return lspo.LSPAdamW(m, **args)
 
 
-def test_one_sided_overlapped_equals_serial_bitwise_and_state_dict_continues(tmp_path):
+# svd (basis="svd", tests/python/test_lsp_svd.py): with 2 micro-batches, so checks fit on one and judge on the other
+@pytest.mark.parametrize("basis,accum", [("sparse", 1), ("svd", 2)])
+def test_one_sided_overlapped_equals_serial_bitwise_and_state_dict_continues(tmp_path, basis, accum):
+    kw = dict(max_grad_norm=0.05, basis=basis)
     m1, m2 = Net(), Net()
-    o1, o2 = _opt(m1, max_grad_norm=0.05), _opt(m2, max_grad_norm=0.05, overlap=False)
-    _train(m1, o1, 8)
-    _train(m2, o2, 8)
+    o1, o2 = _opt(m1, **kw), _opt(m2, overlap=False, **kw)
+    _train(m1, o1, 8, accum=accum)
+    _train(m2, o2, 8, accum=accum)
     assert _same(_params(m1), _params(m2)) and len(o1.refits) == 6
+    assert basis == "sparse" or all(r["iters"] == 0 for r in o1.refits)  # the SVD basis runs no fit
     m = Net()
-    o = _opt(m, max_grad_norm=0.05)
-    _train(m, o, 5)
+    o = _opt(m, **kw)
+    _train(m, o, 5, accum=accum)
     torch.save({"model": m.state_dict(), "opt": o.state_dict()}, tmp_path / "c.pt")
     ck = torch.load(tmp_path / "c.pt", weights_only=True)
     m3 = Net(seed=9)
     m3.load_state_dict(ck["model"])
-    o3 = _opt(m3, seed=5, max_grad_norm=0.05)
+    o3 = _opt(m3, seed=5, **kw)
     o3.load_state_dict(ck["opt"])
-    _train(m3, o3, 3, start=5)
+    _train(m3, o3, 3, start=5, accum=accum)
     assert _same(_params(m3), _params(m1))
-    # a square-layout optimizer refuses the one-sided state (different subspace sizes)
-    o4 = _opt(Net(), one_sided=False)
-    with pytest.raises(Exception, match="subspace|whitened"):
+    # the other layout refuses the state (a square layout: other subspace sizes; the sparse basis:
+    # other projector shapes)
+    o4 = _opt(Net(), **(dict(one_sided=False) if basis == "sparse" else dict(basis="sparse")))
+    with pytest.raises(Exception, match="subspace|whitened|sizes"):
         o4.load_state_dict(ck["opt"])
