@@ -344,6 +344,15 @@ def finetune_main(a):
     loras = sorted((k for k in results if k.startswith("lora_")), key=lambda k: results[k]["state_bytes"])
     lora_peer = next((k for k in loras if results[k]["state_bytes"] >= lsp.get("state_bytes", 0)),
                      loras[-1] if loras else None)
+
+    def variant(run):
+        return {"vs_adamw": ratio(run, "adamw"), "vs_lora": ratio(run, lora_peer) if lora_peer else None,
+                "vs_galore": ratio(run, "galore"),
+                "learned_vs_random_heldout_error": results.get(run, {}).get("learned_vs_random_heldout_error"),
+                "refit_time_fraction": results.get(run, {}).get("refit_time_fraction"),
+                "state_bytes_vs_lsp": results[run]["state_bytes"] / lsp["state_bytes"] if run in results and lsp
+                else None}
+
     summary = {
         "protocol": "quick" if a.quick else "full",
         "model": f"TinyGPT {spec.n_layer}x{spec.n_embd} block {spec.block}", "pretrain_val_loss": pre["val_loss"],
@@ -355,23 +364,10 @@ def finetune_main(a):
         "lsp_vs_galore_loss_ratio": ratio("lsp", "galore"),
         "learned_vs_random_heldout_error": lsp.get("learned_vs_random_heldout_error"),
         "refit_time_fraction": lsp.get("refit_time_fraction"),
-        # LSPAdamW(one_sided=True), the same keys against the same peers (None when not run)
-        "one_sided": {"vs_adamw": ratio("lsp_one_sided", "adamw"),
-                      "vs_lora": ratio("lsp_one_sided", lora_peer) if lora_peer else None,
-                      "vs_galore": ratio("lsp_one_sided", "galore"),
-                      "learned_vs_random_heldout_error":
-                          results.get("lsp_one_sided", {}).get("learned_vs_random_heldout_error"),
-                      "refit_time_fraction": results.get("lsp_one_sided", {}).get("refit_time_fraction"),
-                      "state_bytes_vs_lsp": (results["lsp_one_sided"]["state_bytes"] / lsp["state_bytes"]
-                                             if "lsp_one_sided" in results and lsp else None)},
-        # LSPAdamW(one_sided=True, basis="svd"), the same keys (None when not run)
-        "svd": {"vs_adamw": ratio("lsp_svd", "adamw"),
-                "vs_lora": ratio("lsp_svd", lora_peer) if lora_peer else None,
-                "vs_galore": ratio("lsp_svd", "galore"),
-                "learned_vs_random_heldout_error": results.get("lsp_svd", {}).get("learned_vs_random_heldout_error"),
-                "refit_time_fraction": results.get("lsp_svd", {}).get("refit_time_fraction"),
-                "state_bytes_vs_lsp": (results["lsp_svd"]["state_bytes"] / lsp["state_bytes"]
-                                       if "lsp_svd" in results and lsp else None)},
+        # LSPAdamW(one_sided=True) and (one_sided=True, basis="svd"): the same keys against the same
+        # peers (None when not run)
+        "one_sided": variant("lsp_one_sided"),
+        "svd": variant("lsp_svd"),
         "elapsed_s": time.perf_counter() - t0, "load_average_start_end": [load0, os.getloadavg()[0]],
         "cpu": lspo.cpu_info() if hasattr(lspo, "cpu_info") else None,
     }

@@ -15,7 +15,8 @@ defaults except ``subspace``), ``lora_r16`` / ``lora_r64`` (peft, all block line
 the base weights frozen, the rest trains), ``galore`` (galore-torch, rank matched to LSPAdamW's
 optimizer memory), ``lsp_one_sided`` (LSPAdamW with ``one_sided=True``: the same state bytes in
 the one-sided layout), ``lsp_svd`` (``one_sided=True, basis="svd"``: the projected side dense, set to
-the leading singular directions at each kept refit check, within the same state bytes). The same model, data and batch order for every optimizer.
+the leading singular directions at each kept refit check, within the same state bytes). The same
+model, data and batch order for every optimizer.
 """
 from __future__ import annotations
 

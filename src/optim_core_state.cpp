@@ -153,9 +153,6 @@ void OptimizerCore::load_state(int64_t i, const SlotState& st, bool dry_run) {
                ": the saved projectors (", P.n(), " x ", P.r(), ", ", Q.n(), " x ", Q.r(),
                ") do not fit this parameter's (", s.P.n(), " x ", s.P.r(), ", ", s.Q.n(), " x ", s.Q.r(),
                ") (different subspace?)");
-    LSPO_CHECK(st.exp_avg.numel() == s.P.d * s.Q.d && st.exp_avg_sq.numel() == s.P.d * s.Q.d, who, ": exp_avg has ",
-               st.exp_avg.numel(), " elements, this optimizer's subspace is ", s.P.d, " x ", s.Q.d,
-               " (different subspace?)");
   } else {
     LSPO_CHECK(st.master_param.defined(), who, ": the state lacks 'master_param' (was it saved by an lspo ",
                "offloading optimizer? torch's AdamW state has no master copy)");

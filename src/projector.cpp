@@ -322,8 +322,7 @@ SparseProjector SparseProjector::to(torch::Device device) const {
 
 torch::Tensor SparseProjector::dense(torch::ScalarType dtype) const {
   check_projector(*this, "SparseProjector::dense", "self");
-  torch::Tensor D = torch::zeros({n(), d}, values.options()).scatter_(1, indices.to(torch::kLong), values);
-  return wr(D, *this).to(dtype);
+  return wr(raw_dense(*this), *this).to(dtype);
 }
 
 void set_projector_backend(ProjectorBackend b) { g_backend.store(static_cast<int>(b)); }

@@ -18,6 +18,7 @@ torch::Tensor top_singular_basis(const std::vector<GradSample>& samples, bool le
     const GradSample& s = samples[i];
     torch::Tensor G = s.G.defined() ? s.G : s.X.t().to(torch::kFloat).mm(s.dY.to(torch::kFloat));
     LSPO_CHECK(G.dim() == 2, "top_singular_basis: sample ", i, " is not a 2-D gradient (sizes ", G.sizes(), ")");
+    LSPO_CHECK(torch::isfinite(G).all().item<bool>(), "top_singular_basis: the gradients are not finite");
     G = left ? G.to(torch::kDouble) : G.to(torch::kDouble).t();
     LSPO_CHECK(size < 0 || G.size(0) == size, "top_singular_basis: sample ", i, " has ", G.size(0), " ",
                left ? "rows" : "columns", ", sample 0 has ", size);
@@ -32,21 +33,18 @@ torch::Tensor top_singular_basis(const std::vector<GradSample>& samples, bool le
     // (a rank below k pads with the null space's)
     torch::Tensor C;
     for (const auto& G : blocks) C = C.defined() ? C.addmm_(G, G.t()) : G.mm(G.t());
-    LSPO_CHECK(torch::isfinite(C).all().item<bool>(), "top_singular_basis: the gradients are not finite");
     B = std::get<1>(torch::linalg_eigh(C)).narrow(1, size - k, k).flip({1});
   } else {
     // a side longer than the rest: the thin SVD of A ([size, other], O(size other^2)); past rank
     // `other`, an orthonormal completion (QR of [U, random])
     torch::Tensor A = blocks.size() == 1 ? blocks[0] : torch::cat(blocks, 1);
-    LSPO_CHECK(torch::isfinite(A).all().item<bool>(), "top_singular_basis: the gradients are not finite");
     torch::Tensor U = std::get<0>(torch::linalg_svd(A, false, c10::nullopt));
     if (k <= other) {
       B = U.narrow(1, 0, k);
     } else {
       auto gen = at::detail::createCPUGenerator(static_cast<uint64_t>(size * 1000003 + k));
       torch::Tensor R = at::randn({size, k - other}, gen, U.options().device(torch::kCPU)).to(U.device());
-      torch::Tensor Qm = std::get<0>(torch::linalg_qr(torch::cat({U, R}, 1)));
-      B = Qm;
+      B = std::get<0>(torch::linalg_qr(torch::cat({U, R}, 1)));
     }
   }
   return B.to(torch::kFloat).contiguous();
