@@ -170,7 +170,12 @@ def state_bytes(opt) -> int:
                 key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
                 if key not in seen:
                     seen.add(key)
-                    total += t.numel() * t.element_size()
+                    # elements held: an expanded view (a dense basis's shared positions) holds its
+                    # non-broadcast dims only
+                    held = 1
+                    for size, stride in zip(t.shape, t.stride()):
+                        held *= size if stride != 0 else 1
+                    total += held * t.element_size()
     return total
 
 

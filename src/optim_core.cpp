@@ -86,7 +86,11 @@ int64_t one_sided_rank(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened
   const int64_t big = std::max(m, n), small = std::min(m, n), dP = std::min(d, m), dQ = std::min(d, n);
   const int64_t w = whitened ? 4 : 0;
   const int64_t budget = 8 * dP * dQ + 8 * r * (m + n) + w * (dP * dP + dQ * dQ);
-  auto cost = [&](int64_t k) { return 8 * big * k + 8 * big + 8 * (dense ? k : r) * small + w * k * k; };
+  // moments 8 big k, the whole side's identity 8 big, the projected side: a (k, r)-sparse ELL (8 r small)
+  // and its whitening factor, or a dense basis with shared positions (4 k small + 4 k, no factor)
+  auto cost = [&](int64_t k) {
+    return 8 * big * k + 8 * big + (dense ? 4 * k * small + 4 * k : 8 * r * small + w * k * k);
+  };
   int64_t k = std::min(r, small);
   while (k < small && cost(k + 1) <= budget) ++k;
   return k;
@@ -121,12 +125,12 @@ int64_t OptimizerCore::add_param(const torch::Tensor& p, int64_t group, bool pro
     // square layout: min(d, m) x min(d, n); one-sided: the larger side whole (identity), the other one_sided_rank
     const int64_t m = p.size(0), n = p.size(1);
     const bool whole_rows = I.opt.one_sided && m >= n, whole_cols = I.opt.one_sided && m < n;
-    const bool dense = I.opt.basis == ProjectorBasis::kSvd;  // (positions: every column of every row)
+    const bool dense = I.opt.basis == ProjectorBasis::kSvd;  // dense orthonormal sides (dense_basis)
     const int64_t k1 = I.opt.one_sided ? one_sided_rank(m, n, subspace, nnz, I.opt.whiten, dense) : 0;
     auto side = [&](int64_t size, int64_t d, bool whole, uint64_t seed) {
-      return whole ? SparseProjector::identity(size, p.device())
-                   : SparseProjector::random(size, d, dense ? d : nnz, seed, p.device(), ProjectorInit::kGaussian,
-                                             I.opt.whiten);
+      if (whole) return SparseProjector::identity(size, p.device());
+      if (dense) return SparseProjector::dense_basis(size, d, seed, p.device());
+      return SparseProjector::random(size, d, nnz, seed, p.device(), ProjectorInit::kGaussian, I.opt.whiten);
     };
     s->P = side(m, whole_cols ? k1 : std::min(subspace, m), whole_rows, I.opt.seed + 2 * k);
     s->Q = side(n, whole_rows ? k1 : std::min(subspace, n), whole_cols, I.opt.seed + 2 * k + 1);
@@ -595,12 +599,12 @@ void OptimizerCore::Impl::refit(CoreSlot& s) {
   if (opt.refit_diagnostics) {
     const uint64_t seed = static_cast<uint64_t>(s.checks) * 65537ULL + 2ULL * static_cast<uint64_t>(s.number);
     // (a side kept whole stays the identity)
-    SparseProjector Pr = s.P.is_identity() ? s.P
-                                           : SparseProjector::random(s.P.n(), s.P.d, s.P.r(), seed, s.P.values.device(),
-                                                                     ProjectorInit::kGaussian, true);
-    SparseProjector Qr = s.Q.is_identity() ? s.Q
-                                           : SparseProjector::random(s.Q.n(), s.Q.d, s.Q.r(), seed + 1,
-                                                                     s.Q.values.device(), ProjectorInit::kGaussian, true);
+    auto random_like = [](const SparseProjector& X, uint64_t sd) {  // orthonormal like the ones compared with
+      if (X.is_identity()) return X;
+      if (X.shared_positions()) return SparseProjector::dense_basis(X.n(), X.d, sd, X.values.device());
+      return SparseProjector::random(X.n(), X.d, X.r(), sd, X.values.device(), ProjectorInit::kGaussian, true);
+    };
+    SparseProjector Pr = random_like(s.P, seed), Qr = random_like(s.Q, seed + 1);
     rec.random_heldout = relative_error(Pr, Qr, heldout.empty() ? fit_samples : heldout);
   }
   // the step's whole gradient, compressed with the projectors the check left

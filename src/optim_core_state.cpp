@@ -70,9 +70,11 @@ SlotState slot_state_from_dict(const c10::impl::GenericDict& d, const std::strin
 
 void put_projectors(const CoreSlot& s, SlotState& st, bool copy) {
   auto keep = [&](const torch::Tensor& t) { return copy ? t.clone() : t; };
-  st.P_indices = keep(s.P.indices);
+  // positions never change after construction: shared, not cloned (a clone would also expand a
+  // dense basis's one row of shared positions to [n, d])
+  st.P_indices = s.P.indices;
   st.P_values = keep(s.P.values);
-  st.Q_indices = keep(s.Q.indices);
+  st.Q_indices = s.Q.indices;
   st.Q_values = keep(s.Q.values);
   if (s.P.whitened()) st.P_whiten = keep(s.P.whiten);
   if (s.Q.whitened()) st.Q_whiten = keep(s.Q.whiten);

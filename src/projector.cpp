@@ -35,8 +35,8 @@ void check_projector(const SparseProjector& P, const char* fn, const char* name)
              " differ from indices sizes ", P.indices.sizes());
   LSPO_CHECK(P.values.device() == P.indices.device(), fn, ": projector '", name, "': values on ", P.values.device(),
              " but indices on ", P.indices.device());
-  LSPO_CHECK(P.indices.is_contiguous() && P.values.is_contiguous(), fn, ": projector '", name,
-             "': indices and values must be contiguous");
+  LSPO_CHECK((P.indices.is_contiguous() || P.shared_positions()) && P.values.is_contiguous(), fn, ": projector '",
+             name, "': indices and values must be contiguous (indices may also be one row 0..d-1 expanded to [n, d])");
   const int64_t n = P.n(), r = P.r(), d = P.d;
   LSPO_CHECK(r >= 1, fn, ": projector '", name, "': r < 1 (r = ", r, ")");
   LSPO_CHECK(d >= 1, fn, ": projector '", name, "': d < 1 (d = ", d, ")");
@@ -53,8 +53,16 @@ void check_projector(const SparseProjector& P, const char* fn, const char* name)
 }
 
 // CPU kernels index memory with the indices: check their range (O(n r), cheap next to the kernels).
+// Shared positions: the one row must be 0..d-1 in order (O(d)).
 void check_index_range(const SparseProjector& P, const char* fn, const char* name) {
   if (!P.indices.is_cpu() || P.indices.numel() == 0) return;
+  if (P.shared_positions()) {
+    const int32_t* ix = P.indices.data_ptr<int32_t>();
+    for (int64_t j = 0; j < P.d; ++j)
+      LSPO_CHECK(ix[j] == j, fn, ": projector '", name, "': shared positions must be 0..d-1 in order (d = ", P.d,
+                 "), position ", j, " is ", ix[j]);
+    return;
+  }
   const int32_t* ix = P.indices.data_ptr<int32_t>();
   const int64_t total = P.indices.numel();
   int32_t lo = ix[0], hi = ix[0];
@@ -93,8 +101,9 @@ torch::TensorOptions f32(const torch::Tensor& like) { return like.options().dtyp
 // at 576 x 1536, r = d = 241, 106 ms with the ELL kernel, 10 ms this way (2 CPU threads;
 // benchmarks/projector_dense.py measures it against the bare GEMM). From d = 16 on; below, the ELL kernels.
 constexpr int64_t kDenseMinD = 16;
-bool dense_layout(const SparseProjector& P) { return P.r() == P.d && P.d >= kDenseMinD; }
-torch::Tensor raw_dense(const SparseProjector& P) {  // P [n, d] fp32, unwhitened
+bool dense_layout(const SparseProjector& P) { return P.r() == P.d && (P.d >= kDenseMinD || P.shared_positions()); }
+torch::Tensor raw_dense(const SparseProjector& P) {  // P [n, d] fp32, unwhitened (shared positions: the values)
+  if (P.shared_positions()) return P.values;
   return torch::zeros({P.n(), P.d}, P.values.options()).scatter_(1, P.indices.to(torch::kLong), P.values);
 }
 using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
@@ -240,6 +249,32 @@ SparseProjector SparseProjector::random(int64_t n, int64_t d, int64_t r, uint64_
   return P;
 }
 
+namespace {
+// dense_basis's positions: the row 0..d-1 expanded to [n, d] (storage: d int32)
+torch::Tensor shared_indices(int64_t n, int64_t d, torch::Device device) {
+  return torch::arange(d, torch::TensorOptions().dtype(torch::kInt32).device(device)).unsqueeze(0).expand({n, d});
+}
+torch::Tensor orthonormal_values(int64_t n, int64_t d, uint64_t seed) {  // [n, d] fp32, U^T U = I
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed ^ 0x5851F42D4C957F2Dull);
+  const torch::Tensor A = at::normal(0.0, 1.0, {n, d}, gen, torch::TensorOptions().dtype(torch::kFloat64));
+  return std::get<0>(torch::linalg_qr(A)).to(torch::kFloat32).contiguous();
+}
+}  // namespace
+
+SparseProjector SparseProjector::dense_basis(int64_t n, int64_t d, uint64_t seed, torch::Device device) {
+  LSPO_CHECK(d >= 1 && d <= n, "SparseProjector::dense_basis: need 1 <= d <= n (d = ", d, ", n = ", n, ")");
+  SparseProjector P;
+  P.indices = shared_indices(n, d, device);
+  P.values = orthonormal_values(n, d, seed).to(device);
+  P.d = d;
+  return P;
+}
+
+bool SparseProjector::shared_positions() const {
+  return indices.defined() && indices.dim() == 2 && indices.size(1) == d && indices.stride(0) == 0 &&
+         indices.stride(1) == 1 && indices.size(0) > 1;
+}
+
 SparseProjector SparseProjector::identity(int64_t n, torch::Device device) {
   LSPO_CHECK(n >= 1, "SparseProjector::identity: n < 1 (n = ", n, ")");
   SparseProjector P;
@@ -257,7 +292,11 @@ bool SparseProjector::is_identity() const {
 
 void SparseProjector::reinit_values_(uint64_t seed, ProjectorInit init) {
   check_projector(*this, "SparseProjector::reinit_values_", "self");
-  values.copy_(init_values(n(), d, r(), seed, init));
+  if (shared_positions()) {
+    values.copy_(orthonormal_values(n(), d, seed));
+  } else {
+    values.copy_(init_values(n(), d, r(), seed, init));
+  }
   if (whitened()) whiten_();
 }
 
@@ -301,6 +340,9 @@ void SparseProjector::validate() const {
   if (ix.numel() == 0) return;
   const int64_t lo = ix.min().item<int64_t>(), hi = ix.max().item<int64_t>();
   LSPO_CHECK(lo >= 0 && hi < d, "SparseProjector: indices out of range [0, d = ", d, "): min ", lo, ", max ", hi);
+  if (shared_positions())
+    LSPO_CHECK(torch::equal(ix[0], torch::arange(d, torch::kLong)),
+               "SparseProjector: shared positions must be the row 0..d-1 in order");
   torch::Tensor sorted = std::get<0>(ix.sort(1));
   if (r() > 1) {
     const bool dup = (sorted.narrow(1, 1, r() - 1) == sorted.narrow(1, 0, r() - 1)).any().item<bool>();
@@ -313,7 +355,7 @@ void SparseProjector::validate() const {
 
 SparseProjector SparseProjector::to(torch::Device device) const {
   SparseProjector P;
-  P.indices = indices.to(device);
+  P.indices = shared_positions() ? shared_indices(n(), d, device) : indices.to(device);
   P.values = values.to(device);
   if (whiten.defined()) P.whiten = whiten.to(device);
   P.d = d;
@@ -322,7 +364,7 @@ SparseProjector SparseProjector::to(torch::Device device) const {
 
 torch::Tensor SparseProjector::dense(torch::ScalarType dtype) const {
   check_projector(*this, "SparseProjector::dense", "self");
-  return wr(raw_dense(*this), *this).to(dtype);
+  return wr(raw_dense(*this), *this).to(dtype, /*non_blocking=*/false, /*copy=*/true);
 }
 
 void set_projector_backend(ProjectorBackend b) { g_backend.store(static_cast<int>(b)); }

@@ -129,9 +129,16 @@ torch::Tensor gram64(const torch::Tensor& pos, const torch::Tensor& va, const to
   return gram(pos, va.to(torch::kFloat64), vb.to(torch::kFloat64), da, db);
 }
 
+// P_a^T P_b of two projectors with shared positions (dense, lspo::SparseProjector::dense_basis): one
+// GEMM of the values (differentiable) instead of the n r^2 Gram positions.
+torch::Tensor dense_gram64(const torch::Tensor& va, const torch::Tensor& vb) {
+  return va.to(torch::kFloat64).t().mm(vb.to(torch::kFloat64));
+}
+
 // The pieces of the closed-form error that depend only on the projectors: the Gram matrices
 // (unwhitened) or their Cholesky factors (whitened).
-// An identity side (SparseProjector::is_identity) has no Gram matrix or factor (undefined: I).
+// An identity side (SparseProjector::is_identity) has no Gram matrix or factor (undefined: I); a side
+// with shared positions has no Gram positions (undefined pos: dense_gram64).
 struct Basis {
   torch::Tensor A, B;  // fp64 [dP, dP], [dQ, dQ]: P^T P, Q^T Q, or their Cholesky factors L_P, L_Q
   bool whitened = false;
@@ -139,8 +146,8 @@ struct Basis {
 Basis basis(const torch::Tensor& posP, const torch::Tensor& pv, int64_t dP, bool idP, const torch::Tensor& posQ,
             const torch::Tensor& qv, int64_t dQ, bool idQ, bool whitened) {
   Basis b;
-  if (!idP) b.A = gram64(posP, pv, pv, dP, dP);
-  if (!idQ) b.B = gram64(posQ, qv, qv, dQ, dQ);
+  if (!idP) b.A = posP.defined() ? gram64(posP, pv, pv, dP, dP) : dense_gram64(pv, pv);
+  if (!idQ) b.B = posQ.defined() ? gram64(posQ, qv, qv, dQ, dQ) : dense_gram64(qv, qv);
   b.whitened = whitened;
   if (whitened) {
     if (!idP) b.A = chol(b.A);
@@ -206,8 +213,8 @@ struct FitCtx {
   FitCtx(const SparseProjector& P_, const SparseProjector& Q_)
       : P(P_), Q(Q_), pi(P_.indices.to(torch::kLong)), qi(Q_.indices.to(torch::kLong)),
         idP(P_.is_identity()), idQ(Q_.is_identity()), whitened(P_.whitened() || Q_.whitened()) {
-    if (!idP) posP = gram_positions(P_.indices, P_.indices, P_.d);
-    if (!idQ) posQ = gram_positions(Q_.indices, Q_.indices, Q_.d);
+    if (!idP && !P_.shared_positions()) posP = gram_positions(P_.indices, P_.indices, P_.d);
+    if (!idQ && !Q_.shared_positions()) posQ = gram_positions(Q_.indices, Q_.indices, Q_.d);
   }
   torch::Tensor mean_error(const std::vector<Prepared>& prep, const torch::Tensor& pv, const torch::Tensor& qv) const {
     const Basis b = basis(posP, pv, P.d, idP, posQ, qv, Q.d, idQ, whitened);
@@ -369,7 +376,9 @@ torch::Tensor cross_gram(const SparseProjector& P_new, const SparseProjector& P_
   LSPO_CHECK(P_new.indices.device() == P_old.indices.device(), "cross_gram: projectors on different devices");
   torch::NoGradGuard ng;
   torch::Tensor C =
-      gram(gram_positions(P_new.indices, P_old.indices, P_old.d), P_new.values, P_old.values, P_new.d, P_old.d);
+      P_new.shared_positions() && P_old.shared_positions()
+          ? P_new.values.t().mm(P_old.values)
+          : gram(gram_positions(P_new.indices, P_old.indices, P_old.d), P_new.values, P_old.values, P_new.d, P_old.d);
   if (P_new.whitened()) C = P_new.whiten.t().mm(C);
   if (P_old.whitened()) C = C.mm(P_old.whiten);
   return C;
@@ -379,7 +388,9 @@ torch::Tensor whitening_factor(const SparseProjector& P) {
   LSPO_CHECK(P.values.defined() && P.indices.defined() && P.values.sizes() == P.indices.sizes() && P.d >= 1,
              "whitening_factor: malformed projector");
   torch::NoGradGuard ng;
-  const torch::Tensor A = gram64(gram_positions(P.indices, P.indices, P.d), P.values, P.values, P.d, P.d);
+  const torch::Tensor A = P.shared_positions() ? dense_gram64(P.values, P.values)
+                                               : gram64(gram_positions(P.indices, P.indices, P.d), P.values, P.values,
+                                                        P.d, P.d);
   LSPO_CHECK(torch::isfinite(A).all().item<bool>(), "whitening_factor: projector values contain NaN or Inf");
   const torch::Tensor L = chol(A);
   const torch::Tensor Linv = torch::linalg_solve_triangular(L, torch::eye(P.d, L.options()), /*upper=*/false);

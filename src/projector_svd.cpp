@@ -56,7 +56,11 @@ void SparseProjector::assign_dense_(const torch::Tensor& B) {
              n(), ", ", d, "], got sizes ", B.sizes());
   LSPO_CHECK(B.is_floating_point(), "SparseProjector::assign_dense_: basis must be floating point, got ", B.scalar_type());
   torch::NoGradGuard ng;
-  values.copy_(B.to(values.device(), torch::kFloat).gather(1, indices.to(torch::kLong)));
+  if (shared_positions()) {
+    values.copy_(B);
+  } else {
+    values.copy_(B.to(values.device(), torch::kFloat).gather(1, indices.to(torch::kLong)));
+  }
   if (whitened()) whiten_();
 }
 

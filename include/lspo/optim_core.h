@@ -47,7 +47,8 @@ namespace lspo {
 // the largest k in [r, min(m, n)] whose state bytes -- moments 8 max(m, n) k, the identity's ELL
 // 8 max(m, n), the projector's ELL 8 r min(m, n), its whitening factor 4 k^2 (when whitened) -- fit in
 // those of the square layout: 8 dP dQ + 8 r (m + n) + 4 (dP^2 + dQ^2) (whitened), dP = min(d, m),
-// dQ = min(d, n). At least r. dense: the projector is dense (basis="svd"), its ELL 8 k min(m, n).
+// dQ = min(d, n). At least r. dense (basis="svd"): the projector is a dense orthonormal basis with
+// shared positions (SparseProjector::dense_basis), 4 k min(m, n) + 4 k bytes and no whitening factor.
 int64_t one_sided_rank(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened, bool dense = false);
 
 class Communicator;  // lspo/dist.h
@@ -81,8 +82,8 @@ struct CoreOptions {
   // The basis of the projected sides (lspo/projector.h, lspo/refit.h): kSparse, learned (d, r)-sparse
   // values; kSvd, dense projectors (r = d) that every kept refit check sets to the leading singular
   // directions of the check's fit sum (no fit iterations). With one_sided, the dense side's bytes are
-  // in one_sided_rank's budget; two-sided, the dense pair costs 8 (m dP + n dQ) bytes instead of
-  // 8 r (m + n).
+  // in one_sided_rank's budget; two-sided, the dense pair costs 4 (m dP + n dQ) bytes (shared
+  // positions, no whitening factor: the bases are orthonormal) instead of 8 r (m + n) + 4 (dP^2 + dQ^2).
   ProjectorBasis basis = ProjectorBasis::kSparse;
   // The disk tier (engine.h): state that does not fit host_memory_limit_bytes lives in files under
   // state_dir; every step() ends with the engine's atomic persist(); resume continues from it.

@@ -19,6 +19,8 @@
 // the size of an update P u Q^T equals the size of u. T is a function of the values: call whiten_()
 // again after changing them (fit() and refit() do).
 //
+// Indices are contiguous, except for dense_basis's shared positions (one row, expanded).
+//
 // Every operation takes fp32 or bf16 inputs, accumulates in fp32, works on CPU and CUDA tensors
 // (CUDA on the current PyTorch stream), and checks its inputs with named error messages.
 #pragma once
@@ -57,6 +59,15 @@ struct SparseProjector {
   static SparseProjector random(int64_t n, int64_t d, int64_t r, uint64_t seed,
                                 torch::Device device = torch::kCPU,
                                 ProjectorInit init = ProjectorInit::kGaussian, bool whitened = false);
+  // A dense projector (r = d) with shared positions: `indices` is the row 0, 1, ..., d-1 expanded to
+  // [n, d] (row stride 0), so the positions cost d int32 instead of n d (the optimizer state counts
+  // 4 bytes per basis entry, as for a plain dense matrix); values a random orthonormal basis (fp64
+  // QR of a Gaussian [n, d] matrix from `seed`, U^T U = I), not whitened: an orthonormal basis needs
+  // no factor. Every operation on it runs on ATen GEMMs. LSPAdamW(basis="svd") builds its projected
+  // sides this way.
+  static SparseProjector dense_basis(int64_t n, int64_t d, uint64_t seed, torch::Device device = torch::kCPU);
+  // Positions shared by every row (dense_basis's layout: r = d, indices row stride 0)? O(1).
+  bool shared_positions() const;
   // The identity of a dimension kept whole (LSPAdamW's one_sided layout): d = n, r = 1, positions
   // 0..n-1, values 1, not whitened (it is orthonormal as it is). fit() does not learn it, carry_state
   // and the closed-form error skip it, so no n x n matrix is ever formed for it.
@@ -64,6 +75,7 @@ struct SparseProjector {
   // Exactly such an identity? (one host check of positions and values; synchronises for CUDA)
   bool is_identity() const;
   // New random values (same positions, same init law) from `seed`; keeps whitening on if it was on.
+  // (Shared positions: a new random orthonormal basis, as dense_basis.)
   void reinit_values_(uint64_t seed, ProjectorInit init = ProjectorInit::kGaussian);
   // values[i, j] = B[i, indices[i, j]] for a dense basis B [n, d] (any float dtype and device): P
   // becomes B restricted to P's positions (B itself for a dense projector, r = d); recomputes

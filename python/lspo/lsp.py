@@ -155,9 +155,11 @@ class LSPAdamW(OffloadAdamW):
     ``basis`` (default ``"sparse"``): ``"sparse"`` learns (d, r)-sparse projector values at each refit
     check; ``"svd"`` makes the projected sides dense (r = d, a random orthonormal basis until the first
     check) and sets them at each kept check to the leading singular directions of the check's summed
-    gradient (no fit iterations). With ``one_sided`` its dense side is counted in the state budget
-    (``lspo._C.one_sided_rank(..., dense=True)``); two-sided, dense projectors cost ``8 (m dP + n dQ)``
-    bytes per weight instead of ``8 r (m + n)``.
+    gradient (no fit iterations). The dense sides are orthonormal bases with shared positions
+    (``indices`` is one row ``0..d-1`` expanded, so they cost 4 bytes an entry) and carry no whitening
+    factor, whatever ``whiten`` says. With ``one_sided`` the dense side is counted in the state budget
+    (``lspo._C.one_sided_rank(..., dense=True)``); two-sided, dense projectors cost ``4 (m dP + n dQ)``
+    bytes per weight instead of ``8 r (m + n)`` and the whitening factors.
     ``refit_diagnostics``: every check also records the held-out error of fresh
     whitened random projectors of the same d, r (``refits[k]["random_heldout"]``).
     ``max_grad_norm``, ``overlap``, ``record_timeline`` and ``pinned_limit_bytes`` are as for

@@ -65,6 +65,9 @@ def _check_group(name: str, group: dict) -> None:
         raise ValueError(f"{name}: invalid weight_decay {group['weight_decay']}")
 
 
+_POSITIONS = ("proj_P_indices", "proj_Q_indices")  # state entries that never change
+
+
 class _CoreState(dict):
     """``optimizer.state``: filled from the core when read, so it is always the committed state
     (views of the host tensors; ``state_dict()`` copies). A parameter without a gradient yet has no
@@ -305,7 +308,10 @@ class OffloadAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         self._core.wait_all()
         sd = super().state_dict()
-        sd["state"] = {k: {n: (t.clone() if isinstance(t, torch.Tensor) else t) for n, t in v.items()}
+        # a snapshot; projector positions never change, so they are shared (a clone would also expand a
+        # dense basis's one row of shared positions to [n, d])
+        sd["state"] = {k: {n: (t.clone() if isinstance(t, torch.Tensor) and n not in _POSITIONS else t)
+                           for n, t in v.items()}
                        for k, v in sd["state"].items() if v}
         sd["lspo_optimizer"] = self._kind  # the C++ face's checkpoints carry the same keys
         sd["lspo_format"] = 2

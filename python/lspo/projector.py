@@ -66,6 +66,20 @@ class SparseProjector:
                                            bool(whitened))
         return cls(idx, val, d, validate=False, whiten=wh)
 
+    @classmethod
+    def dense_basis(cls, n: int, d: int, seed: int = 0, device: Union[str, torch.device] = "cpu") -> "SparseProjector":
+        """A dense (``r = d``) random orthonormal projector (fp64 QR of a Gaussian matrix from ``seed``),
+        not whitened, with shared positions: ``indices`` is the row ``0..d-1`` expanded to ``[n, d]``, so
+        it costs ``d`` int32 (LSPAdamW(basis="svd")'s projected sides)."""
+        idx, val = _C.projector_dense_basis(int(n), int(d), int(seed), str(torch.device(device)))
+        return cls(idx, val, d, validate=False)
+
+    @property
+    def shared_positions(self) -> bool:
+        """Every row holds the positions ``0..d-1`` through one expanded row (see :meth:`dense_basis`)."""
+        i = self.indices
+        return i.dim() == 2 and i.shape[0] > 1 and i.shape[1] == self.d and i.stride() == (0, 1)
+
     @property
     def whitened(self) -> bool:
         return self.whiten is not None
@@ -96,7 +110,8 @@ class SparseProjector:
 
     def to(self, device) -> "SparseProjector":
         wh = None if self.whiten is None else self.whiten.to(device)
-        return SparseProjector(self.indices.to(device), self.values.to(device), self.d, validate=False, whiten=wh)
+        idx = self.indices[:1].to(device).expand(self.n, self.d) if self.shared_positions else self.indices.to(device)
+        return SparseProjector(idx, self.values.to(device), self.d, validate=False, whiten=wh)
 
     def clone(self) -> "SparseProjector":
         """A copy with its own values (and whitening factor); the positions are shared."""

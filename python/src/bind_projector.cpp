@@ -68,6 +68,15 @@ LSPO_REGISTER_BINDINGS(projector) {
       py::arg("n"), py::arg("d"), py::arg("r"), py::arg("seed"), py::arg("device") = "cpu",
       py::arg("init") = "gaussian", py::arg("whitened") = false,
       "Random (d, r)-sparse projector of a dimension n: (indices, values, whiten or None).");
+  m.def(
+      "projector_dense_basis",
+      [](int64_t n, int64_t d, uint64_t seed, const std::string& device) {
+        auto P = SparseProjector::dense_basis(n, d, seed, torch::Device(device));
+        return std::make_tuple(P.indices, P.values);
+      },
+      py::arg("n"), py::arg("d"), py::arg("seed"), py::arg("device") = "cpu",
+      "Dense random orthonormal n x d projector with shared positions: (indices [n, d] expanded from one row, "
+      "values).");
   m.def("projector_whitening_factor", [](PJ(P)) { return lspo::whitening_factor(PW(P)); }, PA(P),
         "T = L^-T with P^T P = L L^T, from the current values: [d, d] fp32 upper triangular.");
   m.def("projector_validate", [](PJ(P)) { PW(P).validate(); }, PA(P),

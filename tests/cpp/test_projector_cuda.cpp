@@ -438,6 +438,20 @@ TEST(ProjectorCuda, EmptyOperands) {
   }
 }
 
+// A dense basis with shared positions moves to the GPU with one row of positions and gives the CPU's
+// results (both run ATen GEMMs; tolerance: fp32 GEMMs with different summation orders, TF32 off).
+TEST(ProjectorCuda, DenseBasisKeepsSharedPositions) {
+  REQUIRE_GPU();
+  const SparseProjector P = SparseProjector::dense_basis(300, 24, 9);
+  const SparseProjector G = P.to(torch::kCUDA);
+  EXPECT_TRUE(G.shared_positions());
+  EXPECT_EQ(G.indices.storage().nbytes(), static_cast<size_t>(4 * 24));
+  const torch::Tensor Y = torch::randn({300, 7});
+  const torch::Tensor a = lspo::left_project(P, Y), b = lspo::left_project(G, Y.cuda()).cpu();
+  EXPECT_LT((a - b).abs().max().item<double>(), 1e-4 * (1 + a.abs().max().item<double>()));
+  EXPECT_TRUE(G.to(torch::kCPU).shared_positions());
+}
+
 // Misaligned (storage offset 1) inputs take the scalar path and still match.
 TEST(ProjectorCuda, MisalignedInputs) {
   REQUIRE_GPU();

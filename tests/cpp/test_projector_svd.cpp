@@ -128,13 +128,16 @@ TEST(AssignDense, DenseProjectorBecomesTheBasisAndSparseOneItsRestriction) {
   const Tensor mask = torch::zeros({50, 20}).scatter_(1, S.indices.to(torch::kLong), 1.0);
   EXPECT_TRUE(torch::equal(S.dense(), B * mask));
   EXPECT_THROW(P.assign_dense_(torch::randn({50, 19})), std::exception);
+  auto D = SparseProjector::dense_basis(50, 20, 6);  // shared positions: the values become B
+  D.assign_dense_(B);
+  EXPECT_TRUE(torch::equal(D.values, B) && D.shared_positions());
 }
 
 TEST(RefitSvd, KeepsTheSingularSubspaceWithoutIterationsAndCarriesMoments) {
   const int64_t m = 40, n = 26, k = 6;
   const Tensor G = gapped(m, n, k, 11), H = G + 0.01 * torch::randn({m, n});
   auto P = SparseProjector::identity(m);  // rows kept whole, columns projected (one-sided layout)
-  auto Q = SparseProjector::random(n, k, k, 5, torch::kCPU, lspo::ProjectorInit::kGaussian, true);
+  auto Q = SparseProjector::dense_basis(n, k, 5);  // LSPAdamW(basis="svd")'s layout: shared positions
   const SparseProjector P0 = P.clone(), Q0 = Q.clone();
   Tensor M = torch::randn({m, k}), V = torch::rand({m, k});
   const Tensor M0 = M.clone(), V0 = V.clone();
@@ -145,6 +148,7 @@ TEST(RefitSvd, KeepsTheSingularSubspaceWithoutIterationsAndCarriesMoments) {
   EXPECT_EQ(res.iters, 0);
   EXPECT_FALSE(res.reinit);
   EXPECT_TRUE(P.is_identity());
+  EXPECT_TRUE(Q.shared_positions() && !Q.whitened());
   auto svd = torch::linalg_svd(G.to(f64), false, c10::nullopt);
   EXPECT_LT(subspace_gap(Q.dense(f64), std::get<2>(svd).narrow(0, 0, k).t()), 1e-5);
   // in-sample error: sqrt(1 - sum of the top-k sigma^2 / sum of all)

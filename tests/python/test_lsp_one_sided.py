@@ -13,13 +13,14 @@ from test_lsp import Net, _params, _same, _train, adam_ref
 
 def _budget_rank(m, n, d, r, whitened=True, dense=False):
     """Brute force of the rule in include/lspo/optim_core.h: the largest k in [r, min(m, n)] whose
-    one-sided state bytes fit in the square layout's (dense: the projector's ELL holds k entries a row)."""
+    one-sided state bytes fit in the square layout's (dense: the projected side is a dense orthonormal
+    basis with shared positions, 4 bytes an entry plus one row of k int32 positions, no whitening factor)."""
     w = 4 if whitened else 0
     dP, dQ = min(d, m), min(d, n)
     budget = 8 * dP * dQ + 8 * r * (m + n) + w * (dP * dP + dQ * dQ)
     big, small = max(m, n), min(m, n)
-    ks = [k for k in range(r, small + 1)
-          if 8 * big * k + 8 * big + 8 * (k if dense else r) * small + w * k * k <= budget]
+    side = (lambda k: 4 * k * small + 4 * k) if dense else (lambda k: 8 * r * small + w * k * k)
+    ks = [k for k in range(r, small + 1) if 8 * big * k + 8 * big + side(k) <= budget]
     return max(ks) if ks else min(r, small)
 
 

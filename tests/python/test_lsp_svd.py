@@ -17,7 +17,6 @@ from test_lsp_one_sided import _budget_rank
                                         (1536, 576, 512, 8, True), (576, 576, 512, 8, False), (9, 9, 9, 9, True)])
 def test_one_sided_rank_dense_matches_the_byte_budget(m, n, d, r, wh):
     assert _C.one_sided_rank(m, n, d, r, wh, True) == _budget_rank(m, n, d, r, wh, dense=True)
-    assert _C.one_sided_rank(m, n, d, r, wh, True) <= _C.one_sided_rank(m, n, d, r, wh, False)
 
 
 def _sub_gap(A, B):  # distance between the column spans of two orthonormal bases
@@ -35,7 +34,11 @@ def test_check_sets_the_top_singular_directions_and_carries_moments(shape):
     P, Q = o.projectors(W)
     whole, proj = (P, Q) if shape[0] >= shape[1] else (Q, P)
     k = _C.one_sided_rank(*shape, 8, 2, True, True)
-    assert proj.d == k and proj.r == k and proj.whitened  # dense: every column in every row
+    # dense: every column in every row, orthonormal, positions shared (one row of k int32), no factor
+    assert proj.d == k and proj.r == k and not proj.whitened and proj.shared_positions
+    assert proj.indices.untyped_storage().nbytes() == 4 * k
+    torch.testing.assert_close(proj.values.double().T @ proj.values.double(), torch.eye(k, dtype=torch.float64),
+                               rtol=0, atol=1e-5)
     assert whole.d == max(shape) and whole.r == 1 and not whole.whitened
     for t in range(1, 4):
         G = torch.randn(*shape)
@@ -73,7 +76,9 @@ def test_accumulated_micro_batches_check_on_the_whole_step():
     W = torch.nn.Parameter(torch.randn(30, 20))
     o = lspo.LSPAdamW([W], lr=1e-2, subspace=8, nnz=2, min_dim=8, refit_every=1, refit_drift=0.0, one_sided=True,
                       basis="svd", overlap=False)
-    gs = [torch.randn(30, 20) for _ in range(4)]
+    # a shared low-rank part, so the fit half's basis also wins on the held-out half (the check keeps it)
+    common = 3 * torch.randn(30, 5) @ torch.randn(5, 20)
+    gs = [common + torch.randn(30, 20) for _ in range(4)]
     for g in gs:  # four micro-batches, each delivered by backward (the gradient hook): dW = g
         (W * g).sum().backward()
     o.step()
@@ -90,3 +95,46 @@ def test_accumulated_micro_batches_check_on_the_whole_step():
 def test_bad_basis_is_named():
     with pytest.raises(ValueError, match="basis must be 'sparse' or 'svd'"):
         lspo.LSPAdamW(Net(), basis="dense")
+
+
+def test_state_dict_keeps_the_shared_positions_through_torch_save(tmp_path):
+    """torch.save stores the one row of an expanded view: a saved LSPAdamW(basis="svd") state holds k
+    positions per dense side, and loads back (weights_only) into an optimizer that continues bitwise."""
+    torch.manual_seed(2)
+    W = torch.nn.Parameter(torch.randn(40, 26))
+    kw = dict(lr=1e-2, subspace=8, nnz=2, min_dim=8, refit_every=2, one_sided=True, basis="svd")
+    o = lspo.LSPAdamW([W], **kw)
+    for _ in range(3):
+        W.grad = torch.randn(40, 26)
+        o.step()
+    path = tmp_path / "opt.pt"
+    torch.save(o.state_dict(), path)
+    sd = torch.load(path, weights_only=True)
+    st = sd["state"][0]
+    k = o.projectors(W)[1].d
+    assert st["proj_Q_indices"].stride() == (0, 1)
+    assert st["proj_Q_indices"].untyped_storage().nbytes() == 4 * k
+    W2 = torch.nn.Parameter(W.detach().clone())
+    o2 = lspo.LSPAdamW([W2], **kw)
+    o2.load_state_dict(sd)
+    assert o2.projectors(W2)[1].shared_positions
+    for _ in range(2):
+        g = torch.randn(40, 26)
+        W.grad, W2.grad = g.clone(), g.clone()
+        o.step()
+        o2.step()
+    assert torch.equal(W, W2)
+
+
+def test_dense_basis_projector_in_python():
+    P = lspo.SparseProjector.dense_basis(33, 6, seed=1)
+    assert P.shared_positions and not P.whitened and (P.n, P.d, P.r) == (33, 6, 6)
+    torch.testing.assert_close(P.dense().double().T @ P.dense().double(), torch.eye(6, dtype=torch.float64),
+                               rtol=0, atol=1e-5)
+    assert torch.equal(P.dense(), P.values) and P.dense().data_ptr() != P.values.data_ptr()
+    Q = P.to("cpu")
+    assert Q.shared_positions
+    G = torch.randn(33, 4)
+    torch.testing.assert_close(lspo.projector.left_project(P, G).double(), P.values.double().T @ G.double())
+    R = lspo.SparseProjector.from_state_dict(P.state_dict())  # validated
+    assert R.shared_positions
