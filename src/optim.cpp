@@ -283,7 +283,8 @@ LSPAdamW::LSPAdamW(const std::vector<torch::optim::OptimizerParamGroup>& param_g
                                   d.state_dir(), d.host_memory_limit_bytes(), d.resume(), d.whiten(), d.scale_auto(),
                                   d.refit_diagnostics(), d.refit_stagger(), d.scale(), d.one_sided(), d.basis()}) {
   LSPO_CHECK(d.seed() >= 0, "LSPAdamW: seed must be >= 0, got ", d.seed());
-  LSPO_CHECK(std::isfinite(d.scale()) && d.scale() > 0, "LSPAdamW: scale must be a finite value > 0, got ", d.scale());
+  LSPO_CHECK(!d.scale() || (std::isfinite(*d.scale()) && *d.scale() > 0), "LSPAdamW: scale must be a finite value > 0, got ",
+             d.scale().value_or(0.0));
   hyper(defaults());
   sync_slots();
   if (d.resume()) resume_from_state_dir();

@@ -81,6 +81,8 @@ CoreSlot& OptimizerCore::Impl::slot(int64_t i, const char* fn) const {
   return *slots[i];
 }
 
+double default_update_scale(ProjectorBasis basis) { return basis == ProjectorBasis::kSvd ? 3.0 : 1.0; }
+
 int64_t one_sided_rank(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened, bool dense) {
   LSPO_CHECK(m >= 1 && n >= 1 && d >= 1 && r >= 1, "one_sided_rank: sizes must be >= 1");
   const int64_t big = std::max(m, n), small = std::min(m, n), dP = std::min(d, m), dQ = std::min(d, n);
@@ -136,7 +138,7 @@ int64_t OptimizerCore::add_param(const torch::Tensor& p, int64_t group, bool pro
     s->Q = side(n, whole_rows ? k1 : std::min(subspace, n), whole_cols, I.opt.seed + 2 * k + 1);
     s->scale = I.opt.scale_auto ? std::sqrt(static_cast<double>(p.size(0)) * static_cast<double>(p.size(1)) /
                                             static_cast<double>(s->P.d * s->Q.d))
-                                : I.opt.update_scale;
+                                : I.opt.update_scale.value_or(default_update_scale(I.opt.basis));
     std::ostringstream os;
     os << "lsp" << k << ":" << shape_str(p) << "->" << s->P.d << "x" << s->Q.d;
     s->name = os.str();

@@ -92,7 +92,7 @@ struct LSPAdamWOptions : public torch::optim::OptimizerCloneableOptions<LSPAdamW
   TORCH_ARG(double, refit_drift) = 0.1;
   TORCH_ARG(std::string, refit_reinit) = "on_failure";  // never | on_failure | always
   TORCH_ARG(bool, whiten) = true;            // orthonormal bases U = P T (a true projection)
-  TORCH_ARG(double, scale) = 1.0;            // W += scale * P u Q^T
+  TORCH_ARG(std::optional<double>, scale);   // W += scale * P u Q^T; unset: default_update_scale(basis)
   TORCH_ARG(bool, scale_auto) = false;       // scale = sqrt(m n / (dP dQ)) per layer instead
   TORCH_ARG(bool, refit_diagnostics) = false;  // records the held-out error of random projectors too
   TORCH_ARG(bool, refit_stagger) = false;     // layer k checks at 1 + k % refit_every, then every refit_every
@@ -184,7 +184,7 @@ class OffloadOptimizerBase : public torch::optim::Optimizer {
     int64_t host_memory_limit_bytes = -1;
     bool resume = false;
     bool whiten = true, scale_auto = false, refit_diagnostics = false, refit_stagger = false;
-    double scale = 1.0;
+    std::optional<double> scale = std::nullopt;
     bool one_sided = false;
     std::string basis = "sparse";
   };

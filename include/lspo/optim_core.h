@@ -43,6 +43,12 @@
 
 namespace lspo {
 
+// The update scale an unset `scale` means, per basis, so that LSPAdamW runs at the lr a user gives
+// AdamW: 1.0 for kSparse; 3.0 for kSvd, whose best lr was about 3x AdamW's on both jobs measured
+// (docs/convergence.md: the quick fine-tuning protocol, lr 0.01 vs 0.003, and the main job, where
+// 3e-4 gave 3.5096 against 3.5361 at AdamW's 1e-4; both with one_sided).
+double default_update_scale(ProjectorBasis basis);
+
 // One-sided layout of a projected [m, n] weight with LSPAdamW's (d, r): the projected side's size k,
 // the largest k in [r, min(m, n)] whose state bytes -- moments 8 max(m, n) k, the identity's ELL
 // 8 max(m, n), the projector's ELL 8 r min(m, n), its whitening factor 4 k^2 (when whitened) -- fit in
@@ -61,10 +67,10 @@ struct CoreOptions {
   double max_grad_norm = 0.0;                    // <= 0: no clipping
   uint64_t seed = 0;                             // projected slot k: seeds seed + 2k (P), seed + 2k + 1 (Q)
   // Projected slots: whitened projectors (an orthonormal basis U = P T, lspo/projector.h) and the
-  // update size: W += scale * P u Q^T, scale = update_scale, or sqrt(m n / (dP dQ)) per layer when
-  // scale_auto (a full AdamW step's Frobenius norm at the same lr).
+  // update size: W += scale * P u Q^T, scale = update_scale (nullopt: default_update_scale(basis)), or
+  // sqrt(m n / (dP dQ)) per layer when scale_auto (a full AdamW step's Frobenius norm at the same lr).
   bool whiten = true;
-  double update_scale = 1.0;
+  std::optional<double> update_scale;
   bool scale_auto = false;
   // Every refit check also measures whitened random projectors of the same d, r on the held-out sum
   // (RefitRecord::random_heldout; one extra error evaluation per check).

@@ -37,10 +37,13 @@ gradient's dtype) of each layer that is checking -- every projected layer at onc
 use it when two gradient-sized copies of the projected weights do not fit the GPU). ``refits``
 records every check.
 
-Update size (``scale``): ``W += scale * P u Q^T``; with orthonormal bases ``|P u Q^T| = |u|``, so
-``scale=1.0`` (default) runs at the lr a user gives AdamW (benchmarks/convergence.py ``--finetune``
-picks the same best lr for both, docs/convergence.md). ``scale="auto"`` uses ``sqrt(m n / (dP dQ))``
-per layer (a full AdamW step's Frobenius norm at the same lr); it measured worse at AdamW's best lr.
+Update size (``scale``): ``W += scale * P u Q^T``; with orthonormal bases ``|P u Q^T| = |u|``. Unset
+(``None``), it is chosen per basis so that LSPAdamW runs at the lr a user gives AdamW
+(``lspo._C.default_update_scale``): 1.0 with ``basis="sparse"`` (benchmarks/convergence.py
+``--finetune`` picks the same best lr for both), 3.0 with ``basis="svd"`` (its best lr was about 3x
+AdamW's on the quick fine-tuning protocol and on the main job, docs/convergence.md). ``scale="auto"``
+uses ``sqrt(m n / (dP dQ))`` per layer (a full AdamW step's Frobenius norm at the same lr); it
+measured worse at AdamW's best lr with either basis.
 
 Which parameters are projected: given a module, the weights of ``nn.Linear`` (and transformers'
 GPT-2 ``Conv1D``) layers whose both dimensions are ``>= min_dim`` (default: ``subspace``), except a
@@ -172,7 +175,7 @@ class LSPAdamW(OffloadAdamW):
                  weight_decay: float = 0.0, *, subspace: int = 512, nnz: int = 8, refit_every: int = 10,
                  refit_threshold: float = 0.0, refit_iters: int = 10, refit_lr: float = 0.1,
                  refit_l2: float = 0.01, refit_drift: float = 0.1, refit_reinit: str = "on_failure",
-                 whiten: bool = True, scale: Any = 1.0, refit_diagnostics: bool = False, refit_stagger: bool = False,
+                 whiten: bool = True, scale: Any = None, refit_diagnostics: bool = False, refit_stagger: bool = False,
                  one_sided: bool = False, basis: str = "sparse", min_dim: Optional[int] = None, seed: int = 0,
                  max_grad_norm: Optional[float] = None,
                  overlap: bool = True, record_timeline: bool = False, pinned_limit_bytes: int = 4 << 30,
@@ -185,9 +188,9 @@ class LSPAdamW(OffloadAdamW):
                      refit_lr=float(refit_lr), refit_l2=float(refit_l2), refit_drift=float(refit_drift),
                      refit_reinit=refit_reinit)
         self._check_refit(refit)
-        if not (scale == "auto" or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                                    and math.isfinite(scale) and scale > 0)):
-            raise ValueError(f"LSPAdamW: scale must be 'auto' or a finite number > 0, got {scale!r}")
+        if not (scale is None or scale == "auto" or (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                                     and math.isfinite(scale) and scale > 0)):
+            raise ValueError(f"LSPAdamW: scale must be None, 'auto' or a finite number > 0, got {scale!r}")
         self.whiten, self.scale, self.refit_diagnostics = bool(whiten), scale, bool(refit_diagnostics)
         self.refit_stagger, self.one_sided = bool(refit_stagger), bool(one_sided)
         if basis not in ("sparse", "svd"):
@@ -236,7 +239,7 @@ class LSPAdamW(OffloadAdamW):
 
     def _core_options(self) -> dict:
         auto = self.scale == "auto"
-        return dict(whiten=self.whiten, scale=1.0 if auto else float(self.scale), scale_auto=auto,
+        return dict(whiten=self.whiten, scale=None if auto or self.scale is None else float(self.scale), scale_auto=auto,
                     refit_diagnostics=self.refit_diagnostics, refit_stagger=self.refit_stagger,
                     one_sided=self.one_sided, basis=self.basis)
 

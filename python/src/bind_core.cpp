@@ -54,6 +54,9 @@ lspo::SlotState state_from_py(const py::dict& d) {
 
 LSPO_REGISTER_BINDINGS(core) {
   using lspo::OptimizerCore;
+  m.def("default_update_scale", [](const std::string& basis) {
+        return lspo::default_update_scale(lspo::parse_basis(basis, "default_update_scale"));
+      }, py::arg("basis"), "The update scale an unset LSPAdamW scale means for a basis (sparse 1.0, svd 3.0).");
   m.def("one_sided_rank", &lspo::one_sided_rank, py::arg("m"), py::arg("n"), py::arg("d"), py::arg("r"),
         py::arg("whitened") = true, py::arg("dense") = false,
         "LSPAdamW(one_sided=True): the projected side's size k of an [m, n] weight (dense: basis='svd').");
@@ -66,7 +69,7 @@ LSPO_REGISTER_BINDINGS(core) {
       .def(
           py::init([](const std::string& name, bool overlap, bool record_timeline, int64_t pinned_limit_bytes,
                       double max_grad_norm, int64_t seed, const std::string& state_dir, int64_t host_memory_limit_bytes,
-                      bool resume, bool whiten, double scale, bool scale_auto, bool refit_diagnostics,
+                      bool resume, bool whiten, std::optional<double> scale, bool scale_auto, bool refit_diagnostics,
                       bool refit_stagger, bool one_sided, const std::string& basis) {
             LSPO_CHECK(seed >= 0, name, ": seed must be >= 0, got ", seed);
             lspo::CoreOptions o;
@@ -91,7 +94,7 @@ LSPO_REGISTER_BINDINGS(core) {
           py::arg("name"), py::arg("overlap") = true, py::arg("record_timeline") = false,
           py::arg("pinned_limit_bytes") = int64_t(4) << 30, py::arg("max_grad_norm") = 0.0, py::arg("seed") = 0,
           py::arg("state_dir") = "", py::arg("host_memory_limit_bytes") = -1, py::arg("resume") = false,
-          py::arg("whiten") = true, py::arg("scale") = 1.0, py::arg("scale_auto") = false,
+          py::arg("whiten") = true, py::arg("scale") = py::none(), py::arg("scale_auto") = false,
           py::arg("refit_diagnostics") = false, py::arg("refit_stagger") = false,
           py::arg("one_sided") = false, py::arg("basis") = "sparse")
       .def("allocate_all", &OptimizerCore::allocate_all, py::call_guard<py::gil_scoped_release>())

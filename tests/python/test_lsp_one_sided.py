@@ -59,6 +59,7 @@ def test_one_sided_step_matches_dense_fp64_reference(shape, basis, d):
     if basis == "svd":
         assert Q.r == Q.d >= 16
     Pd, Qd = P.dense(torch.float64), Q.dense(torch.float64)
+    sc = _C.default_update_scale(basis)  # scale unset: 1.0 (sparse), 3.0 (svd)
     w = W.detach().double().clone()
     m = torch.zeros(P.d, Q.d, dtype=torch.float64)
     v = torch.zeros_like(m)
@@ -67,7 +68,7 @@ def test_one_sided_step_matches_dense_fp64_reference(shape, basis, d):
         W.grad = G.clone()
         o.step()
         m, v, u = adam_ref(m, v, Pd.T @ G.double() @ Qd, t, lr, b1, b2, eps)
-        w = w * (1 - lr * wd) + Pd @ u @ Qd.T
+        w = w * (1 - lr * wd) + sc * (Pd @ u @ Qd.T)
         # fp32 pipeline vs fp64: a few fp32 ulps of the update and of the weights (as the square layout)
         torch.testing.assert_close(W.detach().double(), w, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(o.state[W]["exp_avg"].double(), m, rtol=1e-5, atol=1e-7)

@@ -138,3 +138,23 @@ def test_dense_basis_projector_in_python():
     torch.testing.assert_close(lspo.projector.left_project(P, G).double(), P.values.double().T @ G.double())
     R = lspo.SparseProjector.from_state_dict(P.state_dict())  # validated
     assert R.shared_positions
+
+
+def test_unset_scale_is_the_basis_default():
+    """scale unset: 3.0 with basis="svd" (its measured lr rule), 1.0 with "sparse"; an explicit scale wins."""
+    assert (_C.default_update_scale("sparse"), _C.default_update_scale("svd")) == (1.0, 3.0)
+    torch.manual_seed(4)
+    W0, G = torch.randn(40, 26), torch.randn(40, 26)
+    deltas = {}
+    for name, kw in {"unset": {}, "3.0": {"scale": 3.0}, "1.0": {"scale": 1.0}}.items():
+        W = torch.nn.Parameter(W0.clone())
+        o = lspo.LSPAdamW([W], lr=1e-2, subspace=8, nnz=2, min_dim=8, refit_every=0, one_sided=True, basis="svd", **kw)
+        W.grad = G.clone()
+        o.step()
+        deltas[name] = (W.detach() - W0).double()
+    assert torch.equal(deltas["unset"], deltas["3.0"])
+    # W is fp32: each delta carries W's rounding, about an ulp of |W| (<= 2.4e-7 here)
+    ulp = torch.finfo(torch.float32).eps * W0.abs().max().item()
+    torch.testing.assert_close(deltas["3.0"], 3 * deltas["1.0"], rtol=0, atol=4 * ulp)
+    with pytest.raises(ValueError, match="scale must be None, 'auto' or a finite number > 0"):
+        lspo.LSPAdamW(Net(), scale=0.0)
