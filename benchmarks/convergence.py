@@ -11,8 +11,9 @@ has 3e-4, the best torch AdamW lr of {3e-4, 1e-3, 3e-3}), weight decay 0.01, no 
 Optimizers (--runs picks a subset):
   adamw        torch.optim.AdamW (foreach=False)
   offload      lspo.OffloadAdamW (full offload: fp32 master + moments on the host, CPU Adam on a worker)
-  lsp_d64_r4   lspo.LSPAdamW(model, subspace=64, nnz=4, min_dim=64)     every block nn.Linear projected;
-  lsp_d128_r8  lspo.LSPAdamW(model, subspace=128, nnz=8, min_dim=128)   embeddings, norms, biases: full AdamW
+  lsp_d64_r4   lspo.LSPAdamW(model, subspace=64, nnz=4, min_dim=64,     every block nn.Linear projected;
+  lsp_d128_r8  lspo.LSPAdamW(model, subspace=128, nnz=8, min_dim=128,   embeddings, norms, biases: full AdamW
+               one_sided=False, basis="sparse"): the paper's learned sparse square layout
                (refit_every=100, refit_threshold=0.3, refit_iters=50: the defaults)
   lora_r8      peft LoRA (rank 8, alpha = rank, no dropout) on the blocks' nn.Linear layers (qkv, proj,
   lora_r64     fc, fc_out) + torch AdamW; the base weights of those layers stay FROZEN AT THEIR RANDOM
@@ -35,8 +36,8 @@ Last stdout line: one JSON object {"runs": {name: {final_val_loss, ...}}, "lsp_v
 Fine-tuning protocol (benchmarks/ft_protocol.py):
   python benchmarks/convergence.py --finetune [--quick] [--ft-runs adamw,lsp,...] [--out results.json]
 TinyGPT pretrained with AdamW on tinyshakespeare (cached), fine-tuned on GSM8K SFT (loss on answer
-bytes) with torch AdamW, lspo.LSPAdamW (its defaults, subspace n/2), peft LoRA r=16 and r=64, GaLore at
-LSPAdamW's optimizer memory; each optimizer's lr is the best of its 3-point grid on the validation
+bytes) with torch AdamW, lspo.LSPAdamW (its defaults, subspace n/2; lsp_sparse: the learned sparse
+square layout), peft LoRA r=16 and r=64, GaLore at LSPAdamW's optimizer memory; each optimizer's lr is the best of its 3-point grid on the validation
 split (seed 0), then more seeds at that lr; reported: test-split answer loss (mean over seeds).
 --quick: a CI-sized model and run (a few minutes). Last line JSON: lsp_vs_adamw_finetune_loss_ratio,
 lsp_vs_lora_loss_ratio, lsp_vs_galore_loss_ratio, learned_vs_random_heldout_error, refit_time_fraction.
@@ -121,7 +122,9 @@ def build(name, model, a):
         return lspo.OffloadAdamW(model.parameters(), **kw), model
     if name.startswith("lsp_"):
         d, r = (int(x[1:]) for x in name.split("_")[1:])
-        return lspo.LSPAdamW(model, subspace=d, nnz=r, min_dim=min(d, a.n_embd), seed=a.seed, **kw), model
+        # the paper's learned (d, r)-sparse square layout (LSPAdamW's default is one-sided with the SVD basis)
+        return lspo.LSPAdamW(model, subspace=d, nnz=r, min_dim=min(d, a.n_embd), seed=a.seed, one_sided=False,
+                             basis="sparse", **kw), model
     if name.startswith("lora_"):
         from peft import LoraConfig, inject_adapter_in_model
         rank = int(name.split("_r")[1])
@@ -270,11 +273,11 @@ def table(recs):
 
 
 # ------------------------------------------------------------------ fine-tuning protocol (--finetune)
-FT_RUNS = ("adamw", "lsp", "lsp_one_sided", "lsp_svd", "lora_r16", "lora_r64", "galore")
+FT_RUNS = ("adamw", "lsp", "lsp_sparse", "lora_r16", "lora_r64", "galore")  # (+ lsp_sparse_one_sided on request)
 # 3-point grids (a first quick run with adamw/lsp at 1e-4..1e-3 and galore at 3e-4..3e-3 put every best at
 # the grid's top: benchmarks/results/finetune_quick_grid1.json)
-FT_GRIDS = {"adamw": (1e-3, 3e-3, 1e-2), "lsp": (1e-3, 3e-3, 1e-2), "lsp_one_sided": (1e-3, 3e-3, 1e-2),
-            "lsp_svd": (1e-3, 3e-3, 1e-2),
+FT_GRIDS = {"adamw": (1e-3, 3e-3, 1e-2), "lsp": (1e-3, 3e-3, 1e-2), "lsp_sparse": (1e-3, 3e-3, 1e-2),
+            "lsp_sparse_one_sided": (1e-3, 3e-3, 1e-2),
             "lora_r16": (3e-3, 1e-2, 3e-2),
             "lora_r64": (3e-3, 1e-2, 3e-2), "galore": (1e-3, 3e-3, 1e-2)}
 
@@ -364,10 +367,11 @@ def finetune_main(a):
         "lsp_vs_galore_loss_ratio": ratio("lsp", "galore"),
         "learned_vs_random_heldout_error": lsp.get("learned_vs_random_heldout_error"),
         "refit_time_fraction": lsp.get("refit_time_fraction"),
-        # LSPAdamW(one_sided=True) and (one_sided=True, basis="svd"): the same keys against the same
-        # peers (None when not run)
-        "one_sided": variant("lsp_one_sided"),
-        "svd": variant("lsp_svd"),
+        # the paper's learned sparse layout (LSPAdamW(one_sided=False, basis="sparse"), the default
+        # before issue 12's measurements) and its one-sided form: the same keys against the same peers
+        # (None when not run)
+        "sparse": variant("lsp_sparse"),
+        "sparse_one_sided": variant("lsp_sparse_one_sided"),
         "elapsed_s": time.perf_counter() - t0, "load_average_start_end": [load0, os.getloadavg()[0]],
         "cpu": lspo.cpu_info() if hasattr(lspo, "cpu_info") else None,
     }

@@ -11,11 +11,12 @@ validation split (lr selection); test.jsonl's first ``n_test`` problems are the 
 accumulation over ``micro`` micro-batches, fixed batch order per seed) and returns its curve.
 
 Optimizer builders (:func:`build_optimizer`): ``adamw`` (torch), ``lsp`` (lspo.LSPAdamW, its
-defaults except ``subspace``), ``lora_r16`` / ``lora_r64`` (peft, all block linears, alpha = 2r,
-the base weights frozen, the rest trains), ``galore`` (galore-torch, rank matched to LSPAdamW's
-optimizer memory), ``lsp_one_sided`` (LSPAdamW with ``one_sided=True``: the same state bytes in
-the one-sided layout), ``lsp_svd`` (``one_sided=True, basis="svd"``: the projected side dense, set to
-the leading singular directions at each kept refit check, within the same state bytes). The same
+defaults except ``subspace``: one-sided, the projected side a dense basis set to the leading singular
+directions at each kept refit check), ``lora_r16`` / ``lora_r64`` (peft, all block linears, alpha = 2r,
+the base weights frozen, the rest trains), ``galore`` (galore-torch, rank matched to the optimizer
+memory of LSPAdamW's square (d, r) layout), ``lsp_sparse`` (``one_sided=False, basis="sparse"``: the
+paper's learned sparse square layout, whose state bytes are the one-sided layout's budget),
+``lsp_sparse_one_sided`` (``one_sided=True, basis="sparse"``). The same
 model, data and batch order for every optimizer.
 """
 from __future__ import annotations
@@ -214,14 +215,18 @@ class FtConfig:
     threads: int = 1
 
 
+# LSPAdamW runs: its defaults (one-sided, SVD basis) and the paper's learned sparse layouts
+LSP_RUNS = {"lsp": {}, "lsp_sparse": {"one_sided": False, "basis": "sparse"},
+            "lsp_sparse_one_sided": {"one_sided": True, "basis": "sparse"}}
+
+
 def build_optimizer(name: str, model, lr: float, cfg: FtConfig, seed: int):
     kw = dict(lr=lr, weight_decay=cfg.weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), foreach=False, **kw), model, {}
-    if name in ("lsp", "lsp_one_sided", "lsp_svd"):
+    if name in LSP_RUNS:
         d = cfg.lsp_subspace
-        extra = {"lsp": {}, "lsp_one_sided": {"one_sided": True},
-                 "lsp_svd": {"one_sided": True, "basis": "svd"}}[name]
+        extra = LSP_RUNS[name]
         opt = lspo.LSPAdamW(model, subspace=d, min_dim=d, seed=seed, **{**cfg.lsp_kwargs, **extra}, **kw)
         return opt, model, {}
     if name.startswith("lora_r"):

@@ -57,7 +57,9 @@ DEFAULTS = dict(model="smollm2", data=str(DEFAULT_DATA), optimizer="lsp", batch_
                 weight_decay=0.0, max_grad_norm=1.0,
                 lora_rank=16, seed=0, amp="auto", steps=30,
                 method="optimizer", meft_neurons=4096, meft_topk=32, meft_experts=0, meft_probe=4,
-                meft_selection="token", meft_budget=0, lsp_basis="sparse", one_sided=False)
+                meft_selection="token", meft_budget=0, lsp_basis="svd", one_sided=True)
+# What a checkpoint written before a flag existed ran with (the defaults of that time).
+LEGACY = dict(lsp_basis="sparse", one_sided=False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,10 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--nnz", type=int, help="LSP projector non-zeros per row r (lsp only; default 8)")
     a("--refit-every", type=int, help="LSP: refit the projectors every N steps when their error is above "
                                       "threshold, 0 never (lsp only; default 100)")
-    a("--lsp-basis", choices=("sparse", "svd"), help="LSP projector basis: learned sparse (default) or the "
-                                                     "gradient's leading singular directions (lsp only)")
-    a("--one-sided", action="store_const", const=True, help="LSP: keep each weight's larger side whole, project "
-                                                            "the smaller one at equal state (lsp only)")
+    a("--lsp-basis", choices=("sparse", "svd"), help="LSP projector basis: the gradient's leading singular "
+                                                     "directions (svd, default) or learned sparse (lsp only)")
+    a("--one-sided", dest="one_sided", action="store_const", const=True,
+      help="LSP: keep each weight's larger side whole, project the smaller one at equal state (lsp only; default)")
+    a("--two-sided", dest="one_sided", action="store_const", const=False,
+      help="LSP: project both sides to d x d (the paper's layout; with --lsp-basis sparse)")
     a("--refit-iters", type=int, help="LSP: Adam iterations per projector refit (lsp only; default 10: the "
                                       "step-1 refit of SmolLM2's 150 matrices costs ~2 min at 10, ~5 at 50 here)")
     a("--lr", type=float, help="peak learning rate (default 1e-4; linear warmup, cosine decay to 10%%)")
@@ -129,7 +133,7 @@ def resolve(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
     """Fill the run flags: explicit > checkpoint (when resuming) > defaults; check them."""
     for k in RUN_FLAGS:
         if getattr(args, k) is None:
-            setattr(args, k, (saved or {}).get(k, DEFAULTS[k]))
+            setattr(args, k, DEFAULTS[k] if saved is None else saved.get(k, LEGACY.get(k, DEFAULTS[k])))
         elif saved is not None and k != "steps" and saved.get(k) != getattr(args, k):
             raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
                              f"{saved.get(k)}: a resumed run keeps its run flags (only --steps may change)")

@@ -27,25 +27,37 @@ torch::Tensor top_singular_basis(const std::vector<GradSample>& samples, bool le
     blocks.push_back(G);
   }
   LSPO_CHECK(k >= 1 && k <= size, "top_singular_basis: need 1 <= k <= ", size, " (k = ", k, ")");
-  torch::Tensor B;
+  // U: orthonormal candidate directions, largest first, with their squared singular values s2
+  torch::Tensor U, s2;
   if (size <= other) {
     // the side's Gram A A^T = sum_i G_i G_i^T (size x size); eigh: ascending, orthonormal eigenvectors
-    // (a rank below k pads with the null space's)
     torch::Tensor C;
     for (const auto& G : blocks) C = C.defined() ? C.addmm_(G, G.t()) : G.mm(G.t());
-    B = std::get<1>(torch::linalg_eigh(C)).narrow(1, size - k, k).flip({1});
+    auto eig = torch::linalg_eigh(C);
+    s2 = std::get<0>(eig).flip({0});
+    U = std::get<1>(eig).flip({1});
   } else {
-    // a side longer than the rest: the thin SVD of A ([size, other], O(size other^2)); past rank
-    // `other`, an orthonormal completion (QR of [U, random])
+    // a side longer than the rest: the thin SVD of A ([size, other], O(size other^2))
     torch::Tensor A = blocks.size() == 1 ? blocks[0] : torch::cat(blocks, 1);
-    torch::Tensor U = std::get<0>(torch::linalg_svd(A, false, c10::nullopt));
-    if (k <= other) {
-      B = U.narrow(1, 0, k);
-    } else {
-      auto gen = at::detail::createCPUGenerator(static_cast<uint64_t>(size * 1000003 + k));
-      torch::Tensor R = at::randn({size, k - other}, gen, U.options().device(torch::kCPU)).to(U.device());
-      B = std::get<0>(torch::linalg_qr(torch::cat({U, R}, 1)));
-    }
+    auto svd = torch::linalg_svd(A, false, c10::nullopt);
+    U = std::get<0>(svd);
+    s2 = std::get<1>(svd).square();
+  }
+  // Directions at the rounding level of fp32 gradients (s2 <= 1e-10 s2_max; fp32 rounding puts an
+  // exactly rank-deficient gradient's null directions near 1e-14 s2_max) are not the gradient's:
+  // eigh/SVD return them in an order and basis that the summation order's rounding decides. Past the
+  // numerical rank the basis is therefore completed deterministically: QR of [U_rank, R] with R a
+  // Gaussian fixed by (size, k), which moves continuously with U_rank (gradient accumulation in
+  // another order gives the same basis up to rounding, lspo/refit.h).
+  const double s2max = s2.numel() > 0 ? s2.max().item<double>() : 0.0;
+  const int64_t rank = s2max > 0 ? (s2 > 1e-10 * s2max).sum().item<int64_t>() : 0;
+  torch::Tensor B;
+  if (rank >= k) {
+    B = U.narrow(1, 0, k);
+  } else {
+    auto gen = at::detail::createCPUGenerator(static_cast<uint64_t>(size * 1000003 + k));
+    torch::Tensor R = at::randn({size, k - rank}, gen, U.options().device(torch::kCPU)).to(U.device());
+    B = std::get<0>(torch::linalg_qr(torch::cat({U.narrow(1, 0, rank), R}, 1)));
   }
   return B.to(torch::kFloat).contiguous();
 }

@@ -96,8 +96,8 @@ struct LSPAdamWOptions : public torch::optim::OptimizerCloneableOptions<LSPAdamW
   TORCH_ARG(bool, scale_auto) = false;       // scale = sqrt(m n / (dP dQ)) per layer instead
   TORCH_ARG(bool, refit_diagnostics) = false;  // records the held-out error of random projectors too
   TORCH_ARG(bool, refit_stagger) = false;     // layer k checks at 1 + k % refit_every, then every refit_every
-  TORCH_ARG(bool, one_sided) = false;         // the larger side whole, the smaller projected (CoreOptions)
-  TORCH_ARG(std::string, basis) = "sparse";   // sparse | svd: learned sparse or dense top singular (CoreOptions)
+  TORCH_ARG(bool, one_sided) = true;          // the larger side whole, the smaller projected (CoreOptions)
+  TORCH_ARG(std::string, basis) = "svd";      // svd | sparse: dense top singular or learned sparse (CoreOptions)
   TORCH_ARG(double, max_grad_norm) = 0.0;
   TORCH_ARG(bool, overlap) = true;
   TORCH_ARG(bool, record_timeline) = false;

@@ -135,7 +135,10 @@ struct GradSample {
 // side: the top-k eigenvectors of sum_i G_i G_i^T (left: rows, [m, k]) or sum_i G_i^T G_i (right:
 // columns, [n, k]), computed in fp64 (eigh), returned fp32 on the samples' device, largest first.
 // The orthonormal basis that minimises sum_i ||G_i - B B^T G_i||^2 (left) over k-dimensional bases.
-// A rank below k pads with orthonormal directions of the null space. Needs 1 <= k <= the side's size.
+// Past the numerical rank (squared singular values <= 1e-10 of the largest, the rounding level of
+// fp32 gradients), the basis is completed deterministically (QR of the significant directions and a
+// Gaussian fixed by (size, k)), so that rounding, e.g. another accumulation order, moves the basis
+// only by rounding. Needs 1 <= k <= the side's size.
 torch::Tensor top_singular_basis(const std::vector<GradSample>& samples, bool left, int64_t k);
 
 // Relative estimation error e = ||P P^T G Q Q^T - G||_F / ||G||_F (mean over samples).

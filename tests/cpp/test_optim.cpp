@@ -176,7 +176,9 @@ LSPAdamWOptions lsp_options(const RefOpts& r, bool overlap = true) {
       .refit_lr(r.refit_lr)
       .seed(r.seed)
       .max_grad_norm(r.max_norm)
-      .overlap(overlap);
+      .overlap(overlap)
+      .one_sided(false)  // the reference is the learned sparse square layout (the default is one-sided SVD)
+      .basis("sparse");
 }
 
 // A plain, serial re-statement of LSPAdamW's documented step, composed from compress,
@@ -646,7 +648,7 @@ TEST(LSPAdamW, WhichParametersAreProjected) {
   OneAtenThread one_thread;
   auto p = make_params({{20, 20}, {20, 3}, {6, 5}, {4}, {30, 30}}, torch::kFloat, 13);
   p[4].requires_grad_(false);  // frozen: never projected automatically
-  auto o = LSPAdamWOptions().subspace(8).nnz(2);
+  auto o = LSPAdamWOptions().subspace(8).nnz(2).one_sided(false).basis("sparse");  // the square layout's sizes
   auto forced = std::make_unique<LSPAdamWOptions>(o);
   forced->project(true);   // a small matrix, projected on request (both dims >= nnz)
   auto never = std::make_unique<LSPAdamWOptions>(o);

@@ -42,6 +42,8 @@ torch::Tensor batch_y(int64_t i, int64_t n = 8) {
 
 lspo::LSPAdamWOptions lsp_opts(bool overlap) {
   return lspo::LSPAdamWOptions(1e-2)
+      .one_sided(false)  // the learned sparse square layout (the default is one-sided SVD)
+      .basis("sparse")
       .weight_decay(0.01)
       .subspace(16)
       .nnz(4)

@@ -87,6 +87,26 @@ TEST(TopSingularBasis, StackedSamplesAndActivationPairs) {
   }
 }
 
+// Past the numerical rank the completion is deterministic and continuous: the same rank-deficient
+// gradient summed in another fp32 order (what gradient accumulation in other micro-batches does) gives
+// the same k-dimensional basis up to rounding, on both branches (Gram + eigh, and thin SVD).
+TEST(TopSingularBasis, RankDeficientSumsInAnotherOrderGiveTheSameBasis) {
+  torch::manual_seed(8);
+  for (const auto& shape : {std::vector<int64_t>{24, 40}, std::vector<int64_t>{40, 6}}) {
+    const int64_t m = shape[0], n = shape[1];
+    std::vector<Tensor> parts;  // 3 rank-2 parts: the sum has rank 6 (24 x 40) or 6 = n (40 x 6)
+    for (int i = 0; i < 3; ++i) parts.push_back(torch::randn({m, 2}).mm(torch::randn({2, n})));
+    const Tensor g1 = (parts[0] + parts[1]) + parts[2], g2 = parts[0] + (parts[2] + parts[1]);
+    for (bool left : {true, false}) {
+      const int64_t size = left ? m : n, k = std::min<int64_t>(size, 10);
+      const Tensor B1 = lspo::top_singular_basis({GradSample::dense(g1)}, left, k);
+      const Tensor B2 = lspo::top_singular_basis({GradSample::dense(g2)}, left, k);
+      EXPECT_LT(subspace_gap(B1, B2), 1e-4) << m << "x" << n << (left ? " left" : " right");
+      EXPECT_LT((B1.to(f64).t().mm(B1.to(f64)) - torch::eye(k, f64)).abs().max().item<double>(), 1e-6);
+    }
+  }
+}
+
 TEST(TopSingularBasis, RankBelowKPadsOrthonormallyAndBadInputIsNamed) {
   const Tensor G = torch::randn({10, 1}).mm(torch::randn({1, 6}));  // rank 1
   const Tensor B = lspo::top_singular_basis({GradSample::dense(G)}, true, 4);

@@ -46,20 +46,18 @@ def test_finetune_protocol_smoke(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     s = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(s["runs"]) == {"adamw", "lsp", "lsp_one_sided", "lsp_svd", "lora_r16", "lora_r64", "galore"}
+    assert set(s["runs"]) == {"adamw", "lsp", "lsp_sparse", "lora_r16", "lora_r64", "galore"}
     for k in ("lsp_vs_adamw_finetune_loss_ratio", "lsp_vs_lora_loss_ratio", "lsp_vs_galore_loss_ratio",
               "refit_time_fraction"):
         assert s[k] is not None and s[k] > 0, k
     assert "learned_vs_random_heldout_error" in s  # None here: one refit check in 4 steps
-    lsp = s["runs"]["lsp"]
+    lsp = s["runs"]["lsp"]  # the defaults: one-sided, SVD basis
     assert lsp["refit_checks"] == 8 and lsp["refits_fitted"] >= 1  # 4 matrices x 2 blocks, checked at step 1
     assert lsp["state_bytes"] < s["runs"]["adamw"]["state_bytes"]
-    one = s["runs"]["lsp_one_sided"]  # the same state budget in the one-sided layout
-    assert one["refit_checks"] == 8 and one["state_bytes"] <= lsp["state_bytes"]
-    assert s["one_sided"]["vs_adamw"] > 0 and s["one_sided"]["state_bytes_vs_lsp"] <= 1.0
-    svd = s["runs"]["lsp_svd"]  # one-sided with the SVD basis: its dense side inside the same budget
-    assert svd["refit_checks"] == 8 and svd["refits_fitted"] >= 1 and svd["state_bytes"] <= lsp["state_bytes"]
-    assert s["svd"]["vs_galore"] > 0 and s["svd"]["state_bytes_vs_lsp"] <= 1.0
+    sparse = s["runs"]["lsp_sparse"]  # the square sparse layout, whose bytes are the one-sided budget
+    assert sparse["refit_checks"] == 8 and lsp["state_bytes"] <= sparse["state_bytes"]
+    assert s["sparse"]["vs_galore"] > 0 and s["sparse"]["state_bytes_vs_lsp"] >= 1.0
+    assert s["sparse_one_sided"]["vs_adamw"] is None  # not run
     full = json.loads(out_json.read_text())
     assert set(full["curves"]) == set(s["runs"])
     for p in s["plots"]:

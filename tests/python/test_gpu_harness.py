@@ -338,7 +338,7 @@ def test_memory_plan_matches_lspadamw_and_the_documented_numbers():
 
     li = _load_llama_iter()
     model = li.build_model("tiny", 32, "cpu")
-    opt = lspo.LSPAdamW(model, subspace=64, nnz=4)
+    opt = lspo.LSPAdamW(model, subspace=64, nnz=4, one_sided=False, basis="sparse")  # llama_iter's layout
     got = sorted(tuple(p.shape) for p in opt.projected_params)
     assert got == sorted(li.projected_shapes("tiny"))  # the plan counts exactly the layers LSPAdamW projects
     opt.wrap(model)  # the accumulator of S the plan counts: fp32, dP x dQ per projected layer

@@ -9,6 +9,10 @@ import torch
 import lspo
 from lspo import projector as lp
 
+# the two-sided sparse layout (the paper's; LSPAdamW's default is one-sided SVD): the tests that read
+# P and Q or build the dense reference from both sides pin it
+SPARSE = dict(one_sided=False, basis="sparse")
+
 
 class Net(torch.nn.Module):
     def __init__(self, seed=0, dtype=torch.float32):
@@ -58,7 +62,7 @@ def _same(a, b):
 
 def test_selection_projects_big_linear_weights_only():
     m = Net()
-    o = _opt(m)
+    o = _opt(m, **SPARSE)
     assert {id(p) for p in o.projected_params} == {id(m.a.weight), id(m.b.weight)}
     P, Q = o.projectors(m.a.weight)
     assert (P.n, P.d, P.r, Q.n, Q.d, Q.r) == (40, 16, 4, 24, 16, 4)
@@ -83,7 +87,7 @@ def test_step_matches_dense_fp64_reference():
     # one layer, two steps, weight decay: W <- W (1 - lr wd) + P u Q^T with u from Adam on S = P^T G Q
     torch.manual_seed(3)
     W = torch.nn.Parameter(torch.randn(37, 29))
-    o = lspo.LSPAdamW([W], lr=1e-2, weight_decay=0.1, subspace=8, nnz=3, min_dim=8, refit_every=0)
+    o = lspo.LSPAdamW([W], lr=1e-2, weight_decay=0.1, subspace=8, nnz=3, min_dim=8, refit_every=0, **SPARSE)
     P, Q = o.projectors(W)
     assert P.whitened and Q.whitened  # the default: orthonormal bases U = P T
     sc = 1.0  # scale=1.0, the default (scale="auto" is tested below)
@@ -126,7 +130,7 @@ def test_refit_carries_state_by_the_dense_formula():
     W = torch.nn.Parameter(torch.randn(30, 26))
     b1, b2 = 0.9, 0.999
     o = lspo.LSPAdamW([W], lr=1e-2, betas=(b1, b2), subspace=8, nnz=2, min_dim=8, refit_every=2,
-                      refit_threshold=0.0, refit_iters=10, refit_drift=0.0)
+                      refit_threshold=0.0, refit_iters=10, refit_drift=0.0, **SPARSE)
     # low-rank gradients: learning the values reduces the error
     U, V = torch.randn(30, 3), torch.randn(3, 26)
     W.grad = U @ V  # (assigned, not from backward: step() compresses it)
@@ -163,7 +167,7 @@ def test_refit_step_compresses_the_whole_accumulated_gradient():
     W = torch.nn.Parameter(torch.randn(30, 26))
     lr, eps = 1e-2, 1e-8
     o = lspo.LSPAdamW([W], lr=lr, subspace=8, nnz=2, min_dim=8, refit_every=1, refit_iters=20, eps=eps,
-                      scale="auto")
+                      scale="auto", **SPARSE)
     U = torch.randn(30, 3)
     grads = [U @ torch.randn(3, 26) + 0.01 * torch.randn(30, 26) for _ in range(4)]
     w0 = W.detach().double().clone()

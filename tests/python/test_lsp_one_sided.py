@@ -34,7 +34,8 @@ def test_one_sided_rank_matches_the_byte_budget(m, n, d, r, wh):
 @pytest.mark.parametrize("shape", [(37, 29), (29, 37)])
 def test_layout_identity_on_the_larger_side(shape):
     W = torch.nn.Parameter(torch.randn(*shape))
-    o = lspo.LSPAdamW([W], lr=1e-2, subspace=8, nnz=3, min_dim=8, refit_every=0, one_sided=True)
+    o = lspo.LSPAdamW([W], lr=1e-2, subspace=8, nnz=3, min_dim=8, refit_every=0, one_sided=True,
+                      basis="sparse")
     P, Q = o.projectors(W)
     whole, proj = (P, Q) if shape[0] >= shape[1] else (Q, P)
     assert not whole.whitened and whole.d == max(shape) and whole.indices.shape == (max(shape), 1)
@@ -79,7 +80,8 @@ def test_one_sided_refit_learns_the_projected_side_and_carries_by_the_dense_form
     W = torch.nn.Parameter(torch.randn(40, 26))  # rows kept whole, columns projected
     b1, b2 = 0.9, 0.999
     o = lspo.LSPAdamW([W], lr=1e-2, betas=(b1, b2), subspace=8, nnz=2, min_dim=8, refit_every=2,
-                      refit_threshold=0.0, refit_iters=10, refit_drift=0.0, one_sided=True)
+                      refit_threshold=0.0, refit_iters=10, refit_drift=0.0, one_sided=True,
+                      basis="sparse")
     U, V = torch.randn(40, 3), torch.randn(3, 26)
     W.grad = U @ V
     o.step()

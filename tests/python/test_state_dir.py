@@ -203,7 +203,9 @@ def _lsp_model(seed=1):
     return torch.nn.Sequential(torch.nn.Linear(24, 20), torch.nn.Linear(20, 16))
 
 
-LSP_KW = dict(lr=1e-2, subspace=8, nnz=2, min_dim=8, refit_every=2, refit_iters=8, refit_drift=0.0)
+# the sparse layout: its positions depend on the seed, which the resume check below changes
+LSP_KW = dict(lr=1e-2, subspace=8, nnz=2, min_dim=8, refit_every=2, refit_iters=8, refit_drift=0.0, one_sided=False,
+              basis="sparse")
 
 
 def test_lsp_adamw_resumes_from_the_directory(tmp_path):
@@ -241,3 +243,16 @@ def test_lsp_adamw_resume_rejects_a_different_configuration(tmp_path):
     del o
     with pytest.raises(lspo.LspoError, match="positions differ"):
         lspo.LSPAdamW(_lsp_model(), state_dir=d, host_memory_limit=0, resume=True, **{**LSP_KW, "seed": 3})
+
+
+@pytest.mark.parametrize("change", [dict(one_sided=False), dict(basis="sparse")], ids=["two_sided", "sparse"])
+def test_lsp_adamw_default_layout_resume_rejects_another_layout(tmp_path, change):
+    # the default (one-sided SVD) state on disk cannot be resumed by an optimizer of another layout
+    kw = {k: v for k, v in LSP_KW.items() if k not in ("one_sided", "basis")}
+    d = str(tmp_path / "lsp")
+    m = _lsp_model()
+    o = lspo.LSPAdamW(m, state_dir=d, host_memory_limit=0, **kw)
+    _lsp_run(m, o, 1)
+    del o
+    with pytest.raises(lspo.LspoError, match="state_dir holds|positions differ"):
+        lspo.LSPAdamW(_lsp_model(), state_dir=d, host_memory_limit=0, resume=True, **kw, **change)
