@@ -273,10 +273,11 @@ def table(recs):
 
 
 # ------------------------------------------------------------------ fine-tuning protocol (--finetune)
-FT_RUNS = ("adamw", "lsp", "lsp_sparse", "lora_r16", "lora_r64", "galore")  # (+ lsp_sparse_one_sided on request)
+FT_RUNS = ("adamw", "lsp", "lsp_scale1", "lsp_sparse", "lora_r16", "lora_r64", "galore")  # (+ lsp_sparse_one_sided on request)
 # 3-point grids (a first quick run with adamw/lsp at 1e-4..1e-3 and galore at 3e-4..3e-3 put every best at
 # the grid's top: benchmarks/results/finetune_quick_grid1.json)
 FT_GRIDS = {"adamw": (1e-3, 3e-3, 1e-2), "lsp": (1e-3, 3e-3, 1e-2), "lsp_sparse": (1e-3, 3e-3, 1e-2),
+            "lsp_scale1": (1e-3, 3e-3, 1e-2),
             "lsp_sparse_one_sided": (1e-3, 3e-3, 1e-2),
             "lora_r16": (3e-3, 1e-2, 3e-2),
             "lora_r64": (3e-3, 1e-2, 3e-2), "galore": (1e-3, 3e-3, 1e-2)}
@@ -372,6 +373,8 @@ def finetune_main(a):
         # (None when not run)
         "sparse": variant("lsp_sparse"),
         "sparse_one_sided": variant("lsp_sparse_one_sided"),
+        # the default layout at scale 1.0 (the update size of the sparse basis and the paper)
+        "svd_scale1": variant("lsp_scale1"),
         "elapsed_s": time.perf_counter() - t0, "load_average_start_end": [load0, os.getloadavg()[0]],
         "cpu": lspo.cpu_info() if hasattr(lspo, "cpu_info") else None,
     }

@@ -16,7 +16,8 @@ directions at each kept refit check), ``lora_r16`` / ``lora_r64`` (peft, all blo
 the base weights frozen, the rest trains), ``galore`` (galore-torch, rank matched to the optimizer
 memory of LSPAdamW's square (d, r) layout), ``lsp_sparse`` (``one_sided=False, basis="sparse"``: the
 paper's learned sparse square layout, whose state bytes are the one-sided layout's budget),
-``lsp_sparse_one_sided`` (``one_sided=True, basis="sparse"``). The same
+``lsp_sparse_one_sided`` (``one_sided=True, basis="sparse"``), ``lsp_scale1`` (the defaults at
+``scale=1.0``: the paper's update size instead of the SVD basis's default 3.0). The same
 model, data and batch order for every optimizer.
 """
 from __future__ import annotations
@@ -216,7 +217,7 @@ class FtConfig:
 
 
 # LSPAdamW runs: its defaults (one-sided, SVD basis) and the paper's learned sparse layouts
-LSP_RUNS = {"lsp": {}, "lsp_sparse": {"one_sided": False, "basis": "sparse"},
+LSP_RUNS = {"lsp": {}, "lsp_scale1": {"scale": 1.0}, "lsp_sparse": {"one_sided": False, "basis": "sparse"},
             "lsp_sparse_one_sided": {"one_sided": True, "basis": "sparse"}}
 
 

@@ -141,7 +141,8 @@ void OptimizerCore::load_state(int64_t i, const SlotState& st, bool dry_run) {
                "over the same parameters?");
     LSPO_CHECK(st.exp_avg.numel() == s.P.d * s.Q.d && st.exp_avg_sq.numel() == s.P.d * s.Q.d, who, ": exp_avg has ",
                st.exp_avg.numel(), " elements, this optimizer's subspace is ", s.P.d, " x ", s.Q.d,
-               " (different subspace?)");
+               " (a different subspace, or another layout: state saved with one_sided=False, basis=\"sparse\", the "
+               "layout before the one-sided SVD default, loads into an optimizer built with those options)");
     check_whitening(st, s, who);
     P = SparseProjector::from_tensors(st.P_indices.to(s.param.device()), st.P_values.to(s.param.device()), s.P.d);
     Q = SparseProjector::from_tensors(st.Q_indices.to(s.param.device()), st.Q_values.to(s.param.device()), s.Q.d);

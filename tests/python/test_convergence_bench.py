@@ -46,7 +46,7 @@ def test_finetune_protocol_smoke(tmp_path):
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     s = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(s["runs"]) == {"adamw", "lsp", "lsp_sparse", "lora_r16", "lora_r64", "galore"}
+    assert set(s["runs"]) == {"adamw", "lsp", "lsp_scale1", "lsp_sparse", "lora_r16", "lora_r64", "galore"}
     for k in ("lsp_vs_adamw_finetune_loss_ratio", "lsp_vs_lora_loss_ratio", "lsp_vs_galore_loss_ratio",
               "refit_time_fraction"):
         assert s[k] is not None and s[k] > 0, k
@@ -58,6 +58,7 @@ def test_finetune_protocol_smoke(tmp_path):
     assert sparse["refit_checks"] == 8 and lsp["state_bytes"] <= sparse["state_bytes"]
     assert s["sparse"]["vs_galore"] > 0 and s["sparse"]["state_bytes_vs_lsp"] >= 1.0
     assert s["sparse_one_sided"]["vs_adamw"] is None  # not run
+    assert s["svd_scale1"]["state_bytes_vs_lsp"] == 1.0  # the same layout, another update scale
     full = json.loads(out_json.read_text())
     assert set(full["curves"]) == set(s["runs"])
     for p in s["plots"]:

@@ -387,3 +387,18 @@ def test_staggered_refit_checks_hold_few_dense_sums():
         assert [t for t in range(1, 8) if checking[t - 1][k]] == [t for t in range(1, 8) if (t - 1 - k % 3) % 3 == 0]
     assert {(r["step"], r["param"].split(":")[0]) for r in o.refits} == \
         {(t, f"lsp{k}") for k in range(5) for t in range(1, 8) if (t - 1 - k % 3) % 3 == 0}
+
+
+def test_state_of_the_sparse_layout_loads_only_into_that_layout():
+    # a state_dict of the paper's layout (the default before the one-sided SVD one) names the options
+    # that load it when given to a default optimizer, and loads into one built with them
+    m = Net()
+    o = _opt(m, **SPARSE)
+    _train(m, o, 2)
+    sd = o.state_dict()
+    with pytest.raises(ValueError, match='one_sided=False, basis="sparse"'):
+        _opt(Net()).load_state_dict(sd)
+    m2 = Net()
+    o2 = _opt(m2, **SPARSE)
+    o2.load_state_dict(sd)
+    assert torch.equal(o2.state[m2.a.weight]["exp_avg"], o.state[m.a.weight]["exp_avg"])
