@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "Qwen2 or GPT-2 family model")
     a("--data", help=f"text file (language modelling), JSONL of {{'prompt','response'}} pairs, or a directory with "
                      f"train.jsonl/test.jsonl such as examples/data/gsm8k (default {DEFAULT_DATA.relative_to(HERE.parent)})")
-    a("--optimizer", choices=OPTIMIZERS, help="lsp: lspo.LSPAdamW (learned sparse projectors, default); offload: "
+    a("--optimizer", choices=OPTIMIZERS, help="lsp: lspo.LSPAdamW (default; one-sided SVD projectors unless --lsp-basis/--two-sided say otherwise); offload: "
                                               "lspo.OffloadAdamW (full offload); adamw: torch AdamW (full "
                                               "fine-tuning); lora: peft LoRA + torch AdamW")
     a("--method", choices=METHODS, help="optimizer (default): train as --optimizer says; meft: freeze the model and "
@@ -132,11 +132,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def resolve(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
     """Fill the run flags: explicit > checkpoint (when resuming) > defaults; check them."""
     for k in RUN_FLAGS:
+        # what the checkpoint ran with (a flag it predates: that flag's value of the time)
+        was = None if saved is None else saved.get(k, LEGACY.get(k, DEFAULTS[k]))
         if getattr(args, k) is None:
-            setattr(args, k, DEFAULTS[k] if saved is None else saved.get(k, LEGACY.get(k, DEFAULTS[k])))
-        elif saved is not None and k != "steps" and saved.get(k) != getattr(args, k):
+            setattr(args, k, DEFAULTS[k] if saved is None else was)
+        elif saved is not None and k != "steps" and was != getattr(args, k):
             raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
-                             f"{saved.get(k)}: a resumed run keeps its run flags (only --steps may change)")
+                             f"{was}: a resumed run keeps its run flags (only --steps may change)")
     if args.refit_every < 0:
         raise ValueError(f"--refit-every must be >= 0, got {args.refit_every}")
     for k in ("steps", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "refit_iters", "lora_rank",

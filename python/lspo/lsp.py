@@ -5,9 +5,9 @@ larger side whole (that side's projector is the identity) and projects the small
 dimensions, ``k`` the largest whose state fits in the bytes of the square ``d x d`` layout
 (``lspo._C.one_sided_rank``), with a dense orthonormal basis that every kept refit check sets to the
 leading singular directions of the check's gradient sum; ``S`` is then ``max(m, n) x k``. That measured
-best on every job run (docs/convergence.md: 3.0% below AdamW's test loss on the quick fine-tuning
-protocol, level with or below GaLore and LoRA there; +0.2% of AdamW's validation loss on the main
-job, against +1.1% for the square sparse layout). ``one_sided=False, basis="sparse"`` is the paper's
+best on every job run (docs/convergence.md: on the quick fine-tuning protocol 0.8% below AdamW's test
+loss at the defaults, 3.0% below and level with GaLore at ``scale=1.0`` and its best lr; +0.2% of
+AdamW's validation loss on the main job, against +1.1% for the square sparse layout). ``one_sided=False, basis="sparse"`` is the paper's
 layout: learned (d, r)-sparse ``P`` and ``Q`` on both sides, ``S`` ``d x d``, the least host-device
 traffic on a GPU.
 

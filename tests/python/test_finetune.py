@@ -390,6 +390,21 @@ def test_cli_errors(tmp_path, tiny_llama, text_file):
     assert "error: model path" in r.stderr and "missing does not exist" in r.stderr
 
 
+def test_run_flags_of_a_checkpoint_from_before_the_layout_flags():
+    # a new run gets LSPAdamW's default layout; a checkpoint saved before --lsp-basis/--one-sided
+    # existed resumes with the layout it trained with (sparse, two-sided); a newer one with its own
+    new = ft.resolve(ft.parse_args([]), None)
+    assert (new.lsp_basis, new.one_sided) == ("svd", True)
+    old = {k: v for k, v in vars(new).items() if k in ft.RUN_FLAGS and k not in ("lsp_basis", "one_sided")}
+    legacy = ft.resolve(ft.parse_args([]), old)
+    assert (legacy.lsp_basis, legacy.one_sided) == ("sparse", False)
+    kept = ft.resolve(ft.parse_args([]), dict(old, lsp_basis="svd", one_sided=False))
+    assert (kept.lsp_basis, kept.one_sided) == ("svd", False)
+    with pytest.raises(ValueError, match="--one-sided True differs from the checkpoint's False"):
+        ft.resolve(ft.parse_args(["--one-sided"]), old)
+    assert ft.resolve(ft.parse_args(["--two-sided", "--lsp-basis", "sparse"]), old).one_sided is False
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("opt", OPTIMIZERS)
 def test_finetune_cuda(tmp_path, tiny_llama, text_file, opt):

@@ -235,24 +235,21 @@ def test_lsp_adamw_resumes_from_the_directory(tmp_path):
                 (i, k)
 
 
-def test_lsp_adamw_resume_rejects_a_different_configuration(tmp_path):
-    d = str(tmp_path / "lsp")
-    m = _lsp_model()
-    o = lspo.LSPAdamW(m, state_dir=d, host_memory_limit=0, **LSP_KW)
-    _lsp_run(m, o, 1)
-    del o
-    with pytest.raises(lspo.LspoError, match="positions differ"):
-        lspo.LSPAdamW(_lsp_model(), state_dir=d, host_memory_limit=0, resume=True, **{**LSP_KW, "seed": 3})
+# (layout saved, change on resume, the error): the sparse layout's positions depend on the seed; the
+# default (one-sided SVD) state cannot be resumed by an optimizer of another layout
+_DEFAULT_LAYOUT = {k: v for k, v in LSP_KW.items() if k not in ("one_sided", "basis")}
 
 
-@pytest.mark.parametrize("change", [dict(one_sided=False), dict(basis="sparse")], ids=["two_sided", "sparse"])
-def test_lsp_adamw_default_layout_resume_rejects_another_layout(tmp_path, change):
-    # the default (one-sided SVD) state on disk cannot be resumed by an optimizer of another layout
-    kw = {k: v for k, v in LSP_KW.items() if k not in ("one_sided", "basis")}
+@pytest.mark.parametrize("saved,change,match", [
+    (LSP_KW, dict(seed=3), "positions differ"),
+    (_DEFAULT_LAYOUT, dict(one_sided=False), "state_dir holds"),
+    (_DEFAULT_LAYOUT, dict(basis="sparse"), "positions differ")], ids=["sparse_seed", "default_to_two_sided",
+                                                                     "default_to_sparse"])
+def test_lsp_adamw_resume_rejects_a_different_configuration(tmp_path, saved, change, match):
     d = str(tmp_path / "lsp")
     m = _lsp_model()
-    o = lspo.LSPAdamW(m, state_dir=d, host_memory_limit=0, **kw)
+    o = lspo.LSPAdamW(m, state_dir=d, host_memory_limit=0, **saved)
     _lsp_run(m, o, 1)
     del o
-    with pytest.raises(lspo.LspoError, match="state_dir holds|positions differ"):
-        lspo.LSPAdamW(_lsp_model(), state_dir=d, host_memory_limit=0, resume=True, **kw, **change)
+    with pytest.raises(lspo.LspoError, match=match):
+        lspo.LSPAdamW(_lsp_model(), state_dir=d, host_memory_limit=0, resume=True, **{**saved, **change})
