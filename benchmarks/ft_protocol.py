@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import lspo
+from lspo.lsp import matched_galore_rank, square_state_bytes
 from lspo.tinygpt import TinyGPT, TinyGPTConfig, batches, evaluate, load_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,27 +182,20 @@ def state_bytes(opt) -> int:
     return total
 
 
+def _target_shapes(model) -> list:
+    return [tuple(getattr(b, name).weight.shape) for b in model.blocks for name in TARGETS]
+
+
 def lsp_state_bytes(model, d: int, r: int) -> int:
-    """LSPAdamW(subspace=d, nnz=r)'s state on the projected block linears: 2 moments dP x dQ fp32,
-    ELL projectors (4-byte index + 4-byte value per nonzero) and the d x d whitening factors."""
-    tot = 0
-    for b in model.blocks:
-        for name in TARGETS:
-            m, n = getattr(b, name).weight.shape
-            dP, dQ = min(d, m), min(d, n)
-            tot += 4 * 2 * dP * dQ + 8 * r * (m + n) + 4 * (dP * dP + dQ * dQ)
-    return tot
+    """LSPAdamW(subspace=d, nnz=r)'s state budget on the projected block linears (the square layout's
+    bytes, ``lspo.lsp.square_state_bytes``)."""
+    return sum(square_state_bytes(m, n, d, r) for m, n in _target_shapes(model))
 
 
 def galore_rank_for(model, d: int, r: int) -> int:
     """GaLore rank k whose state (2 moments of the projected gradient + its projector) matches
     :func:`lsp_state_bytes` on the same layers."""
-    per_rank = 0
-    for b in model.blocks:
-        for name in TARGETS:
-            m, n = getattr(b, name).weight.shape
-            per_rank += 4 * (2 * max(m, n) + min(m, n))
-    return max(1, round(lsp_state_bytes(model, d, r) / per_rank))
+    return matched_galore_rank(_target_shapes(model), d, r)
 
 
 @dataclass

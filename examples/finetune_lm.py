@@ -45,19 +45,20 @@ import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "tinyshakespeare.txt"
-OPTIMIZERS = ("lsp", "offload", "adamw", "lora")
+OPTIMIZERS = ("lsp", "offload", "adamw", "lora", "galore")
 METHODS = ("optimizer", "meft")
 # Flags that define the training run: a resumed run takes them from the checkpoint.
 RUN_FLAGS = ("model", "data", "optimizer", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "refit_every",
              "refit_iters", "lr", "warmup", "weight_decay", "max_grad_norm", "lora_rank", "seed", "amp", "steps",
              "method", "meft_neurons", "meft_topk", "meft_experts", "meft_probe", "meft_selection", "meft_budget",
-             "lsp_basis", "one_sided")
+             "lsp_basis", "one_sided", "galore_rank")
 DEFAULTS = dict(model="smollm2", data=str(DEFAULT_DATA), optimizer="lsp", batch_size=4, seq_len=128,
                 grad_accum=1, subspace=256, nnz=8, refit_every=100, refit_iters=10, lr=1e-4, warmup=5,
                 weight_decay=0.0, max_grad_norm=1.0,
                 lora_rank=16, seed=0, amp="auto", steps=30,
                 method="optimizer", meft_neurons=4096, meft_topk=32, meft_experts=0, meft_probe=4,
-                meft_selection="token", meft_budget=0, lsp_basis="svd", one_sided=True)
+                meft_selection="token", meft_budget=0, lsp_basis="svd", one_sided=True,
+                galore_rank=0)
 # What a checkpoint written before a flag existed ran with (the defaults of that time).
 LEGACY = dict(lsp_basis="sparse", one_sided=False)
 
@@ -72,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      f"train.jsonl/test.jsonl such as examples/data/gsm8k (default {DEFAULT_DATA.relative_to(HERE.parent)})")
     a("--optimizer", choices=OPTIMIZERS, help="lsp: lspo.LSPAdamW (default; one-sided SVD projectors unless --lsp-basis/--two-sided say otherwise); offload: "
                                               "lspo.OffloadAdamW (full offload); adamw: torch AdamW (full "
-                                              "fine-tuning); lora: peft LoRA + torch AdamW")
+                                              "fine-tuning); lora: peft LoRA + torch AdamW; galore: "
+                                              "galore-torch's GaLoreAdamW on the weights LSPAdamW would project")
     a("--method", choices=METHODS, help="optimizer (default): train as --optimizer says; meft: freeze the model and "
                                         "train lspo.meft sparse adapters beside every FFN block (host-resident, "
                                         "top-k neurons per token, lazy CPU Adam: lspo.meft.MeftAdamW)")
@@ -105,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--weight-decay", type=float, help="decoupled weight decay (default 0)")
     a("--max-grad-norm", type=float, help="global gradient clipping, 0 disables (default 1.0)")
     a("--lora-rank", type=int, help="LoRA rank (lora only; default 16)")
+    a("--galore-rank", type=int, help="GaLore rank (galore only; default 0: the rank whose optimizer state "
+                                      "matches LSPAdamW's at --subspace/--nnz)")
     a("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (auto: on when the CPU/GPU has fast bf16)")
     a("--seed", type=int, help="seed of data order and sampling (default 0)")
     a("--save", metavar="DIR", help="write a checkpoint (Hugging Face model dir + trainer_state.pt) at the end")
@@ -141,6 +145,8 @@ def resolve(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
                              f"{was}: a resumed run keeps its run flags (only --steps may change)")
     if args.refit_every < 0:
         raise ValueError(f"--refit-every must be >= 0, got {args.refit_every}")
+    if args.galore_rank < 0:
+        raise ValueError(f"--galore-rank must be >= 0 (0: matched to LSPAdamW's state), got {args.galore_rank}")
     for k in ("steps", "batch_size", "seq_len", "grad_accum", "subspace", "nnz", "refit_iters", "lora_rank",
               "meft_neurons", "meft_topk", "meft_probe"):
         if getattr(args, k) < 1:
@@ -246,7 +252,29 @@ def build_optimizer(args, model, tier_kwargs: dict | None = None):
                              nnz=args.nnz, refit_every=args.refit_every,
                              refit_iters=args.refit_iters, max_grad_norm=clip, record_timeline=bool(args.trace),
                              seed=args.seed, basis=args.lsp_basis, one_sided=args.one_sided, **tk)
+    if args.optimizer == "galore":
+        return build_galore(args, model, trainable)
     return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def build_galore(args, model, trainable):
+    """GaLoreAdamW (galore-torch) with the weights LSPAdamW(model, subspace=--subspace) would project
+    in a GaLore group (rank --galore-rank, or matched to LSPAdamW's state bytes; projection refreshed
+    every --refit-every steps, default 100 as LSPAdamW's checks here; scale 1.0, so --lr means what it
+    means for AdamW) and the rest (embeddings, norms, small matrices) in a plain AdamW group."""
+    from galore_torch import GaLoreAdamW
+    from lspo.lsp import matched_galore_rank, projectable_weights
+    low = projectable_weights(model, args.subspace)
+    if not low:
+        raise ValueError(f"--optimizer galore: no weight has both dims >= --subspace {args.subspace}")
+    rank = args.galore_rank or matched_galore_rank([tuple(p.shape) for p in low], args.subspace, args.nnz)
+    ids = {id(p) for p in low}
+    groups = [{"params": [p for p in trainable if id(p) not in ids]},
+              {"params": low, "rank": rank, "update_proj_gap": args.refit_every or 10**9, "scale": 1.0,
+               "proj_type": "std"}]
+    opt = GaLoreAdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    opt.galore_rank, opt.galore_matrices = rank, len(low)
+    return opt
 
 
 def plan_tiers(args, model):
@@ -451,6 +479,8 @@ def main(argv=None) -> dict:
         step, history = int(saved["step"]), list(saved["history"])
     amp = amp_context(args)
     proj = f", {n_proj} matrices projected" if n_proj else ""
+    if hasattr(opt, "galore_rank"):
+        proj = f", {opt.galore_matrices} matrices in GaLore rank {opt.galore_rank}"
     if args.method == "meft":
         ads = lspo_meft.adapters_of(model)
         n_train = sum(a.master.numel() for a in ads)
@@ -467,6 +497,8 @@ def main(argv=None) -> dict:
 
     summary = {"args": {k: getattr(args, k) for k in RUN_FLAGS}, "params": n_params, "trained_params": n_train,
                "projected_matrices": n_proj}
+    if hasattr(opt, "galore_rank"):
+        summary.update(galore_rank=opt.galore_rank, galore_matrices=opt.galore_matrices)
     if plan is not None:
         summary["tier_plan"] = json.loads(plan.to_json())
     if rank == 0:

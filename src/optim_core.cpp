@@ -83,11 +83,17 @@ CoreSlot& OptimizerCore::Impl::slot(int64_t i, const char* fn) const {
 
 double default_update_scale(ProjectorBasis basis) { return basis == ProjectorBasis::kSvd ? 3.0 : 1.0; }
 
+int64_t square_state_bytes(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened) {
+  LSPO_CHECK(m >= 1 && n >= 1 && d >= 1 && r >= 1, "square_state_bytes: sizes must be >= 1");
+  const int64_t dP = std::min(d, m), dQ = std::min(d, n);
+  return 8 * dP * dQ + 8 * r * (m + n) + (whitened ? 4 : 0) * (dP * dP + dQ * dQ);
+}
+
 int64_t one_sided_rank(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened, bool dense) {
   LSPO_CHECK(m >= 1 && n >= 1 && d >= 1 && r >= 1, "one_sided_rank: sizes must be >= 1");
-  const int64_t big = std::max(m, n), small = std::min(m, n), dP = std::min(d, m), dQ = std::min(d, n);
+  const int64_t big = std::max(m, n), small = std::min(m, n);
   const int64_t w = whitened ? 4 : 0;
-  const int64_t budget = 8 * dP * dQ + 8 * r * (m + n) + w * (dP * dP + dQ * dQ);
+  const int64_t budget = square_state_bytes(m, n, d, r, whitened);
   // moments 8 big k, the whole side's identity 8 big, the projected side: a (k, r)-sparse ELL (8 r small)
   // and its whitening factor, or a dense basis with shared positions (4 k small + 4 k, no factor)
   auto cost = [&](int64_t k) {

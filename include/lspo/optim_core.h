@@ -49,6 +49,12 @@ namespace lspo {
 // 3e-4 gave 3.5096 against 3.5361 at AdamW's 1e-4; both with one_sided).
 double default_update_scale(ProjectorBasis basis);
 
+// Optimizer-state bytes of a projected [m, n] weight in the square layout at (d, r): two fp32 moments
+// dP x dQ, ELL projectors (4-byte index + 4-byte value per nonzero), the whitening factors (when
+// whitened): 8 dP dQ + 8 r (m + n) + 4 (dP^2 + dQ^2), dP = min(d, m), dQ = min(d, n). The one-sided
+// layout's budget, and the one peers are matched to (Python: lspo.lsp.square_state_bytes).
+int64_t square_state_bytes(int64_t m, int64_t n, int64_t d, int64_t r, bool whitened = true);
+
 // One-sided layout of a projected [m, n] weight with LSPAdamW's (d, r): the projected side's size k,
 // the largest k in [r, min(m, n)] whose state bytes -- moments 8 max(m, n) k, the identity's ELL
 // 8 max(m, n), the projector's ELL 8 r min(m, n), its whitening factor 4 k^2 (when whitened) -- fit in

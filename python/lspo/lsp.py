@@ -88,6 +88,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import _C
 from . import projector as lp
 from .optim import OffloadAdamW
 
@@ -104,6 +105,29 @@ def _eligible_weights(mod: torch.nn.Module) -> set:
     return {id(m.weight) for name, m in mod.named_modules()
             if (isinstance(m, torch.nn.Linear) or _is_conv1d(m)) and id(m.weight) not in tied
             and name.rsplit(".", 1)[-1] not in _HEAD_NAMES}
+
+
+def square_state_bytes(m: int, n: int, d: int, r: int) -> int:
+    """Optimizer-state bytes of one ``[m, n]`` weight in the paper's square layout at subspace ``d`` and
+    ``nnz`` ``r``: two fp32 moments ``dP x dQ``, ELL projectors (a 4-byte index and a 4-byte value per
+    nonzero) and the two whitening factors. It is the budget the one-sided layout fills
+    (``lspo._C.one_sided_rank``), and the one peers are matched to in the benchmarks."""
+    return _C.square_state_bytes(m, n, d, r, True)
+
+
+def matched_galore_rank(shapes: list, d: int, r: int) -> int:
+    """The GaLore rank whose state on ``shapes`` (per weight and rank: two fp32 moments of the longer
+    side and the projector of the shorter one) is closest to :func:`square_state_bytes`'s total."""
+    per_rank = sum(4 * (2 * max(m, n) + min(m, n)) for m, n in shapes)
+    return max(1, round(sum(square_state_bytes(m, n, d, r) for m, n in shapes) / per_rank)) if shapes else 1
+
+
+def projectable_weights(model: torch.nn.Module, min_dim: int) -> list:
+    """The weights ``LSPAdamW(model, min_dim=min_dim)`` projects by the module rule (trainable 2-D
+    weights of linear layers, both dims ``>= min_dim``, not the embedding or the output head)."""
+    ids = _eligible_weights(model)
+    return [p for p in model.parameters() if id(p) in ids and p.requires_grad and p.dim() == 2
+            and min(p.shape) >= min_dim]
 
 
 def _owning_module(params: list) -> Optional[torch.nn.Module]:

@@ -57,6 +57,8 @@ LSPO_REGISTER_BINDINGS(core) {
   m.def("default_update_scale", [](const std::string& basis) {
         return lspo::default_update_scale(lspo::parse_basis(basis, "default_update_scale"));
       }, py::arg("basis"), "The update scale an unset LSPAdamW scale means for a basis (sparse 1.0, svd 3.0).");
+  m.def("square_state_bytes", &lspo::square_state_bytes, py::arg("m"), py::arg("n"), py::arg("d"), py::arg("r"),
+        py::arg("whitened") = true, "State bytes of an [m, n] weight in LSPAdamW's square (d, r) layout.");
   m.def("one_sided_rank", &lspo::one_sided_rank, py::arg("m"), py::arg("n"), py::arg("d"), py::arg("r"),
         py::arg("whitened") = true, py::arg("dense") = false,
         "LSPAdamW(one_sided=True): the projected side's size k of an [m, n] weight (dense: basis='svd').");

@@ -29,6 +29,21 @@ def _budget_rank(m, n, d, r, whitened=True, dense=False):
                                         (4097, 1, 1, 1, True)])
 def test_one_sided_rank_matches_the_byte_budget(m, n, d, r, wh):
     assert _C.one_sided_rank(m, n, d, r, wh) == _budget_rank(m, n, d, r, wh)
+    dP, dQ = min(d, m), min(d, n)
+    assert _C.square_state_bytes(m, n, d, r, wh) == 8 * dP * dQ + 8 * r * (m + n) + (4 if wh else 0) * (dP**2 + dQ**2)
+
+
+def test_matched_galore_rank_and_projectable_weights():
+    from lspo import lsp
+    shapes = [(384, 128), (128, 384), (512, 128)]
+    k = lsp.matched_galore_rank(shapes, 64, 8)
+    budget = sum(lsp.square_state_bytes(m, n, 64, 8) for m, n in shapes)
+    per_rank = sum(4 * (2 * max(s) + min(s)) for s in shapes)
+    assert abs(k * per_rank - budget) <= per_rank / 2  # the nearest rank
+    net = torch.nn.Sequential(torch.nn.Embedding(50, 40), torch.nn.Linear(40, 64), torch.nn.Linear(64, 8))
+    net[2].weight.requires_grad_(False)
+    assert lsp.projectable_weights(net, 8) == [net[1].weight]  # not the embedding, not a frozen weight
+    assert lsp.projectable_weights(net, 41) == []
 
 
 @pytest.mark.parametrize("shape", [(37, 29), (29, 37)])
