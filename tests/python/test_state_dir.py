@@ -13,8 +13,12 @@ import torch
 
 import lspo
 
+# the reference runs in this process: the child uses its torch thread count (the dense projectors of
+# LSPAdamW's default layout go through ATen GEMMs, whose rounding depends on it; an earlier test may
+# have changed it here)
 SCRIPT = r"""
 import sys, torch, lspo
+torch.set_num_threads({threads})
 sys.path.insert(0, {here!r})
 from test_state_dir import make_model, grads_for
 from test_state_dir import make_opt
@@ -131,7 +135,8 @@ def test_kill_9_leaves_a_whole_step(tmp_path, kind):
     results = []
     for trial in range(4):
         d = str(tmp_path / f"kill{trial}")
-        p = subprocess.Popen([sys.executable, "-c", SCRIPT.format(here=here, d=d, kind=kind)], stdout=subprocess.PIPE,
+        script = SCRIPT.format(here=here, d=d, kind=kind, threads=torch.get_num_threads())
+        p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env, text=True)
         assert p.stdout.readline().strip() == "ready", p.stderr.read()
         seen = 0
