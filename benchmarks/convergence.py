@@ -56,6 +56,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import lspo  # noqa: E402
+from lspo.lsp import PAPER_LAYOUT  # noqa: E402
 from lspo.tinygpt import TinyGPT, TinyGPTConfig, batches, evaluate, load_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,8 +124,8 @@ def build(name, model, a):
     if name.startswith("lsp_"):
         d, r = (int(x[1:]) for x in name.split("_")[1:])
         # the paper's learned (d, r)-sparse square layout (LSPAdamW's default is one-sided with the SVD basis)
-        return lspo.LSPAdamW(model, subspace=d, nnz=r, min_dim=min(d, a.n_embd), seed=a.seed, one_sided=False,
-                             basis="sparse", **kw), model
+        return lspo.LSPAdamW(model, subspace=d, nnz=r, min_dim=min(d, a.n_embd), seed=a.seed, **PAPER_LAYOUT,
+                             **kw), model
     if name.startswith("lora_"):
         from peft import LoraConfig, inject_adapter_in_model
         rank = int(name.split("_r")[1])

@@ -39,9 +39,7 @@ sys.path.insert(0, str(ROOT / "python"))
 
 import lspo  # noqa: E402
 import lspo.distributed as ld  # noqa: E402
-
-
-SPARSE = dict(one_sided=False, basis="sparse")  # the learned sparse square layout measured here
+from lspo.lsp import PAPER_LAYOUT as SPARSE  # noqa: E402  the learned sparse square layout measured here
 
 
 def smollm2(seed: int):

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import lspo
+from lspo.lsp import PAPER_LAYOUT
 from lspo.tinygpt import TinyGPT, TinyGPTConfig, batches, evaluate, load_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,8 +91,8 @@ def run(kind: str, args, train, val, trace_steps: int = 0) -> dict:
     else:
         opt = lspo.LSPAdamW(model, lr=args.lr, weight_decay=args.wd, subspace=args.subspace, nnz=args.nnz,
                             min_dim=args.subspace, refit_every=args.refit_every, refit_threshold=args.refit_threshold,
-                            refit_iters=args.refit_iters, record_timeline=True, one_sided=False,
-                            basis="sparse")  # the learned sparse square layout this benchmark measures
+                            refit_iters=args.refit_iters, record_timeline=True,
+                            **PAPER_LAYOUT)  # the learned sparse square layout this benchmark measures
     it = batches(train, args.batch, args.block, seed=args.seed)
     eval0 = evaluate(model, val, batch_size=args.batch, n_batches=args.eval_batches)
     t_fwd = t_bwd = t_step = 0.0

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import lspo
-from lspo.lsp import matched_galore_rank, square_state_bytes
+from lspo.lsp import PAPER_LAYOUT, matched_galore_rank, square_state_bytes
 from lspo.tinygpt import TinyGPT, TinyGPTConfig, batches, evaluate, load_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,7 +211,7 @@ class FtConfig:
 
 
 # LSPAdamW runs: its defaults (one-sided, SVD basis) and the paper's learned sparse layouts
-LSP_RUNS = {"lsp": {}, "lsp_scale1": {"scale": 1.0}, "lsp_sparse": {"one_sided": False, "basis": "sparse"},
+LSP_RUNS = {"lsp": {}, "lsp_scale1": {"scale": 1.0}, "lsp_sparse": dict(PAPER_LAYOUT),
             "lsp_sparse_one_sided": {"one_sided": True, "basis": "sparse"}}
 
 

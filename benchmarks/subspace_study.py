@@ -165,7 +165,7 @@ def main() -> None:
     for row in rows:
         name, builder, kw = ROWS[row]
         cfg = ftp.FtConfig(steps=150, batch=8, micro=4, eval_every=50, lsp_subspace=64, threads=1)
-        cfg.lsp_kwargs = {"one_sided": False, "basis": "sparse", **kw}  # the learned sparse layout studied
+        cfg.lsp_kwargs = {**ftp.PAPER_LAYOUT, **kw}  # the learned sparse layout studied
         t0 = time.perf_counter()
         if builder is not None:
             ftp.build_optimizer = lambda n, model, lr, c, s, b=builder: b(model, lr, c, s)

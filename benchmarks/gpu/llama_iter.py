@@ -237,7 +237,7 @@ def make_optimizer(args, model, extra=None):
         # the paper's two-sided sparse layout (d x d state per layer): memory_plan's arithmetic and the
         # device results count it; the library's default (one-sided SVD) is measured on the CPU protocol
         opt = lspo.LSPAdamW(model, lr=lr, subspace=args.subspace, nnz=args.nnz, record_timeline=bool(args.trace),
-                            pinned_limit_bytes=pinned, one_sided=False, basis="sparse", **extra)
+                            pinned_limit_bytes=pinned, **lspo.lsp.PAPER_LAYOUT, **extra)
         if not args.no_wrap and not tiered(args):
             opt.wrap(model)  # the memory path: no dense weight gradient of a projected layer is ever formed
         return opt, None

@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import gc
 import math
+import types
 import warnings
 from typing import Any, Optional
 
@@ -105,6 +106,11 @@ def _eligible_weights(mod: torch.nn.Module) -> set:
     return {id(m.weight) for name, m in mod.named_modules()
             if (isinstance(m, torch.nn.Linear) or _is_conv1d(m)) and id(m.weight) not in tied
             and name.rsplit(".", 1)[-1] not in _HEAD_NAMES}
+
+
+# The paper's layout, LSPAdamW's default before issue 12's measurements: learned (d, r)-sparse P and
+# Q on both sides, S d x d. ``LSPAdamW(model, **PAPER_LAYOUT)``.
+PAPER_LAYOUT = types.MappingProxyType({"one_sided": False, "basis": "sparse"})
 
 
 def square_state_bytes(m: int, n: int, d: int, r: int) -> int:
